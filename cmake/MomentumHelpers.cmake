@@ -1,0 +1,21 @@
+# momentum_add_test(NAME SRCS a.cc b.cc DEPS lib1 lib2 [TORCH] [LABELS l])
+# Builds one GoogleTest binary and registers it with CTest. TORCH reuses the
+# trainer's precompiled LibTorch header.
+function(momentum_add_test name)
+  cmake_parse_arguments(ARG "TORCH" "TIMEOUT" "SRCS;DEPS;LABELS" ${ARGN})
+  add_executable(${name} ${ARG_SRCS})
+  target_link_libraries(${name} PRIVATE ${ARG_DEPS} GTest::gtest GTest::gtest_main)
+  target_include_directories(${name} PRIVATE ${PROJECT_SOURCE_DIR})
+  if(ARG_TORCH)
+    target_precompile_headers(${name} REUSE_FROM momentum_trainer)
+  endif()
+  add_test(NAME ${name} COMMAND ${name})
+  if(NOT ARG_TIMEOUT)
+    set(ARG_TIMEOUT 600)
+  endif()
+  set_tests_properties(${name} PROPERTIES TIMEOUT ${ARG_TIMEOUT}
+    ENVIRONMENT "MOMENTUM_SOURCE_DIR=${PROJECT_SOURCE_DIR};MOMENTUM_BINARY_DIR=${PROJECT_BINARY_DIR};MOMENTUM_PYTHON=${MOMENTUM_PYTHON}")
+  if(ARG_LABELS)
+    set_tests_properties(${name} PROPERTIES LABELS "${ARG_LABELS}")
+  endif()
+endfunction()

@@ -1,0 +1,10 @@
+#!/bin/sh
+# run_crosscheck.sh TOOL DIR PYTHON [moco_crosscheck flags]: the C++ trainer
+# runs its steps and dumps them into DIR, then the Python reference replays
+# and compares them.
+set -eu
+tool=$1 dir=$2 python=$3
+shift 3
+mkdir -p "$dir"
+"$tool" --init "$dir/init.pt" --result "$dir/result.pt" "$@"
+exec "$python" "$(dirname "$0")/crosscheck.py" "$dir/init.pt" "$dir/result.pt" --rtol 1e-4

@@ -1,0 +1,161 @@
+#include "worker/checkpoint.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include "tests/worker/test_data.h"
+
+namespace momentum::worker {
+namespace {
+
+namespace fs = std::filesystem;
+
+MocoOptions Small(int64_t width = 4) {
+  MocoOptions o;
+  o.encoder.width = width;
+  o.encoder.in_channels = 1;
+  o.encoder.small_stem = true;
+  o.encoder.out_dim = 8;
+  o.queue_size = 12;
+  o.bn_groups = 2;
+  return o;
+}
+
+at::Generator Gen(uint64_t seed) {
+  return at::make_generator<at::CPUGeneratorImpl>(seed);
+}
+
+// Takes one real step so that BatchNorm statistics, momentum buffers, queue
+// and pointer all differ from a fresh model.
+void TrainOneStep(Moco& model, Sgd& sgd) {
+  model.MomentumUpdate();
+  auto out = model.Forward(at::randn({4, 1, 8, 8}), at::randn({4, 1, 8, 8}),
+                           at::randperm(4, Gen(3), at::kLong));
+  sgd.ZeroGrad();
+  out.loss.backward();
+  sgd.Step(0.1);
+  model.Enqueue(out.keys);
+}
+
+void ExpectSameState(const torch::nn::Module& a, const torch::nn::Module& b) {
+  auto sa = StateOf(a), sb = StateOf(b);
+  ASSERT_EQ(sa.size(), sb.size());
+  for (size_t i = 0; i < sa.size(); ++i) {
+    EXPECT_TRUE(at::equal(sa[i].second, sb[i].second)) << sa[i].first;
+  }
+}
+
+TEST(CheckpointTest, RoundTripRestoresEverything) {
+  const std::string dir = testing::TempDir("ckpt-roundtrip");
+  torch::manual_seed(1);
+  Moco model(Small(), Gen(1));
+  Sgd sgd(model.encoder_q()->parameters(), 0.9, 1e-4);
+  TrainOneStep(model, sgd);
+  CheckpointState state;
+  state.position = {2, 5, 17, 17 * 4, 12.5};
+  at::Generator rng = Gen(99);
+  at::randperm(10, rng, at::kLong);
+  state.shuffle_rng_state = rng.get_state();
+  state.knn_history = {{1, 8, 0.5}, {2, 16, 0.625}};
+  state.spec_yaml = "name: x\n";
+  auto path = SaveCheckpoint(dir, model, sgd, state, 3);
+  ASSERT_TRUE(path.ok()) << path.status();
+  EXPECT_EQ(fs::path(*path).filename(), "checkpoint-000000017.pt");
+
+  torch::manual_seed(2);
+  Moco other(Small(), Gen(2));
+  Sgd other_sgd(other.encoder_q()->parameters(), 0.9, 1e-4);
+  auto loaded = LoadCheckpoint(*path, other, other_sgd);
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  ExpectSameState(*model.encoder_q(), *other.encoder_q());
+  ExpectSameState(*model.encoder_k(), *other.encoder_k());
+  EXPECT_TRUE(at::equal(model.queue(), other.queue()));
+  EXPECT_EQ(model.queue_ptr(), other.queue_ptr());
+  for (size_t i = 0; i < sgd.momentum_buffers().size(); ++i) {
+    EXPECT_TRUE(
+        at::equal(sgd.momentum_buffers()[i], other_sgd.momentum_buffers()[i]));
+  }
+  EXPECT_EQ(loaded->position.epoch, 2);
+  EXPECT_EQ(loaded->position.step_in_epoch, 5);
+  EXPECT_EQ(loaded->position.global_step, 17);
+  EXPECT_EQ(loaded->position.images_seen, 68);
+  EXPECT_DOUBLE_EQ(loaded->position.train_seconds, 12.5);
+  ASSERT_EQ(loaded->knn_history.size(), 2u);
+  EXPECT_DOUBLE_EQ(loaded->knn_history[1].top1, 0.625);
+  EXPECT_EQ(loaded->spec_yaml, "name: x\n");
+  // The restored generator continues exactly where the saved one was.
+  at::Generator restored = Gen(0);
+  restored.set_state(loaded->shuffle_rng_state);
+  EXPECT_TRUE(at::equal(at::randperm(10, rng, at::kLong),
+                        at::randperm(10, restored, at::kLong)));
+  fs::remove_all(dir);
+}
+
+TEST(CheckpointTest, KeepsTheNewestAndLeavesNoTemporaryFiles) {
+  const std::string dir = testing::TempDir("ckpt-keep");
+  Moco model(Small(), Gen(1));
+  Sgd sgd(model.encoder_q()->parameters(), 0.9, 1e-4);
+  CheckpointState state;
+  state.shuffle_rng_state = Gen(1).get_state();
+  for (int64_t step : {3, 10, 7, 12}) {
+    state.position.global_step = step;
+    ASSERT_TRUE(SaveCheckpoint(dir, model, sgd, state, 2).ok());
+  }
+  std::vector<std::string> names;
+  for (const auto& e : fs::directory_iterator(dir)) {
+    names.push_back(e.path().filename().string());
+  }
+  std::sort(names.begin(), names.end());
+  EXPECT_EQ(names, (std::vector<std::string>{"checkpoint-000000010.pt",
+                                             "checkpoint-000000012.pt"}));
+  EXPECT_EQ(fs::path(*LatestCheckpoint(dir)).filename(),
+            "checkpoint-000000012.pt");
+  EXPECT_FALSE(LatestCheckpoint(dir + "/none").has_value());
+  fs::remove_all(dir);
+}
+
+TEST(CheckpointTest, TruncatedFileIsAnErrorNamingIt) {
+  const std::string dir = testing::TempDir("ckpt-corrupt");
+  Moco model(Small(), Gen(1));
+  Sgd sgd(model.encoder_q()->parameters(), 0.9, 1e-4);
+  CheckpointState state;
+  state.shuffle_rng_state = Gen(1).get_state();
+  auto path = SaveCheckpoint(dir, model, sgd, state, 2);
+  ASSERT_TRUE(path.ok());
+  fs::resize_file(*path, fs::file_size(*path) / 2);
+  auto loaded = LoadCheckpoint(*path, model, sgd);
+  ASSERT_FALSE(loaded.ok());
+  EXPECT_EQ(loaded.status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_NE(loaded.status().message().find(*path), std::string::npos)
+      << loaded.status();
+  std::ofstream(dir + "/garbage.pt") << "not a checkpoint";
+  auto garbage = LoadCheckpoint(dir + "/garbage.pt", model, sgd);
+  ASSERT_FALSE(garbage.ok());
+  EXPECT_NE(garbage.status().message().find("garbage.pt"), std::string::npos);
+  fs::remove_all(dir);
+}
+
+TEST(CheckpointTest, OtherArchitectureIsRejected) {
+  const std::string dir = testing::TempDir("ckpt-arch");
+  Moco model(Small(4), Gen(1));
+  Sgd sgd(model.encoder_q()->parameters(), 0.9, 1e-4);
+  CheckpointState state;
+  state.shuffle_rng_state = Gen(1).get_state();
+  auto path = SaveCheckpoint(dir, model, sgd, state, 2);
+  ASSERT_TRUE(path.ok());
+  Moco wider(Small(8), Gen(1));
+  Sgd wider_sgd(wider.encoder_q()->parameters(), 0.9, 1e-4);
+  auto loaded = LoadCheckpoint(*path, wider, wider_sgd);
+  ASSERT_FALSE(loaded.ok());
+  EXPECT_EQ(loaded.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(loaded.status().message().find("conv1.weight"), std::string::npos)
+      << loaded.status();
+  fs::remove_all(dir);
+}
+
+}  // namespace
+}  // namespace momentum::worker

@@ -1,0 +1,209 @@
+#include "worker/moco.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <cmath>
+
+#include "worker/optim.h"
+
+namespace momentum::worker {
+namespace {
+
+MocoOptions Small(int64_t queue, int64_t groups) {
+  MocoOptions o;
+  o.encoder.width = 4;
+  o.encoder.in_channels = 1;
+  o.encoder.small_stem = true;
+  o.encoder.out_dim = 8;
+  o.queue_size = queue;
+  o.momentum = 0.9;
+  o.temperature = 0.5;
+  o.bn_groups = groups;
+  return o;
+}
+
+at::Generator Gen(uint64_t seed) {
+  return at::make_generator<at::CPUGeneratorImpl>(seed);
+}
+
+TEST(MocoTest, KeyEncoderStartsAsCopyWithoutGradients) {
+  Moco model(Small(16, 2), Gen(1));
+  auto q = StateOf(*model.encoder_q());
+  auto k = StateOf(*model.encoder_k());
+  ASSERT_EQ(q.size(), k.size());
+  for (size_t i = 0; i < q.size(); ++i) {
+    EXPECT_TRUE(at::equal(q[i].second, k[i].second)) << q[i].first;
+    EXPECT_NE(q[i].second.data_ptr(), k[i].second.data_ptr());
+  }
+  for (const auto& p : model.encoder_k()->parameters()) {
+    EXPECT_FALSE(p.requires_grad());
+  }
+}
+
+TEST(MocoTest, QueueStartsNormalised) {
+  Moco model(Small(10, 2), Gen(2));
+  at::Tensor norms = model.queue().norm(2, 0);
+  EXPECT_EQ(model.queue().sizes(), at::IntArrayRef({8, 10}));
+  EXPECT_TRUE(at::allclose(norms, at::ones({10}), 1e-5, 1e-6));
+}
+
+TEST(MocoTest, MomentumUpdateFollowsClosedForm) {
+  Moco model(Small(16, 2), Gen(3));
+  {
+    at::NoGradGuard g;
+    for (auto& p : model.encoder_q()->parameters()) p.add_(1.0);
+  }
+  std::vector<at::Tensor> q, k_before;
+  for (auto& p : model.encoder_q()->parameters()) q.push_back(p.clone());
+  for (auto& p : model.encoder_k()->parameters()) k_before.push_back(p.clone());
+  std::vector<at::Tensor> buffers_before;
+  for (auto& b : model.encoder_k()->buffers())
+    buffers_before.push_back(b.clone());
+  model.MomentumUpdate();
+  auto k_after = model.encoder_k()->parameters();
+  for (size_t i = 0; i < q.size(); ++i) {
+    at::Tensor want = k_before[i] * 0.9 + q[i] * 0.1;
+    EXPECT_TRUE(at::allclose(k_after[i], want, 1e-6, 1e-7));
+  }
+  // BatchNorm statistics are not averaged.
+  auto buffers_after = model.encoder_k()->buffers();
+  for (size_t i = 0; i < buffers_before.size(); ++i) {
+    EXPECT_TRUE(at::equal(buffers_before[i], buffers_after[i]));
+  }
+}
+
+TEST(MocoTest, EnqueueWrapsAroundWhenKIsNotAMultipleOfTheBatch) {
+  Moco model(Small(10, 2), Gen(4));
+  at::Tensor expected = model.queue().clone();
+  int64_t ptr = 0;
+  for (int step = 0; step < 5; ++step) {
+    at::Tensor keys = at::randn({4, 8});
+    for (int64_t i = 0; i < 4; ++i) {
+      expected.select(1, (ptr + i) % 10).copy_(keys[i]);
+    }
+    ptr = (ptr + 4) % 10;
+    model.Enqueue(keys);
+    EXPECT_TRUE(at::equal(model.queue(), expected)) << "step " << step;
+    EXPECT_EQ(model.queue_ptr(), ptr);
+  }
+}
+
+TEST(MocoTest, EnqueueOfMoreKeysThanSlotsKeepsTheLast) {
+  Moco model(Small(3, 2), Gen(5));
+  model.set_queue_ptr(2);
+  at::Tensor keys = at::randn({5, 8});
+  at::Tensor expected = model.queue().clone();
+  for (int64_t i = 0; i < 5; ++i)
+    expected.select(1, (2 + i) % 3).copy_(keys[i]);
+  model.Enqueue(keys);
+  EXPECT_TRUE(at::equal(model.queue(), expected));
+  EXPECT_EQ(model.queue_ptr(), (2 + 5) % 3);
+}
+
+TEST(MocoTest, LogitsAndLossMatchDirectComputation) {
+  at::Tensor q = at::randn({3, 4}, at::kDouble);
+  at::Tensor k = at::randn({3, 4}, at::kDouble);
+  at::Tensor queue = at::randn({4, 5}, at::kDouble);
+  const double t = 0.2;
+  at::Tensor logits = ContrastiveLogits(q, k, queue, t);
+  ASSERT_EQ(logits.sizes(), at::IntArrayRef({3, 6}));
+  double loss = 0;
+  for (int n = 0; n < 3; ++n) {
+    std::vector<double> row(6);
+    double pos = 0;
+    for (int c = 0; c < 4; ++c)
+      pos += q[n][c].item<double>() * k[n][c].item<double>();
+    row[0] = pos / t;
+    for (int j = 0; j < 5; ++j) {
+      double s = 0;
+      for (int c = 0; c < 4; ++c) {
+        s += q[n][c].item<double>() * queue[c][j].item<double>();
+      }
+      row[j + 1] = s / t;
+    }
+    double denom = 0;
+    for (int j = 0; j < 6; ++j) {
+      EXPECT_NEAR(logits[n][j].item<double>(), row[j], 1e-12);
+      denom += std::exp(row[j]);
+    }
+    loss += -std::log(std::exp(row[0]) / denom);
+  }
+  EXPECT_NEAR(InfoNceLoss(logits).item<double>(), loss / 3, 1e-12);
+}
+
+// Split BatchNorm: each group of the shuffled batch is normalised on its own,
+// and every key returns to its query.
+TEST(MocoTest, SplitBatchNormEncodesGroupsSeparatelyAndUnshuffles) {
+  MocoOptions o = Small(16, 2);
+  Moco model(o, Gen(6));
+  at::Tensor x = at::randn({8, 1, 12, 12});
+  at::Tensor perm = at::randperm(8, Gen(7), at::kLong);
+  // Expected: encode x[perm[0:4]] and x[perm[4:8]] with a fresh copy of the
+  // encoder, then put row i of the result at position perm[i].
+  ResNet reference(o.encoder);
+  {
+    at::NoGradGuard g;
+    auto src = StateOf(*model.encoder_k());
+    auto dst = StateOf(*reference);
+    for (size_t i = 0; i < src.size(); ++i) dst[i].second.copy_(src[i].second);
+  }
+  reference->train();
+  at::Tensor expected = at::empty({8, 8});
+  {
+    at::NoGradGuard g;
+    at::Tensor a = reference->forward(x.index_select(0, perm.slice(0, 0, 4)));
+    at::Tensor b = reference->forward(x.index_select(0, perm.slice(0, 4, 8)));
+    at::Tensor both = at::cat({a, b});
+    for (int64_t i = 0; i < 8; ++i) {
+      expected[perm[i].item<int64_t>()] = both[i] / both[i].norm();
+    }
+  }
+  at::Tensor keys = model.EncodeKeys(x, perm);
+  EXPECT_TRUE(at::allclose(keys, expected, 1e-4, 1e-5));
+  EXPECT_FALSE(keys.requires_grad());
+  // Running statistics were updated twice, once per group, as in the
+  // reference.
+  auto k_state = StateOf(*model.encoder_k());
+  auto r_state = StateOf(*reference);
+  for (size_t i = 0; i < k_state.size(); ++i) {
+    EXPECT_TRUE(at::allclose(k_state[i].second.to(at::kDouble),
+                             r_state[i].second.to(at::kDouble), 1e-5, 1e-6))
+        << k_state[i].first;
+  }
+}
+
+TEST(MocoTest, ConcurrentKeyEncoderGivesIdenticalResults) {
+  MocoOptions o = Small(16, 2);
+  o.concurrent_key = false;
+  MocoOptions c = o;
+  c.concurrent_key = true;
+  torch::manual_seed(9);
+  Moco serial(o, Gen(8));
+  torch::manual_seed(9);
+  Moco concurrent(c, Gen(8));
+  at::Tensor xq = at::randn({8, 1, 12, 12}), xk = at::randn({8, 1, 12, 12});
+  at::Tensor perm = at::randperm(8, Gen(10), at::kLong);
+  auto a = serial.Forward(xq, xk, perm);
+  auto b = concurrent.Forward(xq, xk, perm);
+  EXPECT_TRUE(at::equal(a.logits, b.logits));
+  EXPECT_TRUE(at::equal(a.keys, b.keys));
+}
+
+TEST(MocoTest, OnlyTheQueryEncoderGetsGradients) {
+  Moco model(Small(16, 2), Gen(11));
+  at::Tensor xq = at::randn({4, 1, 12, 12}), xk = at::randn({4, 1, 12, 12});
+  model.MomentumUpdate();
+  auto out = model.Forward(xq, xk, at::randperm(4, Gen(12), at::kLong));
+  out.loss.backward();
+  for (const auto& p : model.encoder_q()->parameters()) {
+    EXPECT_TRUE(p.grad().defined());
+  }
+  for (const auto& p : model.encoder_k()->parameters()) {
+    EXPECT_FALSE(p.grad().defined());
+  }
+}
+
+}  // namespace
+}  // namespace momentum::worker

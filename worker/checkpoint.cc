@@ -1,0 +1,280 @@
+#include "worker/checkpoint.h"
+
+#include <ATen/core/Dict.h>
+#include <ATen/core/ivalue.h>
+#include <fcntl.h>
+#include <torch/serialize.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+
+namespace momentum::worker {
+namespace {
+
+namespace fs = std::filesystem;
+constexpr char kFormat[] = "momentum-checkpoint-1";
+constexpr char kPrefix[] = "checkpoint-";
+constexpr char kSuffix[] = ".pt";
+
+absl::Status Errno(const std::string& what, const std::string& path) {
+  return absl::InternalError(what + " " + path + ": " + std::strerror(errno));
+}
+
+c10::Dict<std::string, at::Tensor> ToDict(
+    const std::vector<std::pair<std::string, at::Tensor>>& state) {
+  c10::Dict<std::string, at::Tensor> dict;
+  for (const auto& [name, tensor] : state) dict.insert(name, tensor.detach());
+  return dict;
+}
+
+// Copies the tensors of `dict` into `state`, requiring the same names and
+// shapes.
+absl::Status CopyInto(
+    const c10::IValue& value, const std::string& what,
+    const std::vector<std::pair<std::string, at::Tensor>>& state,
+    const std::string& path) {
+  if (!value.isGenericDict()) {
+    return absl::DataLossError(path + ": " + what + " is not a dict");
+  }
+  auto dict = value.toGenericDict();
+  if (dict.size() != state.size()) {
+    return absl::FailedPreconditionError(
+        path + ": " + what + " has " + std::to_string(dict.size()) +
+        " tensors, the model " + std::to_string(state.size()) +
+        " (another architecture or width?)");
+  }
+  at::NoGradGuard no_grad;
+  for (const auto& [name, tensor] : state) {
+    auto it = dict.find(name);
+    if (it == dict.end() || !it->value().isTensor()) {
+      return absl::FailedPreconditionError(path + ": " + what + " lacks " +
+                                           name);
+    }
+    const at::Tensor& saved = it->value().toTensor();
+    if (saved.sizes() != tensor.sizes()) {
+      return absl::FailedPreconditionError(
+          path + ": " + what + "." + name + " has shape " +
+          c10::str(saved.sizes()) + ", the model " + c10::str(tensor.sizes()));
+    }
+    tensor.copy_(saved);
+  }
+  return absl::OkStatus();
+}
+
+int64_t StepOfFile(const std::string& name) {
+  const std::string prefix = kPrefix, suffix = kSuffix;
+  if (name.size() <= prefix.size() + suffix.size() ||
+      name.compare(0, prefix.size(), prefix) != 0 ||
+      name.compare(name.size() - suffix.size(), suffix.size(), suffix) != 0) {
+    return -1;
+  }
+  const std::string digits =
+      name.substr(prefix.size(), name.size() - prefix.size() - suffix.size());
+  if (digits.empty() || !std::all_of(digits.begin(), digits.end(), ::isdigit)) {
+    return -1;
+  }
+  return std::stoll(digits);
+}
+
+// (step, path) of the checkpoints in `dir`, oldest first.
+std::vector<std::pair<int64_t, std::string>> ListCheckpoints(
+    const std::string& dir) {
+  std::vector<std::pair<int64_t, std::string>> out;
+  std::error_code ec;
+  for (const auto& entry : fs::directory_iterator(dir, ec)) {
+    const int64_t step = StepOfFile(entry.path().filename().string());
+    if (step >= 0) out.emplace_back(step, entry.path().string());
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+}  // namespace
+
+absl::Status WriteFileAtomically(const std::string& path,
+                                 const std::vector<char>& bytes) {
+  const std::string tmp = path + ".tmp." + std::to_string(::getpid());
+  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) return Errno("cannot create", tmp);
+  size_t done = 0;
+  while (done < bytes.size()) {
+    ssize_t n = ::write(fd, bytes.data() + done, bytes.size() - done);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      absl::Status status = Errno("cannot write", tmp);
+      ::close(fd);
+      ::unlink(tmp.c_str());
+      return status;
+    }
+    done += static_cast<size_t>(n);
+  }
+  if (::fsync(fd) != 0) {
+    absl::Status status = Errno("cannot fsync", tmp);
+    ::close(fd);
+    ::unlink(tmp.c_str());
+    return status;
+  }
+  ::close(fd);
+  if (::rename(tmp.c_str(), path.c_str()) != 0) {
+    absl::Status status = Errno("cannot rename to", path);
+    ::unlink(tmp.c_str());
+    return status;
+  }
+  const std::string dir = fs::path(path).parent_path().string();
+  int dir_fd = ::open(dir.empty() ? "." : dir.c_str(), O_RDONLY | O_DIRECTORY);
+  if (dir_fd >= 0) {
+    ::fsync(dir_fd);
+    ::close(dir_fd);
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::string> SaveCheckpoint(const std::string& dir, Moco& model,
+                                           Sgd& sgd,
+                                           const CheckpointState& state,
+                                           int64_t keep) {
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec) {
+    return absl::InternalError("cannot create " + dir + ": " + ec.message());
+  }
+  c10::impl::GenericDict root(c10::StringType::get(), c10::AnyType::get());
+  root.insert("format", std::string(kFormat));
+  root.insert("spec", state.spec_yaml);
+  root.insert("encoder_q", ToDict(StateOf(*model.encoder_q())));
+  root.insert("encoder_k", ToDict(StateOf(*model.encoder_k())));
+  root.insert("queue", model.queue());
+  root.insert("queue_ptr", model.queue_ptr());
+  c10::impl::GenericList buffers(c10::TensorType::get());
+  for (const at::Tensor& b : sgd.momentum_buffers()) {
+    // An empty tensor marks a parameter that has not stepped yet.
+    buffers.push_back(b.defined() ? b : at::Tensor(at::empty({0})));
+  }
+  root.insert("sgd_momentum", buffers);
+  const RunPosition& pos = state.position;
+  root.insert("epoch", pos.epoch);
+  root.insert("step_in_epoch", pos.step_in_epoch);
+  root.insert("global_step", pos.global_step);
+  root.insert("images_seen", pos.images_seen);
+  root.insert("train_seconds", pos.train_seconds);
+  root.insert("shuffle_rng", state.shuffle_rng_state);
+  c10::impl::GenericList history(c10::TensorType::get());
+  at::Tensor knn = at::empty(
+      {static_cast<int64_t>(state.knn_history.size()), 3}, at::kDouble);
+  for (size_t i = 0; i < state.knn_history.size(); ++i) {
+    knn[i][0] = static_cast<double>(state.knn_history[i].epoch);
+    knn[i][1] = static_cast<double>(state.knn_history[i].step);
+    knn[i][2] = state.knn_history[i].top1;
+  }
+  root.insert("knn_history", knn);
+
+  std::vector<char> bytes = torch::pickle_save(c10::IValue(root));
+  char name[64];
+  std::snprintf(name, sizeof(name), "%s%09lld%s", kPrefix,
+                static_cast<long long>(pos.global_step), kSuffix);
+  const std::string path = (fs::path(dir) / name).string();
+  absl::Status written = WriteFileAtomically(path, bytes);
+  if (!written.ok()) return written;
+
+  auto all = ListCheckpoints(dir);
+  for (size_t i = 0; i + static_cast<size_t>(keep) < all.size(); ++i) {
+    fs::remove(all[i].second, ec);
+  }
+  return path;
+}
+
+std::optional<std::string> LatestCheckpoint(const std::string& dir) {
+  auto all = ListCheckpoints(dir);
+  if (all.empty()) return std::nullopt;
+  return all.back().second;
+}
+
+absl::StatusOr<CheckpointState> LoadCheckpoint(const std::string& path,
+                                               Moco& model, Sgd& sgd) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::NotFoundError("cannot open checkpoint " + path);
+  std::vector<char> bytes((std::istreambuf_iterator<char>(in)),
+                          std::istreambuf_iterator<char>());
+  c10::IValue value;
+  try {
+    value = torch::pickle_load(bytes);
+  } catch (const c10::Error& e) {
+    return absl::DataLossError("corrupt checkpoint " + path + ": " +
+                               e.what_without_backtrace());
+  }
+  if (!value.isGenericDict()) {
+    return absl::DataLossError("corrupt checkpoint " + path +
+                               ": not a dict at the top");
+  }
+  auto root = value.toGenericDict();
+  auto get = [&](const std::string& key) -> absl::StatusOr<c10::IValue> {
+    auto it = root.find(key);
+    if (it == root.end()) {
+      return absl::DataLossError("corrupt checkpoint " + path + ": no " + key);
+    }
+    return it->value();
+  };
+  auto format = get("format");
+  if (!format.ok() || !format->isString() || format->toStringRef() != kFormat) {
+    return absl::DataLossError(path + " is not a Momentum checkpoint (" +
+                               std::string(kFormat) + ")");
+  }
+  CheckpointState state;
+  try {
+    for (const char* key :
+         {"spec", "encoder_q", "encoder_k", "queue", "queue_ptr",
+          "sgd_momentum", "epoch", "step_in_epoch", "global_step",
+          "images_seen", "train_seconds", "shuffle_rng", "knn_history"}) {
+      if (!get(key).ok()) return get(key).status();
+    }
+    absl::Status s = CopyInto(*get("encoder_q"), "encoder_q",
+                              StateOf(*model.encoder_q()), path);
+    if (!s.ok()) return s;
+    s = CopyInto(*get("encoder_k"), "encoder_k", StateOf(*model.encoder_k()),
+                 path);
+    if (!s.ok()) return s;
+    at::Tensor queue = get("queue")->toTensor();
+    if (queue.sizes() != model.queue().sizes()) {
+      return absl::FailedPreconditionError(
+          path + ": queue has shape " + c10::str(queue.sizes()) +
+          ", the model " + c10::str(model.queue().sizes()) +
+          " (moco.dim or moco.queue_size changed?)");
+    }
+    model.queue().copy_(queue);
+    model.set_queue_ptr(get("queue_ptr")->toInt());
+    auto buffers = get("sgd_momentum")->toList();
+    if (buffers.size() != sgd.momentum_buffers().size()) {
+      return absl::FailedPreconditionError(path +
+                                           ": optimiser state does not match");
+    }
+    for (size_t i = 0; i < buffers.size(); ++i) {
+      at::Tensor b = buffers.get(i).toTensor();
+      sgd.momentum_buffers()[i] = b.numel() == 0 ? at::Tensor() : b.clone();
+    }
+    state.spec_yaml = get("spec")->toStringRef();
+    state.position.epoch = get("epoch")->toInt();
+    state.position.step_in_epoch = get("step_in_epoch")->toInt();
+    state.position.global_step = get("global_step")->toInt();
+    state.position.images_seen = get("images_seen")->toInt();
+    state.position.train_seconds = get("train_seconds")->toDouble();
+    state.shuffle_rng_state = get("shuffle_rng")->toTensor();
+    at::Tensor knn = get("knn_history")->toTensor();
+    for (int64_t i = 0; i < knn.size(0); ++i) {
+      state.knn_history.push_back(
+          {static_cast<int64_t>(knn[i][0].item<double>()),
+           static_cast<int64_t>(knn[i][1].item<double>()),
+           knn[i][2].item<double>()});
+    }
+  } catch (const c10::Error& e) {
+    return absl::DataLossError("corrupt checkpoint " + path + ": " +
+                               e.what_without_backtrace());
+  }
+  return state;
+}
+
+}  // namespace momentum::worker

@@ -1,0 +1,18 @@
+#include "worker/export.h"
+
+#include <ATen/core/Dict.h>
+#include <torch/serialize.h>
+
+#include "worker/checkpoint.h"
+
+namespace momentum::worker {
+
+absl::Status ExportBackbone(const ResNet& encoder, const std::string& path) {
+  c10::Dict<std::string, at::Tensor> state;
+  for (const auto& [name, tensor] : encoder->BackboneState()) {
+    state.insert(name, tensor.detach().clone());
+  }
+  return WriteFileAtomically(path, torch::pickle_save(c10::IValue(state)));
+}
+
+}  // namespace momentum::worker

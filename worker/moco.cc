@@ -1,0 +1,145 @@
+#include "worker/moco.h"
+
+#include <torch/nn/functional/loss.h>
+#include <torch/nn/functional/normalization.h>
+#include <torch/nn/utils/convert_parameters.h>
+
+#include <future>
+
+namespace momentum::worker {
+namespace {
+
+at::Tensor Normalize(const at::Tensor& x, int64_t dim = 1) {
+  return torch::nn::functional::normalize(
+      x, torch::nn::functional::NormalizeFuncOptions().dim(dim));
+}
+
+}  // namespace
+
+MocoOptions MocoOptionsFromSpec(const JobSpec& spec, int64_t world_size) {
+  MocoOptions o;
+  o.encoder = ResNetOptionsFromSpec(spec.model, spec.moco);
+  o.queue_size = spec.moco.queue_size;
+  o.momentum = spec.moco.momentum;
+  o.temperature = spec.moco.temperature;
+  const std::string& bn = spec.moco.bn;
+  if (bn == "none") {
+    o.bn_groups = 0;
+  } else if (bn == "split" || (bn == "auto" && world_size == 1)) {
+    o.bn_groups = spec.moco.bn_groups;
+  } else {
+    // Shuffled across ranks: each rank encodes one slice (distributed layer).
+    o.bn_groups = 1;
+  }
+  return o;
+}
+
+Moco::Moco(const MocoOptions& options, at::Generator generator)
+    : options_(options) {
+  encoder_q_ = ResNet(options.encoder);
+  encoder_k_ = ResNet(options.encoder);
+  {
+    at::NoGradGuard no_grad;
+    auto q_state = StateOf(*encoder_q_);
+    auto k_state = StateOf(*encoder_k_);
+    TORCH_CHECK(q_state.size() == k_state.size());
+    for (size_t i = 0; i < q_state.size(); ++i) {
+      TORCH_CHECK(q_state[i].first == k_state[i].first);
+      k_state[i].second.copy_(q_state[i].second);
+    }
+    for (auto& p : encoder_k_->parameters()) p.set_requires_grad(false);
+    queue_ = Normalize(at::randn({options.encoder.out_dim, options.queue_size},
+                                 generator, at::kFloat),
+                       /*dim=*/0);
+  }
+  params_q_ = encoder_q_->parameters();
+  params_k_ = encoder_k_->parameters();
+  encoder_q_->train();
+  encoder_k_->train();
+}
+
+void Moco::MomentumUpdate() {
+  at::NoGradGuard no_grad;
+  const double m = options_.momentum;
+  for (size_t i = 0; i < params_q_.size(); ++i) {
+    params_k_[i].mul_(m).add_(params_q_[i].detach(), 1.0 - m);
+  }
+}
+
+at::Tensor Moco::EncodeKeys(const at::Tensor& x_k, const at::Tensor& perm) {
+  at::NoGradGuard no_grad;
+  if (!perm.defined() || perm.numel() == 0 || options_.bn_groups == 0) {
+    return Normalize(encoder_k_->forward(x_k));
+  }
+  const int64_t n = x_k.size(0);
+  TORCH_CHECK(perm.numel() == n, "shuffle permutation has ", perm.numel(),
+              " entries for a key batch of ", n);
+  const int64_t groups = options_.bn_groups;
+  TORCH_CHECK(n % groups == 0, "key batch ", n, " not divisible into ", groups,
+              " BatchNorm groups");
+  at::Tensor shuffled = x_k.index_select(0, perm);
+  std::vector<at::Tensor> parts;
+  for (const at::Tensor& chunk : shuffled.chunk(groups, 0)) {
+    parts.push_back(encoder_k_->forward(chunk));
+  }
+  at::Tensor k = at::cat(parts, 0);
+  at::Tensor inverse = at::empty_like(perm);
+  inverse.index_put_({perm}, at::arange(n, perm.options()));
+  return Normalize(k.index_select(0, inverse));
+}
+
+at::Tensor Moco::EncodeQueries(const at::Tensor& x_q) {
+  return Normalize(encoder_q_->forward(x_q));
+}
+
+Moco::Output Moco::Forward(const at::Tensor& x_q, const at::Tensor& x_k,
+                           const at::Tensor& perm) {
+  Output out;
+  at::Tensor q;
+  if (options_.concurrent_key) {
+    // The key encoder shares no tensor with the query encoder's forward
+    // pass, so both can run at once; grad mode is per thread.
+    auto keys =
+        std::async(std::launch::async, [&] { return EncodeKeys(x_k, perm); });
+    try {
+      q = EncodeQueries(x_q);
+    } catch (...) {
+      keys.wait();
+      throw;
+    }
+    out.keys = keys.get();
+  } else {
+    out.keys = EncodeKeys(x_k, perm);
+    q = EncodeQueries(x_q);
+  }
+  out.logits = ContrastiveLogits(q, out.keys, queue_, options_.temperature);
+  out.loss = InfoNceLoss(out.logits);
+  return out;
+}
+
+void Moco::Enqueue(const at::Tensor& keys) {
+  at::NoGradGuard no_grad;
+  const int64_t n = keys.size(0);
+  const int64_t k = options_.queue_size;
+  // With more keys than slots only the last K survive, as if written one by
+  // one.
+  const int64_t skip = n > k ? n - k : 0;
+  at::Tensor idx = (at::arange(skip, n, at::kLong) + queue_ptr_).remainder_(k);
+  queue_.index_copy_(1, idx, keys.slice(0, skip).t().to(queue_.dtype()));
+  queue_ptr_ = (queue_ptr_ + n) % k;
+}
+
+at::Tensor ContrastiveLogits(const at::Tensor& q, const at::Tensor& k,
+                             const at::Tensor& queue, double temperature) {
+  at::Tensor l_pos = (q * k).sum(1, /*keepdim=*/true);
+  at::Tensor l_neg = q.mm(queue);
+  return at::cat({l_pos, l_neg}, 1).div_(temperature);
+}
+
+at::Tensor InfoNceLoss(const at::Tensor& logits) {
+  at::Tensor labels =
+      at::zeros({logits.size(0)}, logits.options().dtype(at::kLong));
+  return torch::nn::functional::cross_entropy(logits, labels);
+}
+
+}  // namespace momentum::worker

@@ -1,0 +1,99 @@
+// MoCo (v1/v2): a query encoder trained by SGD, a key encoder that follows it
+// by momentum, and a queue of normalised keys, with the semantics of
+// shared/DESIGN.md:
+//   - the key encoder starts as an exact copy and never gets gradients;
+//   - MomentumUpdate() runs once per step before the keys are computed;
+//   - logits = [q·k, q·queue] / T with the positive at index 0, InfoNCE loss;
+//     the queue used is the one before this step's Enqueue();
+//   - Enqueue() writes the keys at the pointer, wrapping around for any K.
+// Shuffled BatchNorm is emulated in one process: the key batch is permuted,
+// split into G groups that the key encoder normalises separately, and the
+// keys are un-permuted so that each returns to its query.
+//
+// Usage, one training step:
+//   model.MomentumUpdate();
+//   Moco::Output out = model.Forward(x_q, x_k, perm);
+//   sgd.ZeroGrad(); out.loss.backward(); sgd.Step(lr);
+//   model.Enqueue(out.keys);
+//
+// Not thread-safe; Forward() may run the key encoder on a second thread of its
+// own, which it joins before returning.
+#ifndef MOMENTUM_WORKER_MOCO_H_
+#define MOMENTUM_WORKER_MOCO_H_
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+#include "common/job_spec.h"
+#include "worker/resnet.h"
+
+namespace momentum::worker {
+
+struct MocoOptions {
+  ResNetOptions encoder;
+  int64_t queue_size = 65536;
+  double momentum = 0.999;
+  double temperature = 0.2;
+  // Groups of the key batch that normalise separately after the shuffle.
+  // 0: no shuffle at all (bn none).
+  int64_t bn_groups = 2;
+  // Run the key encoder's forward pass on its own thread beside the query
+  // encoder's. Changes no value, only the wall time.
+  bool concurrent_key = true;
+};
+
+MocoOptions MocoOptionsFromSpec(const JobSpec& spec, int64_t world_size);
+
+class Moco {
+ public:
+  // Initialises the query encoder from the global LibTorch generator (seed it
+  // first), copies it into the key encoder and draws the queue from
+  // `generator`.
+  Moco(const MocoOptions& options, at::Generator generator);
+
+  struct Output {
+    at::Tensor loss;    // scalar, with grad to the query encoder
+    at::Tensor logits;  // [N, 1 + K], already divided by T
+    at::Tensor keys;    // [N, dim], normalised, no grad
+  };
+
+  // θk ← m·θk + (1−m)·θq over the parameters (not the BatchNorm statistics).
+  void MomentumUpdate();
+  // Normalised keys of x_k. With `perm` defined (a permutation of [0, N)),
+  // encodes x_k[perm] in bn_groups slices and un-permutes the result.
+  at::Tensor EncodeKeys(const at::Tensor& x_k, const at::Tensor& perm);
+  // Normalised queries, with grad.
+  at::Tensor EncodeQueries(const at::Tensor& x_q);
+  // Queries and keys (the keys concurrently when enabled), logits and loss.
+  Output Forward(const at::Tensor& x_q, const at::Tensor& x_k,
+                 const at::Tensor& perm);
+  // Writes keys [N, dim] into the queue at the pointer (wrapping around) and
+  // advances it by N modulo K.
+  void Enqueue(const at::Tensor& keys);
+
+  ResNet& encoder_q() { return encoder_q_; }
+  ResNet& encoder_k() { return encoder_k_; }
+  at::Tensor& queue() { return queue_; }
+  int64_t queue_ptr() const { return queue_ptr_; }
+  void set_queue_ptr(int64_t ptr) { queue_ptr_ = ptr; }
+  const MocoOptions& options() const { return options_; }
+
+ private:
+  MocoOptions options_;
+  ResNet encoder_q_{nullptr};
+  ResNet encoder_k_{nullptr};
+  at::Tensor queue_;  // [dim, K]
+  int64_t queue_ptr_ = 0;
+  std::vector<at::Tensor> params_q_, params_k_;
+};
+
+// InfoNCE logits [N, 1+K] = [q·k, q·queue] / T and the cross-entropy loss with
+// the positive at index 0.
+at::Tensor ContrastiveLogits(const at::Tensor& q, const at::Tensor& k,
+                             const at::Tensor& queue, double temperature);
+at::Tensor InfoNceLoss(const at::Tensor& logits);
+
+}  // namespace momentum::worker
+
+#endif  // MOMENTUM_WORKER_MOCO_H_

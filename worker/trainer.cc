@@ -1,0 +1,405 @@
+#include "worker/trainer.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Parallel.h>
+#include <spdlog/spdlog.h>
+#include <torch/utils.h>
+
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <thread>
+
+#include "worker/export.h"
+#include "worker/knn.h"
+
+namespace momentum::worker {
+namespace {
+
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+
+double Seconds(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double>(b - a).count();
+}
+
+std::vector<float> PerChannel(const std::vector<double>& given,
+                              const std::vector<double>& fallback,
+                              int64_t channels) {
+  const std::vector<double>& v = given.empty() ? fallback : given;
+  std::vector<float> out(channels);
+  if (static_cast<int64_t>(v.size()) == channels) {
+    for (int64_t c = 0; c < channels; ++c) out[c] = static_cast<float>(v[c]);
+  } else {
+    // One value for all channels, or RGB values for gray input: their mean.
+    double sum = 0;
+    for (double x : v) sum += x;
+    for (auto& x : out) x = static_cast<float>(sum / v.size());
+  }
+  return out;
+}
+
+std::string FormatDuration(double seconds) {
+  if (!std::isfinite(seconds) || seconds < 0) return "?";
+  const int64_t s = static_cast<int64_t>(seconds + 0.5);
+  char buf[32];
+  if (s >= 3600) {
+    std::snprintf(buf, sizeof(buf), "%lldh%02lldm",
+                  static_cast<long long>(s / 3600),
+                  static_cast<long long>(s / 60 % 60));
+  } else {
+    std::snprintf(buf, sizeof(buf), "%lldm%02llds",
+                  static_cast<long long>(s / 60),
+                  static_cast<long long>(s % 60));
+  }
+  return buf;
+}
+
+// Keeps the lines of metrics.jsonl up to `step`: a resumed run repeats the
+// steps after its checkpoint and must not list them twice.
+void TruncateMetrics(const std::string& path, int64_t step) {
+  std::ifstream in(path);
+  if (!in) return;
+  std::vector<std::string> kept;
+  std::string line;
+  while (std::getline(in, line)) {
+    auto j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+    if (j.is_object() && j.contains("step") && j["step"].is_number_integer() &&
+        j["step"].get<int64_t>() <= step) {
+      kept.push_back(line);
+    }
+  }
+  in.close();
+  std::ofstream out(path, std::ios::trunc);
+  for (const auto& l : kept) out << l << "\n";
+}
+
+}  // namespace
+
+Trainer::Trainer(const JobSpec& spec) : spec_(spec) {}
+
+absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobSpec& spec) {
+  absl::Status valid = ValidateJobSpec(spec);
+  if (!valid.ok()) return valid;
+  std::unique_ptr<Trainer> trainer(new Trainer(spec));
+  absl::Status status = trainer->Init();
+  if (!status.ok()) return status;
+  return trainer;
+}
+
+absl::Status Trainer::Init() {
+  spec_yaml_ = JobSpecToYaml(spec_);
+  threads_ = spec_.resources.threads > 0
+                 ? spec_.resources.threads
+                 : std::max<int64_t>(1, std::thread::hardware_concurrency());
+  // The key encoder runs on its own thread beside the query encoder, so each
+  // pass gets half of the threads.
+  const bool concurrent_key = threads_ >= 2;
+  at::set_num_threads(
+      static_cast<int>(concurrent_key ? threads_ / 2 : threads_));
+
+  auto data = OpenDatasets(spec_.data);
+  if (!data.ok()) return data.status();
+  data_ = std::move(*data);
+
+  const int64_t channels = spec_.model.in_channels;
+  format_.channels = channels;
+  format_.size = spec_.data.image_size > 0 ? spec_.data.image_size
+                                           : (data_.train->natural_size() > 0
+                                                  ? data_.train->natural_size()
+                                                  : 224);
+  format_.mean = PerChannel(spec_.data.augment.mean,
+                            data_.train->default_mean(), channels);
+  format_.std =
+      PerChannel(spec_.data.augment.std, data_.train->default_std(), channels);
+
+  const int64_t world = 1;
+  LoaderOptions lo;
+  lo.global_batch = spec_.optim.batch_size;
+  lo.rank = 0;
+  lo.world_size = world;
+  lo.threads = spec_.data.loader_threads;
+  lo.prefetch = spec_.data.prefetch;
+  lo.seed = spec_.seed;
+  lo.augment = spec_.data.augment;
+  lo.format = format_;
+  loader_ = std::make_unique<TrainLoader>(data_.train.get(), lo);
+  steps_per_epoch_ = loader_->steps_per_epoch();
+  if (steps_per_epoch_ == 0) {
+    return absl::InvalidArgumentError(
+        "optim.batch_size " + std::to_string(spec_.optim.batch_size) +
+        " is larger than the train set (" +
+        std::to_string(data_.train->size()) + " images)");
+  }
+
+  torch::manual_seed(spec_.seed);
+  at::Generator init_rng = at::make_generator<at::CPUGeneratorImpl>(spec_.seed);
+  MocoOptions mo = MocoOptionsFromSpec(spec_, world);
+  mo.concurrent_key = concurrent_key;
+  model_ = std::make_unique<Moco>(mo, init_rng);
+  sgd_ = std::make_unique<Sgd>(model_->encoder_q()->parameters(),
+                               spec_.optim.momentum, spec_.optim.weight_decay);
+  // The BatchNorm shuffle draws from its own generator, seeded from the job.
+  shuffle_rng_ =
+      at::make_generator<at::CPUGeneratorImpl>(spec_.seed ^ 0x5EEDBA7C4ULL);
+  return absl::OkStatus();
+}
+
+absl::Status Trainer::Evaluate(CheckpointState* state,
+                               int64_t* last_eval_step) {
+  const auto start = Clock::now();
+  auto top1 = KnnTop1(model_->encoder_q(), *data_.train, *data_.test, format_,
+                      spec_.eval, spec_.data.loader_threads);
+  if (!top1.ok()) return top1.status();
+  const RunPosition& pos = state->position;
+  state->knn_history.push_back({pos.epoch, pos.global_step, *top1});
+  *last_eval_step = pos.global_step;
+  spdlog::info("kNN top-1 {:.2f}% at epoch {} step {} ({:.1f} s)", 100 * *top1,
+               pos.epoch, pos.global_step, Seconds(start, Clock::now()));
+  std::ofstream metrics(fs::path(spec_.output_dir) / "metrics.jsonl",
+                        std::ios::app);
+  metrics << nlohmann::json{{"step", pos.global_step},
+                            {"epoch", pos.epoch},
+                            {"knn_top1", *top1},
+                            {"train_seconds", pos.train_seconds}}
+                 .dump()
+          << "\n";
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::string> Trainer::Checkpoint(CheckpointState* state) {
+  state->shuffle_rng_state = shuffle_rng_.get_state();
+  return SaveCheckpoint((fs::path(spec_.output_dir) / "checkpoints").string(),
+                        *model_, *sgd_, *state, spec_.checkpoint.keep);
+}
+
+absl::StatusOr<TrainSummary> Trainer::Run(const std::atomic<bool>* stop,
+                                          int64_t max_steps_this_call) {
+  const auto wall_start = Clock::now();
+  std::error_code ec;
+  fs::create_directories(spec_.output_dir, ec);
+  if (ec) {
+    return absl::InternalError("cannot create output_dir " + spec_.output_dir +
+                               ": " + ec.message());
+  }
+  const std::string ckpt_dir =
+      (fs::path(spec_.output_dir) / "checkpoints").string();
+  const std::string metrics_path =
+      (fs::path(spec_.output_dir) / "metrics.jsonl").string();
+
+  TrainSummary summary;
+  CheckpointState state;
+  state.spec_yaml = spec_yaml_;
+  if (auto latest = LatestCheckpoint(ckpt_dir);
+      latest && spec_.checkpoint.resume) {
+    auto restored = LoadCheckpoint(*latest, *model_, *sgd_);
+    if (!restored.ok()) return restored.status();
+    state.position = restored->position;
+    state.knn_history = restored->knn_history;
+    shuffle_rng_.set_state(restored->shuffle_rng_state);
+    summary.resumed = true;
+    summary.checkpoint = *latest;
+    TruncateMetrics(metrics_path, state.position.global_step);
+    spdlog::info("resuming from {} at epoch {} step {}", *latest,
+                 state.position.epoch, state.position.global_step);
+  } else {
+    std::ofstream(metrics_path, std::ios::trunc);
+  }
+  RunPosition& pos = state.position;
+  const OptimSpec& optim = spec_.optim;
+  const int64_t batch = optim.batch_size;
+  const bool shuffle = model_->options().bn_groups > 0;
+  int64_t last_eval_step =
+      state.knn_history.empty() ? -1 : state.knn_history.back().step;
+  int64_t last_ckpt_step = summary.resumed ? pos.global_step : -1;
+  std::ofstream metrics(metrics_path, std::ios::app);
+
+  auto bound_reached = [&]() -> std::string {
+    if (optim.epochs > 0 && pos.epoch >= optim.epochs) return "epochs";
+    if (optim.steps > 0 && pos.global_step >= optim.steps) return "steps";
+    if (optim.time_budget_s > 0 && pos.train_seconds >= optim.time_budget_s) {
+      return "time_budget";
+    }
+    return "";
+  };
+
+  loader_->StartEpoch(pos.epoch, pos.step_in_epoch);
+  int64_t steps_this_call = 0;
+  double window_seconds = 0, last_step_seconds = 0;
+  int64_t window_images = 0;
+  double window_loss = 0;
+  int64_t window_steps = 0;
+  std::string reason;
+  while (true) {
+    reason = bound_reached();
+    if (!reason.empty()) break;
+    if (stop != nullptr && stop->load()) {
+      reason = "signal";
+      break;
+    }
+    if (max_steps_this_call > 0 && steps_this_call >= max_steps_this_call) {
+      reason = "limit";
+      break;
+    }
+    if (pos.step_in_epoch == steps_per_epoch_) {
+      // Epoch end: evaluate if due, then move on and checkpoint the new
+      // position, so a resume never repeats this.
+      const int64_t done = pos.epoch + 1;
+      const bool last = optim.epochs > 0 && done >= optim.epochs;
+      if (!last && spec_.eval.every_epochs > 0 &&
+          done % spec_.eval.every_epochs == 0) {
+        absl::Status s = Evaluate(&state, &last_eval_step);
+        if (!s.ok()) return s;
+      }
+      pos.epoch = done;
+      pos.step_in_epoch = 0;
+      if (!last && spec_.checkpoint.every_epochs > 0 &&
+          done % spec_.checkpoint.every_epochs == 0) {
+        auto path = Checkpoint(&state);
+        if (!path.ok()) return path.status();
+        summary.checkpoint = *path;
+        last_ckpt_step = pos.global_step;
+      }
+      loader_->StartEpoch(pos.epoch, 0);
+      continue;
+    }
+
+    const auto step_start = Clock::now();
+    auto batch_or = loader_->Next();
+    if (!batch_or.ok()) return batch_or.status();
+    TrainBatch& b = *batch_or;
+    Progress progress;
+    progress.step = pos.global_step;
+    progress.steps_per_epoch = steps_per_epoch_;
+    progress.train_seconds = pos.train_seconds;
+    progress.step_seconds = last_step_seconds;
+    const double lr = LearningRate(optim, progress);
+
+    at::Tensor loss;
+    try {
+      model_->MomentumUpdate();
+      at::Tensor perm;
+      if (shuffle) perm = at::randperm(batch, shuffle_rng_, at::kLong);
+      Moco::Output out = model_->Forward(b.query, b.key, perm);
+      sgd_->ZeroGrad();
+      out.loss.backward();
+      sgd_->Step(lr);
+      model_->Enqueue(out.keys);
+      loss = out.loss.detach();
+    } catch (const c10::Error& e) {
+      return absl::InternalError("training step " +
+                                 std::to_string(pos.global_step) + ": " +
+                                 e.what_without_backtrace());
+    }
+    const double loss_value = loss.item<double>();
+    if (!std::isfinite(loss_value)) {
+      return absl::InternalError("loss is " + std::to_string(loss_value) +
+                                 " at step " + std::to_string(pos.global_step) +
+                                 " (learning rate too high?)");
+    }
+    last_step_seconds = Seconds(step_start, Clock::now());
+    pos.train_seconds += last_step_seconds;
+    pos.global_step += 1;
+    pos.step_in_epoch += 1;
+    pos.images_seen += batch;
+    ++steps_this_call;
+    window_seconds += last_step_seconds;
+    window_images += batch;
+    window_loss += loss_value;
+    ++window_steps;
+
+    if (pos.global_step % spec_.logging.every_steps == 0) {
+      const double ips = window_images / std::max(window_seconds, 1e-9);
+      progress.step = pos.global_step;
+      progress.train_seconds = pos.train_seconds;
+      const double fraction = RunFraction(optim, progress, /*end=*/false);
+      const double eta =
+          fraction > 0 ? pos.train_seconds * (1 - fraction) / fraction : NAN;
+      spdlog::info(
+          "epoch {} step {}/{} ({}) loss {:.4f} lr {:.4g} {:.0f} img/s ETA {}",
+          pos.epoch, pos.step_in_epoch, steps_per_epoch_, pos.global_step,
+          window_loss / window_steps, lr, ips, FormatDuration(eta));
+      metrics << nlohmann::json{{"step", pos.global_step},
+                                {"epoch", pos.epoch},
+                                {"loss", loss_value},
+                                {"loss_mean", window_loss / window_steps},
+                                {"lr", lr},
+                                {"images_per_s", ips},
+                                {"train_seconds", pos.train_seconds}}
+                     .dump()
+              << "\n";
+      metrics.flush();
+      window_seconds = 0;
+      window_images = 0;
+      window_loss = 0;
+      window_steps = 0;
+    }
+    if (spec_.checkpoint.every_steps > 0 &&
+        pos.global_step % spec_.checkpoint.every_steps == 0) {
+      auto path = Checkpoint(&state);
+      if (!path.ok()) return path.status();
+      summary.checkpoint = *path;
+      last_ckpt_step = pos.global_step;
+    }
+  }
+
+  const bool finished = reason != "signal" && reason != "limit";
+  bool evaluated = false;
+  if (finished && last_eval_step != pos.global_step) {
+    absl::Status s = Evaluate(&state, &last_eval_step);
+    if (!s.ok()) return s;
+    evaluated = true;
+  }
+  if (evaluated || last_ckpt_step != pos.global_step) {
+    auto path = Checkpoint(&state);
+    if (!path.ok()) return path.status();
+    summary.checkpoint = *path;
+  }
+  summary.stop_reason = reason;
+  summary.steps = pos.global_step;
+  summary.epochs_completed = pos.epoch;
+  summary.images_seen = pos.images_seen;
+  summary.train_seconds = pos.train_seconds;
+  if (!finished) {
+    summary.wall_seconds = Seconds(wall_start, Clock::now());
+    return summary;
+  }
+
+  // The end of the run: export and summary.
+  summary.knn_top1 = state.knn_history.back().top1;
+  summary.export_path = (fs::path(spec_.output_dir) / "backbone.pt").string();
+  absl::Status exported =
+      ExportBackbone(model_->encoder_q(), summary.export_path);
+  if (!exported.ok()) return exported;
+  summary.wall_seconds = Seconds(wall_start, Clock::now());
+
+  nlohmann::json curve = nlohmann::json::array();
+  for (const KnnRecord& r : state.knn_history) {
+    curve.push_back(
+        {{"epoch", r.epoch}, {"step", r.step}, {"knn_top1", r.top1}});
+  }
+  nlohmann::json j{{"knn_top1", summary.knn_top1},
+                   {"knn_curve", curve},
+                   {"steps", summary.steps},
+                   {"epochs_completed", summary.epochs_completed},
+                   {"images_seen", summary.images_seen},
+                   {"train_seconds", summary.train_seconds},
+                   {"wall_seconds", summary.wall_seconds},
+                   {"stop_reason", summary.stop_reason},
+                   {"resumed", summary.resumed},
+                   {"threads", threads_},
+                   {"export", summary.export_path},
+                   {"checkpoint", summary.checkpoint},
+                   {"spec", spec_yaml_}};
+  std::string text = j.dump(2) + "\n";
+  absl::Status written = WriteFileAtomically(
+      (fs::path(spec_.output_dir) / "summary.json").string(),
+      std::vector<char>(text.begin(), text.end()));
+  if (!written.ok()) return written;
+  return summary;
+}
+
+}  // namespace momentum::worker

@@ -1,0 +1,78 @@
+// The single-process MoCo trainer: builds the model, data loaders and
+// optimiser from a JobSpec and trains until the first bound (epochs, steps or
+// training time), evaluating with the kNN monitor, checkpointing, exporting
+// the backbone and writing metrics.jsonl and summary.json into
+// spec.output_dir. A run whose output folder holds a checkpoint resumes from
+// it (checkpoint.resume), bit for bit.
+//
+// Usage:
+//   auto trainer = Trainer::Create(spec);
+//   if (!trainer.ok()) ...;
+//   absl::StatusOr<TrainSummary> summary = (*trainer)->Run();
+#ifndef MOMENTUM_WORKER_TRAINER_H_
+#define MOMENTUM_WORKER_TRAINER_H_
+
+#include <atomic>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "common/job_spec.h"
+#include "worker/checkpoint.h"
+#include "worker/dataset.h"
+#include "worker/loader.h"
+#include "worker/moco.h"
+#include "worker/optim.h"
+
+namespace momentum::worker {
+
+struct TrainSummary {
+  double knn_top1 = -1;  // final kNN top-1 in [0, 1]; -1 when not evaluated
+  int64_t steps = 0;
+  int64_t epochs_completed = 0;
+  int64_t images_seen = 0;
+  double train_seconds = 0;
+  double wall_seconds = 0;
+  std::string stop_reason;  // epochs | steps | time_budget | signal | limit
+  std::string checkpoint;   // the last checkpoint written
+  std::string export_path;  // the exported backbone ("" when stopped early)
+  bool resumed = false;
+};
+
+// Owns the loaders' threads; one thread calls Run().
+class Trainer {
+ public:
+  static absl::StatusOr<std::unique_ptr<Trainer>> Create(const JobSpec& spec);
+
+  // Trains to the end of the run. Returns early, with a checkpoint written
+  // and stop_reason "signal", when `stop` (if given) becomes true, or with
+  // stop_reason "limit" after `max_steps_this_call` steps (> 0), as a run
+  // that was stopped there would. Errors name the file or operation.
+  absl::StatusOr<TrainSummary> Run(const std::atomic<bool>* stop = nullptr,
+                                   int64_t max_steps_this_call = 0);
+
+  Moco& model() { return *model_; }
+  const JobSpec& spec() const { return spec_; }
+  int64_t steps_per_epoch() const { return steps_per_epoch_; }
+
+ private:
+  explicit Trainer(const JobSpec& spec);
+  absl::Status Init();
+  absl::Status Evaluate(CheckpointState* state, int64_t* last_eval_step);
+  absl::StatusOr<std::string> Checkpoint(CheckpointState* state);
+
+  JobSpec spec_;
+  std::string spec_yaml_;
+  DatasetPair data_;
+  ViewFormat format_;
+  std::unique_ptr<Moco> model_;
+  std::unique_ptr<Sgd> sgd_;
+  std::unique_ptr<TrainLoader> loader_;
+  at::Generator shuffle_rng_;
+  int64_t steps_per_epoch_ = 0;
+  int64_t threads_ = 1;
+};
+
+}  // namespace momentum::worker
+
+#endif  // MOMENTUM_WORKER_TRAINER_H_
