@@ -12,6 +12,7 @@
 #include <iostream>
 
 #include "common/job_spec.h"
+#include "worker/malloc_tuning.h"
 #include "worker/trainer.h"
 
 namespace {
@@ -23,6 +24,7 @@ void OnSignal(int) { g_stop.store(true); }
 }  // namespace
 
 int main(int argc, char** argv) {
+  momentum::worker::TuneMallocForTraining();
   CLI::App app{"momentum-worker: trains a MoCo job"};
   std::string config;
   std::vector<std::string> overrides;

@@ -39,8 +39,9 @@ struct MocoOptions {
   // 0: no shuffle at all (bn none).
   int64_t bn_groups = 2;
   // Run the key encoder's forward pass on its own thread beside the query
-  // encoder's. Changes no value, only the wall time.
-  bool concurrent_key = true;
+  // encoder's. Changes no value, only the wall time; off by default, as two
+  // intra-op threads measured faster (worker/trainer.cc).
+  bool concurrent_key = false;
 };
 
 MocoOptions MocoOptionsFromSpec(const JobSpec& spec, int64_t world_size);

@@ -1,0 +1,140 @@
+// trainer_bench: images per second of the C++ MoCo training step, with the
+// same options and JSON output as bench/reference_bench.py, so that
+// bench/run.sh can put the two side by side.
+//   --mode synthetic  random inputs made once: the step alone
+//   --mode augment    Fashion-MNIST through the real loader threads and
+//                     augmentation: step plus waiting for data
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Parallel.h>
+#include <torch/utils.h>
+
+#include <CLI/CLI.hpp>
+#include <chrono>
+#include <iostream>
+#include <nlohmann/json.hpp>
+
+#include "worker/loader.h"
+#include "worker/malloc_tuning.h"
+#include "worker/moco.h"
+#include "worker/optim.h"
+
+namespace mw = momentum::worker;
+using Clock = std::chrono::steady_clock;
+
+int main(int argc, char** argv) {
+  mw::TuneMallocForTraining();
+  CLI::App app{"C++ MoCo step throughput"};
+  mw::MocoOptions o;
+  o.encoder.width = 16;
+  o.encoder.in_channels = 1;
+  o.encoder.small_stem = true;
+  o.encoder.mlp = true;
+  o.queue_size = 4096;
+  o.momentum = 0.999;
+  o.temperature = 0.2;
+  o.bn_groups = 0;
+  int64_t image_size = 28, batch = 256, threads = 1, steps = 10, warmup = 2;
+  int64_t loader_threads = 1;
+  double lr = 0.03;
+  std::string mode = "synthetic", data = "/usr/share/datasets/fashion-mnist";
+  bool concurrent_key = false;
+  app.add_option("--arch", o.encoder.arch);
+  app.add_option("--width", o.encoder.width);
+  app.add_option("--in-channels", o.encoder.in_channels);
+  app.add_flag("--small-stem,!--no-small-stem", o.encoder.small_stem);
+  app.add_flag("--mlp,!--no-mlp", o.encoder.mlp);
+  app.add_option("--image-size", image_size);
+  app.add_option("--batch", batch);
+  app.add_option("--queue", o.queue_size);
+  app.add_option("--dim", o.encoder.out_dim);
+  app.add_option("--temperature", o.temperature);
+  app.add_option("--momentum", o.momentum);
+  app.add_option("--lr", lr);
+  app.add_option("--bn-groups", o.bn_groups);
+  app.add_option("--threads", threads,
+                 "threads in all, as the trainer uses them");
+  app.add_option("--concurrent-key", concurrent_key,
+                 "key encoder on its own thread (needs threads >= 2)");
+  app.add_option("--steps", steps);
+  app.add_option("--warmup", warmup);
+  app.add_option("--mode", mode)
+      ->check(CLI::IsMember({"synthetic", "augment"}));
+  app.add_option("--data", data);
+  app.add_option("--workers", loader_threads, "loader threads (augment)");
+  CLI11_PARSE(app, argc, argv);
+
+  // The trainer's thread layout (worker/trainer.cc).
+  o.concurrent_key = concurrent_key && threads >= 2;
+  at::set_num_threads(
+      static_cast<int>(o.concurrent_key ? threads / 2 : threads));
+  torch::manual_seed(0);
+  mw::Moco model(o, at::make_generator<at::CPUGeneratorImpl>(0));
+  mw::Sgd sgd(model.encoder_q()->parameters(), 0.9, 1e-4);
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(1);
+
+  std::unique_ptr<mw::Dataset> dataset;
+  std::unique_ptr<mw::TrainLoader> loader;
+  at::Tensor xq, xk;
+  if (mode == "augment") {
+    auto opened = mw::OpenFashionMnist(data, /*train=*/true);
+    if (!opened.ok()) {
+      std::cerr << opened.status().message() << "\n";
+      return 1;
+    }
+    dataset = std::move(*opened);
+    mw::LoaderOptions lo;
+    lo.global_batch = batch;
+    lo.threads = loader_threads;
+    lo.prefetch = 4;
+    lo.format.channels = o.encoder.in_channels;
+    lo.format.size = image_size;
+    lo.format.mean = {0.2860f};
+    lo.format.std = {0.3530f};
+    loader = std::make_unique<mw::TrainLoader>(dataset.get(), lo);
+    loader->StartEpoch(0, 0);
+  } else {
+    xq = at::randn({batch, o.encoder.in_channels, image_size, image_size}, gen);
+    xk = at::randn({batch, o.encoder.in_channels, image_size, image_size}, gen);
+  }
+
+  double seconds = 0, wait_seconds = 0;
+  for (int64_t s = 0; s < warmup + steps; ++s) {
+    const auto start = Clock::now();
+    if (loader) {
+      auto b = loader->Next();
+      if (!b.ok()) {
+        std::cerr << b.status().message() << "\n";
+        return 1;
+      }
+      xq = b->query;
+      xk = b->key;
+    }
+    const auto got = Clock::now();
+    model.MomentumUpdate();
+    at::Tensor perm;
+    if (o.bn_groups > 0) perm = at::randperm(batch, gen, at::kLong);
+    auto out = model.Forward(xq, xk, perm);
+    sgd.ZeroGrad();
+    out.loss.backward();
+    sgd.Step(lr);
+    model.Enqueue(out.keys);
+    (void)out.loss.item<double>();
+    if (s >= warmup) {
+      seconds += std::chrono::duration<double>(Clock::now() - start).count();
+      wait_seconds += std::chrono::duration<double>(got - start).count();
+    }
+  }
+  nlohmann::json j{{"impl", "cpp"},
+                   {"mode", mode},
+                   {"images_per_s", steps * batch / seconds},
+                   {"step_ms", 1000 * seconds / steps},
+                   {"data_wait_ms", 1000 * wait_seconds / steps},
+                   {"threads", threads},
+                   {"concurrent_key", o.concurrent_key},
+                   {"batch", batch},
+                   {"width", o.encoder.width},
+                   {"arch", o.encoder.arch},
+                   {"steps", steps}};
+  std::cout << j.dump() << std::endl;
+  return 0;
+}
