@@ -50,6 +50,8 @@ int main(int argc, char** argv) {
   std::signal(SIGTERM, OnSignal);
 
   spdlog::set_pattern("[%H:%M:%S] %v");
+  spdlog::flush_on(
+      spdlog::level::info);  // progress reaches pipes and logs at once
   auto trainer = momentum::worker::Trainer::Create(*spec);
   if (!trainer.ok()) {
     std::cerr << "momentum-worker: " << trainer.status().message() << "\n";

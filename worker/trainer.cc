@@ -68,6 +68,20 @@ Trainer::Trainer(const JobSpec& spec) : spec_(spec) {}
 absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobSpec& spec) {
   absl::Status valid = ValidateJobSpec(spec);
   if (!valid.ok()) return valid;
+  // The distributed layer (several ranks, NCCL) is not part of this trainer
+  // yet: say so rather than train something else than what was asked.
+  if (spec.resources.nproc != 1) {
+    return absl::InvalidArgumentError(
+        "resources.nproc must be 1: this momentum-worker trains in one "
+        "process, got " +
+        std::to_string(spec.resources.nproc));
+  }
+  if (spec.resources.device != "cpu") {
+    return absl::InvalidArgumentError(
+        "resources.device must be cpu: this momentum-worker is built "
+        "without CUDA, got " +
+        spec.resources.device);
+  }
   std::unique_ptr<Trainer> trainer(new Trainer(spec));
   absl::Status status = trainer->Init();
   if (!status.ok()) return status;
