@@ -10,7 +10,7 @@ namespace momentum::worker {
 absl::Status ExportBackbone(const ResNet& encoder, const std::string& path) {
   c10::Dict<std::string, at::Tensor> state;
   for (const auto& [name, tensor] : encoder->BackboneState()) {
-    state.insert(name, tensor.detach().clone());
+    state.insert(name, tensor.detach().contiguous().clone());
   }
   return WriteFileAtomically(path, torch::pickle_save(c10::IValue(state)));
 }

@@ -63,11 +63,12 @@ int main(int argc, char** argv) {
   app.add_option("--lr", lr);
   app.add_option("--sgd-momentum", sgd_momentum);
   app.add_option("--weight-decay", weight_decay);
+  app.add_option("--concurrent-key", o.concurrent_key,
+                 "key encoder on its own thread beside the query encoder");
   app.add_option("--init", init_path)->required();
   app.add_option("--result", result_path)->required();
   CLI11_PARSE(app, argc, argv);
   at::set_num_threads(1);
-  o.concurrent_key = true;
 
   torch::manual_seed(seed);
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
