@@ -163,6 +163,9 @@ absl::StatusOr<std::string> SaveCheckpoint(const std::string& dir, Moco& model,
   root.insert("images_seen", pos.images_seen);
   root.insert("train_seconds", pos.train_seconds);
   root.insert("shuffle_rng", state.shuffle_rng_state);
+  root.insert("torch_rng", state.torch_rng_state.defined()
+                               ? state.torch_rng_state
+                               : at::empty({0}, at::kByte));
   c10::impl::GenericList history(c10::TensorType::get());
   at::Tensor knn = at::empty(
       {static_cast<int64_t>(state.knn_history.size()), 3}, at::kDouble);
@@ -229,7 +232,8 @@ absl::StatusOr<CheckpointState> LoadCheckpoint(const std::string& path,
     for (const char* key :
          {"spec", "encoder_q", "encoder_k", "queue", "queue_ptr",
           "sgd_momentum", "epoch", "step_in_epoch", "global_step",
-          "images_seen", "train_seconds", "shuffle_rng", "knn_history"}) {
+          "images_seen", "train_seconds", "shuffle_rng", "torch_rng",
+          "knn_history"}) {
       if (!get(key).ok()) return get(key).status();
     }
     absl::Status s = CopyInto(*get("encoder_q"), "encoder_q",
@@ -263,6 +267,8 @@ absl::StatusOr<CheckpointState> LoadCheckpoint(const std::string& path,
     state.position.images_seen = get("images_seen")->toInt();
     state.position.train_seconds = get("train_seconds")->toDouble();
     state.shuffle_rng_state = get("shuffle_rng")->toTensor();
+    at::Tensor torch_rng = get("torch_rng")->toTensor();
+    if (torch_rng.numel() > 0) state.torch_rng_state = torch_rng;
     at::Tensor knn = get("knn_history")->toTensor();
     for (int64_t i = 0; i < knn.size(0); ++i) {
       state.knn_history.push_back(

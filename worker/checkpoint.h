@@ -42,6 +42,9 @@ struct KnnRecord {
 struct CheckpointState {
   RunPosition position;
   at::Tensor shuffle_rng_state;  // the BatchNorm-shuffle generator
+  // LibTorch's default CPU generator (weight init; nothing in a step draws
+  // from it today, but whatever does later resumes exactly).
+  at::Tensor torch_rng_state;
   std::vector<KnnRecord> knn_history;
   std::string spec_yaml;
 };

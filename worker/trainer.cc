@@ -161,6 +161,7 @@ absl::Status Trainer::Evaluate(CheckpointState* state,
 
 absl::StatusOr<std::string> Trainer::Checkpoint(CheckpointState* state) {
   state->shuffle_rng_state = shuffle_rng_.get_state();
+  state->torch_rng_state = at::detail::getDefaultCPUGenerator().get_state();
   return SaveCheckpoint((fs::path(spec_.output_dir) / "checkpoints").string(),
                         *model_, *sgd_, *state, spec_.checkpoint.keep);
 }
@@ -189,6 +190,10 @@ absl::StatusOr<TrainSummary> Trainer::Run(const std::atomic<bool>* stop,
     state.position = restored->position;
     state.knn_history = restored->knn_history;
     shuffle_rng_.set_state(restored->shuffle_rng_state);
+    if (restored->torch_rng_state.defined()) {
+      at::Generator global = at::detail::getDefaultCPUGenerator();
+      global.set_state(restored->torch_rng_state);
+    }
     summary.resumed = true;
     summary.checkpoint = *latest;
     TruncateMetrics(metrics_path, state.position.global_step);

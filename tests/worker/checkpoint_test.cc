@@ -60,6 +60,8 @@ TEST(CheckpointTest, RoundTripRestoresEverything) {
   at::Generator rng = Gen(99);
   at::randperm(10, rng, at::kLong);
   state.shuffle_rng_state = rng.get_state();
+  at::Generator torch_rng = Gen(1234);
+  state.torch_rng_state = torch_rng.get_state();
   state.knn_history = {{1, 8, 0.5}, {2, 16, 0.625}};
   state.spec_yaml = "name: x\n";
   auto path = SaveCheckpoint(dir, model, sgd, state, 3);
@@ -92,6 +94,8 @@ TEST(CheckpointTest, RoundTripRestoresEverything) {
   restored.set_state(loaded->shuffle_rng_state);
   EXPECT_TRUE(at::equal(at::randperm(10, rng, at::kLong),
                         at::randperm(10, restored, at::kLong)));
+  ASSERT_TRUE(loaded->torch_rng_state.defined());
+  EXPECT_TRUE(at::equal(loaded->torch_rng_state, state.torch_rng_state));
   fs::remove_all(dir);
 }
 
