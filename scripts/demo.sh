@@ -15,9 +15,9 @@ echo "demo: training into $out"
 /usr/bin/python3 - "$out/summary.json" <<'PY'
 import json, sys
 s = json.load(open(sys.argv[1]))
-print("kNN top-1 curve (step: accuracy):")
+print("kNN top-1 curve:")
 for r in s["knn_curve"]:
-    print(f"  epoch {r['epoch']:3d} step {r['step']:6d}: {100 * r['knn_top1']:.2f}%")
+    print(f"  after {r['epochs']:5.2f} epochs (step {r['step']:5d}): {100 * r['knn_top1']:.2f}%")
 print(f"final kNN top-1 on the 10,000 test images: {100 * s['knn_top1']:.2f}% "
       f"after {s['train_seconds']:.0f} s of training ({s['images_seen']} images)")
 PY

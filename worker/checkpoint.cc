@@ -170,7 +170,7 @@ absl::StatusOr<std::string> SaveCheckpoint(const std::string& dir, Moco& model,
   at::Tensor knn = at::empty(
       {static_cast<int64_t>(state.knn_history.size()), 3}, at::kDouble);
   for (size_t i = 0; i < state.knn_history.size(); ++i) {
-    knn[i][0] = static_cast<double>(state.knn_history[i].epoch);
+    knn[i][0] = state.knn_history[i].epochs;
     knn[i][1] = static_cast<double>(state.knn_history[i].step);
     knn[i][2] = state.knn_history[i].top1;
   }
@@ -272,7 +272,7 @@ absl::StatusOr<CheckpointState> LoadCheckpoint(const std::string& path,
     at::Tensor knn = get("knn_history")->toTensor();
     for (int64_t i = 0; i < knn.size(0); ++i) {
       state.knn_history.push_back(
-          {static_cast<int64_t>(knn[i][0].item<double>()),
+          {knn[i][0].item<double>(),
            static_cast<int64_t>(knn[i][1].item<double>()),
            knn[i][2].item<double>()});
     }

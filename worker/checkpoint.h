@@ -34,7 +34,8 @@ struct RunPosition {
 };
 
 struct KnnRecord {
-  int64_t epoch = 0;
+  double epochs =
+      0;  // epochs completed, fractional: global step / steps per epoch
   int64_t step = 0;
   double top1 = 0;
 };

@@ -144,14 +144,18 @@ absl::Status Trainer::Evaluate(CheckpointState* state,
                       spec_.eval, spec_.data.loader_threads);
   if (!top1.ok()) return top1.status();
   const RunPosition& pos = state->position;
-  state->knn_history.push_back({pos.epoch, pos.global_step, *top1});
+  const double epochs = static_cast<double>(pos.global_step) /
+                        static_cast<double>(steps_per_epoch_);
+  state->knn_history.push_back({epochs, pos.global_step, *top1});
   *last_eval_step = pos.global_step;
-  spdlog::info("kNN top-1 {:.2f}% at epoch {} step {} ({:.1f} s)", 100 * *top1,
-               pos.epoch, pos.global_step, Seconds(start, Clock::now()));
+  spdlog::info("kNN top-1 {:.2f}% after {:.2f} epochs, step {} ({:.1f} s)",
+               100 * *top1, epochs, pos.global_step,
+               Seconds(start, Clock::now()));
   std::ofstream metrics(fs::path(spec_.output_dir) / "metrics.jsonl",
                         std::ios::app);
   metrics << nlohmann::json{{"step", pos.global_step},
                             {"epoch", pos.epoch},
+                            {"epochs_completed", epochs},
                             {"knn_top1", *top1},
                             {"train_seconds", pos.train_seconds}}
                  .dump()
@@ -314,7 +318,7 @@ absl::StatusOr<TrainSummary> Trainer::Run(const std::atomic<bool>* stop,
           fraction > 0 ? pos.train_seconds * (1 - fraction) / fraction : NAN;
       spdlog::info(
           "epoch {} step {}/{} ({}) loss {:.4f} lr {:.4g} {:.0f} img/s ETA {}",
-          pos.epoch, pos.step_in_epoch, steps_per_epoch_, pos.global_step,
+          pos.epoch + 1, pos.step_in_epoch, steps_per_epoch_, pos.global_step,
           window_loss / window_steps, lr, ips, FormatDuration(eta));
       metrics << nlohmann::json{{"step", pos.global_step},
                                 {"epoch", pos.epoch},
@@ -373,7 +377,7 @@ absl::StatusOr<TrainSummary> Trainer::Run(const std::atomic<bool>* stop,
   nlohmann::json curve = nlohmann::json::array();
   for (const KnnRecord& r : state.knn_history) {
     curve.push_back(
-        {{"epoch", r.epoch}, {"step", r.step}, {"knn_top1", r.top1}});
+        {{"epochs", r.epochs}, {"step", r.step}, {"knn_top1", r.top1}});
   }
   nlohmann::json j{{"knn_top1", summary.knn_top1},
                    {"knn_curve", curve},
