@@ -117,7 +117,7 @@ int main(int argc, char** argv) {
     sgd.ZeroGrad();
     out.loss.backward();
     sgd.Step(lr);
-    model.Enqueue(out.keys);
+    model.Enqueue(out.all_keys);
     (void)out.loss.item<double>();
     if (s >= warmup) {
       seconds += std::chrono::duration<double>(Clock::now() - start).count();

@@ -6,7 +6,7 @@ set -euo pipefail
 
 MOMENTUM_PACKAGES=(
   g++ cmake ninja-build pkg-config ccache git
-  libtorch-dev libopenblas0-openmp
+  libtorch-dev libgloo-dev libopenblas0-openmp
   libabsl-dev libyaml-cpp-dev libcli11-dev nlohmann-json3-dev libspdlog-dev
   libjpeg62-turbo-dev libpng-dev zlib1g-dev
   libgtest-dev libgmock-dev libbenchmark-dev

@@ -6,6 +6,8 @@
 
 #include <future>
 
+#include "worker/process_group.h"
+
 namespace momentum::worker {
 namespace {
 
@@ -88,6 +90,43 @@ at::Tensor Moco::EncodeKeys(const at::Tensor& x_k, const at::Tensor& perm) {
   return Normalize(k.index_select(0, inverse));
 }
 
+at::Tensor Moco::EncodeKeysAcrossRanks(const at::Tensor& x_k,
+                                       const at::Tensor& perm) {
+  at::NoGradGuard no_grad;
+  TORCH_CHECK(group_ != nullptr, "EncodeKeysAcrossRanks needs a process group");
+  const int64_t n = x_k.size(0);
+  const int64_t rank = group_->rank();
+  auto gathered = group_->AllGather(x_k.contiguous());
+  TORCH_CHECK(gathered.ok(),
+              "gathering the key batches: ", gathered.status().ToString());
+  const int64_t total = gathered->size(0);
+  TORCH_CHECK(perm.numel() == total, "shuffle permutation has ", perm.numel(),
+              " entries for a group key batch of ", total);
+  at::Tensor mine =
+      gathered->index_select(0, perm).slice(0, rank * n, (rank + 1) * n);
+  const int64_t groups = std::max<int64_t>(options_.bn_groups, 1);
+  TORCH_CHECK(n % groups == 0, "key batch ", n, " not divisible into ", groups,
+              " BatchNorm groups");
+  std::vector<at::Tensor> parts;
+  for (const at::Tensor& chunk : mine.chunk(groups, 0)) {
+    parts.push_back(encoder_k_->forward(chunk));
+  }
+  auto keys = group_->AllGather(at::cat(parts, 0).contiguous());
+  TORCH_CHECK(keys.ok(), "gathering the keys: ", keys.status().ToString());
+  at::Tensor inverse = at::empty_like(perm);
+  inverse.index_put_({perm}, at::arange(total, perm.options()));
+  return Normalize(keys->index_select(0, inverse));
+}
+
+absl::Status Moco::AverageGradients() {
+  if (group_ == nullptr || group_->world_size() == 1) return absl::OkStatus();
+  std::vector<at::Tensor> grads;
+  for (const at::Tensor& p : params_q_) {
+    if (p.grad().defined()) grads.push_back(p.grad());
+  }
+  return group_->AllReduceMean(grads);
+}
+
 at::Tensor Moco::EncodeQueries(const at::Tensor& x_q) {
   return Normalize(encoder_q_->forward(x_q));
 }
@@ -96,7 +135,20 @@ Moco::Output Moco::Forward(const at::Tensor& x_q, const at::Tensor& x_k,
                            const at::Tensor& perm) {
   Output out;
   at::Tensor q;
-  if (options_.concurrent_key) {
+  if (group_ != nullptr && group_->world_size() > 1) {
+    const int64_t n = x_k.size(0);
+    const int64_t rank = group_->rank();
+    if (perm.defined() && perm.numel() > 0 && options_.bn_groups > 0) {
+      out.all_keys = EncodeKeysAcrossRanks(x_k, perm);
+    } else {
+      at::NoGradGuard no_grad;
+      auto all = group_->AllGather(EncodeKeys(x_k, at::Tensor()).contiguous());
+      TORCH_CHECK(all.ok(), "gathering the keys: ", all.status().ToString());
+      out.all_keys = *all;
+    }
+    out.keys = out.all_keys.slice(0, rank * n, (rank + 1) * n);
+    q = EncodeQueries(x_q);
+  } else if (options_.concurrent_key) {
     // The key encoder shares no tensor with the query encoder's forward
     // pass, so both can run at once; grad mode is per thread.
     auto keys =
@@ -112,6 +164,7 @@ Moco::Output Moco::Forward(const at::Tensor& x_q, const at::Tensor& x_k,
     out.keys = EncodeKeys(x_k, perm);
     q = EncodeQueries(x_q);
   }
+  if (!out.all_keys.defined()) out.all_keys = out.keys;
   out.logits = ContrastiveLogits(q, out.keys, queue_, options_.temperature);
   out.loss = InfoNceLoss(out.logits);
   return out;

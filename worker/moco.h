@@ -14,7 +14,7 @@
 //   model.MomentumUpdate();
 //   Moco::Output out = model.Forward(x_q, x_k, perm);
 //   sgd.ZeroGrad(); out.loss.backward(); sgd.Step(lr);
-//   model.Enqueue(out.keys);
+//   model.Enqueue(out.all_keys);
 //
 // Not thread-safe; Forward() may run the key encoder on a second thread of its
 // own, which it joins before returning.
@@ -25,10 +25,13 @@
 
 #include <cstdint>
 
+#include "absl/status/status.h"
 #include "common/job_spec.h"
 #include "worker/resnet.h"
 
 namespace momentum::worker {
+
+class ProcessGroup;
 
 struct MocoOptions {
   ResNetOptions encoder;
@@ -57,13 +60,36 @@ class Moco {
     at::Tensor loss;    // scalar, with grad to the query encoder
     at::Tensor logits;  // [N, 1 + K], already divided by T
     at::Tensor keys;    // [N, dim], normalised, no grad
+    // The keys of the whole group's batch in rank order, [world * N, dim]:
+    // what Enqueue() takes. `keys` itself with one rank.
+    at::Tensor all_keys;
   };
+
+  // Makes this model one rank of `group` (not owned; may be null for one
+  // process). With more than one rank, EncodeKeys() shuffles BatchNorm across
+  // the ranks, Forward() returns the group's keys for Enqueue(), and
+  // AverageGradients() averages the query encoder's gradients.
+  void SetProcessGroup(ProcessGroup* group) { group_ = group; }
+  ProcessGroup* process_group() const { return group_; }
 
   // θk ← m·θk + (1−m)·θq over the parameters (not the BatchNorm statistics).
   void MomentumUpdate();
   // Normalised keys of x_k. With `perm` defined (a permutation of [0, N)),
   // encodes x_k[perm] in bn_groups slices and un-permutes the result.
   at::Tensor EncodeKeys(const at::Tensor& x_k, const at::Tensor& perm);
+  // Shuffled BatchNorm across the ranks of the process group: the key
+  // batches of all ranks are gathered (rank order), permuted by `perm` (a
+  // permutation of [0, world * N), the same on every rank), each rank encodes
+  // its slice of N in bn_groups groups, the keys are gathered again and
+  // un-permuted. Returns the normalised keys of the whole group, [world * N,
+  // dim]; this rank's are rows [rank * N, (rank + 1) * N). Collective: every
+  // rank calls it. Throws c10::Error naming the collective when it fails or
+  // times out.
+  at::Tensor EncodeKeysAcrossRanks(const at::Tensor& x_k,
+                                   const at::Tensor& perm);
+  // Averages the query encoder's gradients over the ranks, in buckets
+  // (no-op with one rank). Collective.
+  absl::Status AverageGradients();
   // Normalised queries, with grad.
   at::Tensor EncodeQueries(const at::Tensor& x_q);
   // Queries and keys (the keys concurrently when enabled), logits and loss.
@@ -87,6 +113,7 @@ class Moco {
   at::Tensor queue_;  // [dim, K]
   int64_t queue_ptr_ = 0;
   std::vector<at::Tensor> params_q_, params_k_;
+  ProcessGroup* group_ = nullptr;
 };
 
 // InfoNCE logits [N, 1+K] = [q·k, q·queue] / T and the cross-entropy loss with

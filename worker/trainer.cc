@@ -285,7 +285,7 @@ absl::StatusOr<TrainSummary> Trainer::Run(const std::atomic<bool>* stop,
       sgd_->ZeroGrad();
       out.loss.backward();
       sgd_->Step(lr);
-      model_->Enqueue(out.keys);
+      model_->Enqueue(out.all_keys);
       loss = out.loss.detach();
     } catch (const c10::Error& e) {
       return absl::InternalError("training step " +

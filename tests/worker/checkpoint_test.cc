@@ -38,7 +38,7 @@ void TrainOneStep(Moco& model, Sgd& sgd) {
   sgd.ZeroGrad();
   out.loss.backward();
   sgd.Step(0.1);
-  model.Enqueue(out.keys);
+  model.Enqueue(out.all_keys);
 }
 
 void ExpectSameState(const torch::nn::Module& a, const torch::nn::Module& b) {

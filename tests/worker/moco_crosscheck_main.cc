@@ -130,7 +130,7 @@ int main(int argc, char** argv) {
     sgd.ZeroGrad();
     out.loss.backward();
     sgd.Step(step_lr);
-    model.Enqueue(out.keys);
+    model.Enqueue(out.all_keys);
     losses.push_back(out.loss.item<double>());
 
     c10::impl::GenericDict step(c10::StringType::get(), c10::AnyType::get());

@@ -1,0 +1,156 @@
+// MoCo across ranks: real Gloo ranks on loopback (threads of this process)
+// against the one-process computation of the same global batch.
+#include <ATen/CPUGeneratorImpl.h>
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <thread>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+
+#include "worker/moco.h"
+#include "worker/process_group.h"
+
+namespace momentum::worker {
+namespace {
+
+constexpr std::chrono::milliseconds kTimeout{20000};
+
+MocoOptions Small(int64_t groups) {
+  MocoOptions o;
+  o.encoder.width = 4;
+  o.encoder.in_channels = 1;
+  o.encoder.small_stem = true;
+  o.encoder.mlp = true;
+  o.encoder.out_dim = 8;
+  o.queue_size = 10;  // not a multiple of the group batch: wraps around
+  o.momentum = 0.9;
+  o.temperature = 0.2;
+  o.bn_groups = groups;
+  return o;
+}
+
+// Identical models: the same seeds for the global and the queue generators.
+std::unique_ptr<Moco> MakeModel(int64_t groups) {
+  torch::manual_seed(11);
+  return std::make_unique<Moco>(Small(groups),
+                                at::make_generator<at::CPUGeneratorImpl>(12));
+}
+
+// Runs body(rank, group) on one thread per rank of a fresh process group.
+void RunRanks(int64_t world,
+              const std::function<void(int64_t, ProcessGroup&)>& body) {
+  c10d::TCPStoreOptions server_options;
+  server_options.port = 0;
+  server_options.isServer = true;
+  server_options.waitWorkers = false;
+  server_options.timeout = kTimeout;
+  auto server =
+      c10::make_intrusive<c10d::TCPStore>("127.0.0.1", server_options);
+  std::vector<std::thread> threads;
+  for (int64_t rank = 0; rank < world; ++rank) {
+    threads.emplace_back([&, rank] {
+      c10::intrusive_ptr<c10d::Store> store = server;
+      if (rank > 0) {
+        c10d::TCPStoreOptions o = server_options;
+        o.isServer = false;
+        o.port = server->getPort();
+        store = c10::make_intrusive<c10d::TCPStore>("127.0.0.1", o);
+      }
+      DistOptions options;
+      options.rank = rank;
+      options.world_size = world;
+      options.timeout = kTimeout;
+      auto group = ProcessGroup::Create(options, store);
+      ASSERT_TRUE(group.ok()) << group.status();
+      body(rank, **group);
+    });
+  }
+  for (auto& t : threads) t.join();
+}
+
+class MocoDistTest : public ::testing::TestWithParam<int64_t> {};
+
+// Shuffled BatchNorm across N ranks gives the keys that one process gets by
+// splitting the same shuffled global batch into N groups.
+TEST_P(MocoDistTest, KeysAcrossRanksEqualSplitBatchNormInOneProcess) {
+  const int64_t world = GetParam(), per_rank = 4, total = world * per_rank;
+  at::Tensor x = at::randn({total, 1, 12, 12});
+  at::Tensor perm = at::randperm(total, at::kLong);
+  auto reference = MakeModel(/*groups=*/world);
+  at::Tensor expected = reference->EncodeKeys(x, perm);
+
+  std::vector<std::unique_ptr<Moco>> models;
+  for (int64_t r = 0; r < world; ++r) models.push_back(MakeModel(1));
+  std::vector<at::Tensor> got(world);
+  RunRanks(world, [&](int64_t rank, ProcessGroup& group) {
+    models[rank]->SetProcessGroup(&group);
+    got[rank] = models[rank]->EncodeKeysAcrossRanks(
+        x.slice(0, rank * per_rank, (rank + 1) * per_rank), perm);
+  });
+  for (int64_t r = 0; r < world; ++r) {
+    EXPECT_TRUE(at::allclose(got[r], expected, 1e-5, 1e-6)) << "rank " << r;
+  }
+}
+
+// One full step on every rank: identical queues (the group's keys in rank
+// order, wrapping around) and gradients that are the mean of the ranks' own
+// gradients, computed here one rank at a time.
+TEST_P(MocoDistTest, StepSharesQueueAndAveragesGradients) {
+  const int64_t world = GetParam(), per_rank = 4, total = world * per_rank;
+  at::Tensor xq = at::randn({total, 1, 12, 12});
+  at::Tensor xk = at::randn({total, 1, 12, 12});
+  at::Tensor perm = at::randperm(total, at::kLong);
+
+  // Independent path: keys from one process with split BN; each rank's loss
+  // and gradients computed separately, then averaged.
+  auto reference = MakeModel(world);
+  at::Tensor all_keys = reference->EncodeKeys(xk, perm);
+  const auto params = reference->encoder_q()->parameters();
+  std::vector<at::Tensor> mean_grads(params.size());
+  for (int64_t r = 0; r < world; ++r) {
+    auto fresh = MakeModel(world);
+    at::Tensor q =
+        fresh->EncodeQueries(xq.slice(0, r * per_rank, (r + 1) * per_rank));
+    at::Tensor loss = InfoNceLoss(ContrastiveLogits(
+        q, all_keys.slice(0, r * per_rank, (r + 1) * per_rank), fresh->queue(),
+        0.2));
+    loss.backward();
+    auto p = fresh->encoder_q()->parameters();
+    for (size_t i = 0; i < p.size(); ++i) {
+      at::Tensor g = p[i].grad() / static_cast<double>(world);
+      mean_grads[i] = mean_grads[i].defined() ? mean_grads[i] + g : g;
+    }
+  }
+  reference->Enqueue(all_keys);
+
+  std::vector<std::unique_ptr<Moco>> models;
+  for (int64_t r = 0; r < world; ++r) models.push_back(MakeModel(1));
+  RunRanks(world, [&](int64_t rank, ProcessGroup& group) {
+    Moco& m = *models[rank];
+    m.SetProcessGroup(&group);
+    auto out =
+        m.Forward(xq.slice(0, rank * per_rank, (rank + 1) * per_rank),
+                  xk.slice(0, rank * per_rank, (rank + 1) * per_rank), perm);
+    EXPECT_EQ(out.all_keys.size(0), total);
+    out.loss.backward();
+    absl::Status averaged = m.AverageGradients();
+    EXPECT_TRUE(averaged.ok()) << averaged;
+    m.Enqueue(out.all_keys);
+  });
+  for (int64_t r = 0; r < world; ++r) {
+    Moco& m = *models[r];
+    EXPECT_TRUE(at::allclose(m.queue(), reference->queue(), 1e-5, 1e-6))
+        << "rank " << r;
+    EXPECT_EQ(m.queue_ptr(), reference->queue_ptr());
+    auto p = m.encoder_q()->parameters();
+    for (size_t i = 0; i < p.size(); ++i) {
+      EXPECT_TRUE(at::allclose(p[i].grad(), mean_grads[i], 1e-4, 1e-6))
+          << "rank " << r << " parameter " << i;
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(WorldSizes, MocoDistTest, ::testing::Values(1, 2, 3));
+
+}  // namespace
+}  // namespace momentum::worker
