@@ -63,18 +63,19 @@ void TruncateMetrics(const std::string& path, int64_t step) {
 
 }  // namespace
 
-Trainer::Trainer(const JobSpec& spec) : spec_(spec) {}
+Trainer::Trainer(const JobSpec& spec, const DistOptions& dist)
+    : spec_(spec), dist_(dist) {}
 
-absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobSpec& spec) {
+absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(
+    const JobSpec& spec, const DistOptions& dist) {
   absl::Status valid = ValidateJobSpec(spec);
   if (!valid.ok()) return valid;
-  // The distributed layer (several ranks, NCCL) is not part of this trainer
-  // yet: say so rather than train something else than what was asked.
-  if (spec.resources.nproc != 1) {
+  const int64_t world = dist.world_size;
+  if (spec.optim.batch_size % world != 0) {
     return absl::InvalidArgumentError(
-        "resources.nproc must be 1: this momentum-worker trains in one "
-        "process, got " +
-        std::to_string(spec.resources.nproc));
+        "optim.batch_size must be divisible by the number of ranks, got " +
+        std::to_string(spec.optim.batch_size) + " and " +
+        std::to_string(world));
   }
   if (spec.resources.device != "cpu") {
     return absl::InvalidArgumentError(
@@ -82,7 +83,7 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobSpec& spec) {
         "without CUDA, got " +
         spec.resources.device);
   }
-  std::unique_ptr<Trainer> trainer(new Trainer(spec));
+  std::unique_ptr<Trainer> trainer(new Trainer(spec, dist));
   absl::Status status = trainer->Init();
   if (!status.ok()) return status;
   return trainer;
@@ -90,9 +91,17 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobSpec& spec) {
 
 absl::Status Trainer::Init() {
   spec_yaml_ = JobSpecToYaml(spec_);
+  const int64_t world = dist_.world_size;
+  // Default: the machine's cores shared by the ranks on it (all of them, as
+  // far as this process knows: the launcher starts its ranks on one host).
+  int64_t local_ranks = world;
+  if (const char* v = std::getenv("LOCAL_WORLD_SIZE")) {
+    local_ranks = std::max<int64_t>(1, std::atoll(v));
+  }
   threads_ = spec_.resources.threads > 0
                  ? spec_.resources.threads
-                 : std::max<int64_t>(1, std::thread::hardware_concurrency());
+                 : std::max<int64_t>(
+                       1, std::thread::hardware_concurrency() / local_ranks);
   // All threads go to LibTorch's intra-op pool. Running the key encoder on a
   // thread of its own beside the query encoder (MocoOptions::concurrent_key)
   // measured slower here: 649 against 1010 images/s with two threads
@@ -106,10 +115,18 @@ absl::Status Trainer::Init() {
   format_ =
       ResolveViewFormat(spec_.data, *data_.train, spec_.model.in_channels);
 
-  const int64_t world = 1;
+  if (world > 1) {
+    DistOptions options = dist_;
+    options.timeout = std::chrono::milliseconds(
+        static_cast<int64_t>(spec_.resources.timeout_s * 1000));
+    auto group = ProcessGroup::Create(options);
+    if (!group.ok()) return group.status();
+    group_ = std::move(*group);
+  }
+
   LoaderOptions lo;
   lo.global_batch = spec_.optim.batch_size;
-  lo.rank = 0;
+  lo.rank = dist_.rank;
   lo.world_size = world;
   lo.threads = spec_.data.loader_threads;
   lo.prefetch = spec_.data.prefetch;
@@ -129,6 +146,7 @@ absl::Status Trainer::Init() {
   at::Generator init_rng = at::make_generator<at::CPUGeneratorImpl>(spec_.seed);
   MocoOptions mo = MocoOptionsFromSpec(spec_, world);
   model_ = std::make_unique<Moco>(mo, init_rng);
+  model_->SetProcessGroup(group_.get());
   sgd_ = std::make_unique<Sgd>(model_->encoder_q()->parameters(),
                                spec_.optim.momentum, spec_.optim.weight_decay);
   // The BatchNorm shuffle draws from its own generator, seeded from the job.
@@ -137,26 +155,55 @@ absl::Status Trainer::Init() {
   return absl::OkStatus();
 }
 
+absl::Status Trainer::BroadcastModel() {
+  if (group_ == nullptr) return absl::OkStatus();
+  at::NoGradGuard no_grad;
+  for (Moco* m : {model_.get()}) {
+    for (auto* encoder : {&m->encoder_q(), &m->encoder_k()}) {
+      for (auto& [name, tensor] : StateOf(**encoder)) {
+        absl::Status s = group_->Broadcast(tensor, 0);
+        if (!s.ok()) return s;
+      }
+    }
+    absl::Status s = group_->Broadcast(m->queue(), 0);
+    if (!s.ok()) return s;
+  }
+  return absl::OkStatus();
+}
+
 absl::Status Trainer::Evaluate(CheckpointState* state,
                                int64_t* last_eval_step) {
   const auto start = Clock::now();
-  auto top1 = KnnTop1(model_->encoder_q(), *data_.train, *data_.test, format_,
-                      spec_.eval, spec_.data.loader_threads);
-  if (!top1.ok()) return top1.status();
+  // Rank 0 evaluates; the others wait for its result, which every rank then
+  // records, so that their histories and later decisions agree.
+  double top1 = 0;
+  if (lead()) {
+    auto measured = KnnTop1(model_->encoder_q(), *data_.train, *data_.test,
+                            format_, spec_.eval, spec_.data.loader_threads);
+    if (!measured.ok()) return measured.status();
+    top1 = *measured;
+  }
+  if (group_ != nullptr) {
+    at::Tensor shared = at::full({1}, top1, at::kDouble);
+    absl::Status s = group_->Broadcast(shared, 0);
+    if (!s.ok()) return s;
+    top1 = shared.item<double>();
+  }
   const RunPosition& pos = state->position;
   const double epochs = static_cast<double>(pos.global_step) /
                         static_cast<double>(steps_per_epoch_);
-  state->knn_history.push_back({epochs, pos.global_step, *top1});
+  state->knn_history.push_back({epochs, pos.global_step, top1});
   *last_eval_step = pos.global_step;
+  if (!lead()) return absl::OkStatus();
   spdlog::info("kNN top-1 {:.2f}% after {:.2f} epochs, step {} ({:.1f} s)",
-               100 * *top1, epochs, pos.global_step,
+               100 * top1, epochs, pos.global_step,
                Seconds(start, Clock::now()));
   std::ofstream metrics(fs::path(spec_.output_dir) / "metrics.jsonl",
                         std::ios::app);
   metrics << nlohmann::json{{"step", pos.global_step},
                             {"epoch", pos.epoch},
                             {"epochs_completed", epochs},
-                            {"knn_top1", *top1},
+                            {"knn_top1", top1},
                             {"train_seconds", pos.train_seconds}}
                  .dump()
           << "\n";
@@ -164,6 +211,7 @@ absl::Status Trainer::Evaluate(CheckpointState* state,
 }
 
 absl::StatusOr<std::string> Trainer::Checkpoint(CheckpointState* state) {
+  if (!lead()) return std::string();  // rank 0 writes for the group
   state->shuffle_rng_state = shuffle_rng_.get_state();
   state->torch_rng_state = at::detail::getDefaultCPUGenerator().get_state();
   return SaveCheckpoint((fs::path(spec_.output_dir) / "checkpoints").string(),
@@ -200,12 +248,16 @@ absl::StatusOr<TrainSummary> Trainer::Run(const std::atomic<bool>* stop,
     }
     summary.resumed = true;
     summary.checkpoint = *latest;
-    TruncateMetrics(metrics_path, state.position.global_step);
-    spdlog::info("resuming from {} at epoch {} step {}", *latest,
-                 state.position.epoch, state.position.global_step);
-  } else {
+    if (lead()) {
+      TruncateMetrics(metrics_path, state.position.global_step);
+      spdlog::info("resuming from {} at epoch {} step {}", *latest,
+                   state.position.epoch, state.position.global_step);
+    }
+  } else if (lead()) {
     std::ofstream(metrics_path, std::ios::trunc);
   }
+  // Every rank starts from rank 0's model, as DistributedDataParallel does.
+  if (absl::Status s = BroadcastModel(); !s.ok()) return s;
   RunPosition& pos = state.position;
   const OptimSpec& optim = spec_.optim;
   const int64_t batch = optim.batch_size;
@@ -213,7 +265,8 @@ absl::StatusOr<TrainSummary> Trainer::Run(const std::atomic<bool>* stop,
   int64_t last_eval_step =
       state.knn_history.empty() ? -1 : state.knn_history.back().step;
   int64_t last_ckpt_step = summary.resumed ? pos.global_step : -1;
-  std::ofstream metrics(metrics_path, std::ios::app);
+  std::ofstream metrics;
+  if (lead()) metrics.open(metrics_path, std::ios::app);
 
   auto bound_reached = [&]() -> std::string {
     if (optim.epochs > 0 && pos.epoch >= optim.epochs) return "epochs";
@@ -232,9 +285,20 @@ absl::StatusOr<TrainSummary> Trainer::Run(const std::atomic<bool>* stop,
   int64_t window_steps = 0;
   std::string reason;
   while (true) {
+    bool stop_requested = stop != nullptr && stop->load();
+    if (group_ != nullptr) {
+      // The ranks agree on the training time (their mean; it drives the time
+      // bound and the schedule) and stop together when any was asked to.
+      std::vector<at::Tensor> shared = {at::tensor(
+          {pos.train_seconds, stop_requested ? 1.0 : 0.0}, at::kDouble)};
+      absl::Status s = group_->AllReduceMean(shared);
+      if (!s.ok()) return s;
+      pos.train_seconds = shared[0][0].item<double>();
+      stop_requested = shared[0][1].item<double>() > 0;
+    }
     reason = bound_reached();
     if (!reason.empty()) break;
-    if (stop != nullptr && stop->load()) {
+    if (stop_requested) {
       reason = "signal";
       break;
     }
@@ -280,10 +344,19 @@ absl::StatusOr<TrainSummary> Trainer::Run(const std::atomic<bool>* stop,
     try {
       model_->MomentumUpdate();
       at::Tensor perm;
-      if (shuffle) perm = at::randperm(batch, shuffle_rng_, at::kLong);
+      if (shuffle) {
+        // One permutation of the group's batch, drawn on rank 0.
+        perm = at::randperm(batch, shuffle_rng_, at::kLong);
+        if (group_ != nullptr) {
+          absl::Status s = group_->Broadcast(perm, 0);
+          if (!s.ok()) return s;
+        }
+      }
       Moco::Output out = model_->Forward(b.query, b.key, perm);
       sgd_->ZeroGrad();
       out.loss.backward();
+      absl::Status averaged = model_->AverageGradients();
+      if (!averaged.ok()) return averaged;
       sgd_->Step(lr);
       model_->Enqueue(out.all_keys);
       loss = out.loss.detach();
@@ -310,26 +383,39 @@ absl::StatusOr<TrainSummary> Trainer::Run(const std::atomic<bool>* stop,
     ++window_steps;
 
     if (pos.global_step % spec_.logging.every_steps == 0) {
+      double step_loss = loss_value, mean_loss = window_loss / window_steps;
+      if (group_ != nullptr) {
+        // The group's loss: the mean over the ranks' shards.
+        std::vector<at::Tensor> shared = {
+            at::tensor({step_loss, mean_loss}, at::kDouble)};
+        absl::Status s = group_->AllReduceMean(shared);
+        if (!s.ok()) return s;
+        step_loss = shared[0][0].item<double>();
+        mean_loss = shared[0][1].item<double>();
+      }
       const double ips = window_images / std::max(window_seconds, 1e-9);
       progress.step = pos.global_step;
       progress.train_seconds = pos.train_seconds;
       const double fraction = RunFraction(optim, progress, /*end=*/false);
       const double eta =
           fraction > 0 ? pos.train_seconds * (1 - fraction) / fraction : NAN;
-      spdlog::info(
-          "epoch {} step {}/{} ({}) loss {:.4f} lr {:.4g} {:.0f} img/s ETA {}",
-          pos.epoch + 1, pos.step_in_epoch, steps_per_epoch_, pos.global_step,
-          window_loss / window_steps, lr, ips, FormatDuration(eta));
-      metrics << nlohmann::json{{"step", pos.global_step},
-                                {"epoch", pos.epoch},
-                                {"loss", loss_value},
-                                {"loss_mean", window_loss / window_steps},
-                                {"lr", lr},
-                                {"images_per_s", ips},
-                                {"train_seconds", pos.train_seconds}}
-                     .dump()
-              << "\n";
-      metrics.flush();
+      if (lead()) {
+        spdlog::info(
+            "epoch {} step {}/{} ({}) loss {:.4f} lr {:.4g} {:.0f} img/s ETA "
+            "{}",
+            pos.epoch + 1, pos.step_in_epoch, steps_per_epoch_, pos.global_step,
+            mean_loss, lr, ips, FormatDuration(eta));
+        metrics << nlohmann::json{{"step", pos.global_step},
+                                  {"epoch", pos.epoch},
+                                  {"loss", step_loss},
+                                  {"loss_mean", mean_loss},
+                                  {"lr", lr},
+                                  {"images_per_s", ips},
+                                  {"train_seconds", pos.train_seconds}}
+                       .dump()
+                << "\n";
+        metrics.flush();
+      }
       window_seconds = 0;
       window_images = 0;
       window_loss = 0;
@@ -368,6 +454,10 @@ absl::StatusOr<TrainSummary> Trainer::Run(const std::atomic<bool>* stop,
 
   // The end of the run: export and summary.
   summary.knn_top1 = state.knn_history.back().top1;
+  if (!lead()) {
+    summary.wall_seconds = Seconds(wall_start, Clock::now());
+    return summary;
+  }
   summary.export_path = (fs::path(spec_.output_dir) / "backbone.pt").string();
   absl::Status exported =
       ExportBackbone(model_->encoder_q(), summary.export_path);
@@ -389,6 +479,7 @@ absl::StatusOr<TrainSummary> Trainer::Run(const std::atomic<bool>* stop,
                    {"stop_reason", summary.stop_reason},
                    {"resumed", summary.resumed},
                    {"threads", threads_},
+                   {"world_size", dist_.world_size},
                    {"export", summary.export_path},
                    {"checkpoint", summary.checkpoint},
                    {"spec", spec_yaml_}};

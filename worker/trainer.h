@@ -23,6 +23,7 @@
 #include "worker/loader.h"
 #include "worker/moco.h"
 #include "worker/optim.h"
+#include "worker/process_group.h"
 
 namespace momentum::worker {
 
@@ -42,7 +43,12 @@ struct TrainSummary {
 // Owns the loaders' threads; one thread calls Run().
 class Trainer {
  public:
-  static absl::StatusOr<std::unique_ptr<Trainer>> Create(const JobSpec& spec);
+  // `dist` makes this trainer one rank of a group (world_size > 1): it joins
+  // the group here, reads its shard of every global batch, shuffles
+  // BatchNorm across the group, averages gradients and shares the queue;
+  // rank 0 evaluates and writes checkpoints, metrics, summary and export.
+  static absl::StatusOr<std::unique_ptr<Trainer>> Create(
+      const JobSpec& spec, const DistOptions& dist = {});
 
   // Trains to the end of the run. Returns early, with a checkpoint written
   // and stop_reason "signal", when `stop` (if given) becomes true, or with
@@ -56,12 +62,17 @@ class Trainer {
   int64_t steps_per_epoch() const { return steps_per_epoch_; }
 
  private:
-  explicit Trainer(const JobSpec& spec);
+  Trainer(const JobSpec& spec, const DistOptions& dist);
+  bool lead() const { return dist_.rank == 0; }
+  // Makes every rank hold rank 0's model (no-op with one rank).
+  absl::Status BroadcastModel();
   absl::Status Init();
   absl::Status Evaluate(CheckpointState* state, int64_t* last_eval_step);
   absl::StatusOr<std::string> Checkpoint(CheckpointState* state);
 
   JobSpec spec_;
+  DistOptions dist_;
+  std::unique_ptr<ProcessGroup> group_;
   std::string spec_yaml_;
   DatasetPair data_;
   ViewFormat format_;
