@@ -162,6 +162,7 @@ absl::StatusOr<std::string> SaveCheckpoint(const std::string& dir, Moco& model,
   root.insert("global_step", pos.global_step);
   root.insert("images_seen", pos.images_seen);
   root.insert("train_seconds", pos.train_seconds);
+  root.insert("world_size", state.world_size);
   root.insert("shuffle_rng", state.shuffle_rng_state);
   root.insert("torch_rng", state.torch_rng_state.defined()
                                ? state.torch_rng_state
@@ -261,6 +262,10 @@ absl::StatusOr<CheckpointState> LoadCheckpoint(const std::string& path,
       sgd.momentum_buffers()[i] = b.numel() == 0 ? at::Tensor() : b.clone();
     }
     state.spec_yaml = get("spec")->toStringRef();
+    // Absent from checkpoints of one-process runs written before it existed.
+    if (auto it = root.find("world_size"); it != root.end()) {
+      state.world_size = it->value().toInt();
+    }
     state.position.epoch = get("epoch")->toInt();
     state.position.step_in_epoch = get("step_in_epoch")->toInt();
     state.position.global_step = get("global_step")->toInt();

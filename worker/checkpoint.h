@@ -48,6 +48,7 @@ struct CheckpointState {
   at::Tensor torch_rng_state;
   std::vector<KnnRecord> knn_history;
   std::string spec_yaml;
+  int64_t world_size = 1;  // ranks of the run that wrote it
 };
 
 // Writes `bytes` to `path` atomically: a temporary file beside it, fsync,

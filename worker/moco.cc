@@ -30,8 +30,9 @@ MocoOptions MocoOptionsFromSpec(const JobSpec& spec, int64_t world_size) {
   } else if (bn == "split" || (bn == "auto" && world_size == 1)) {
     o.bn_groups = spec.moco.bn_groups;
   } else {
-    // Shuffled across ranks: each rank encodes one slice (distributed layer).
+    // Shuffled across ranks: each rank encodes one slice.
     o.bn_groups = 1;
+    o.shuffle_across_ranks = world_size > 1;
   }
   return o;
 }
@@ -138,11 +139,13 @@ Moco::Output Moco::Forward(const at::Tensor& x_q, const at::Tensor& x_k,
   if (group_ != nullptr && group_->world_size() > 1) {
     const int64_t n = x_k.size(0);
     const int64_t rank = group_->rank();
-    if (perm.defined() && perm.numel() > 0 && options_.bn_groups > 0) {
+    if (options_.shuffle_across_ranks && perm.defined() && perm.numel() > 0 &&
+        options_.bn_groups > 0) {
       out.all_keys = EncodeKeysAcrossRanks(x_k, perm);
     } else {
+      // Split (or no) shuffle inside this rank, then the group's keys.
       at::NoGradGuard no_grad;
-      auto all = group_->AllGather(EncodeKeys(x_k, at::Tensor()).contiguous());
+      auto all = group_->AllGather(EncodeKeys(x_k, perm).contiguous());
       TORCH_CHECK(all.ok(), "gathering the keys: ", all.status().ToString());
       out.all_keys = *all;
     }

@@ -41,6 +41,9 @@ struct MocoOptions {
   // Groups of the key batch that normalise separately after the shuffle.
   // 0: no shuffle at all (bn none).
   int64_t bn_groups = 2;
+  // With several ranks: shuffle the group's key batch across the ranks
+  // (moco.bn shuffle) rather than each rank's own batch (split).
+  bool shuffle_across_ranks = false;
   // Run the key encoder's forward pass on its own thread beside the query
   // encoder's. Changes no value, only the wall time; off by default, as two
   // intra-op threads measured faster (worker/trainer.cc).

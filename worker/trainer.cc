@@ -235,6 +235,7 @@ absl::StatusOr<TrainSummary> Trainer::Run(const std::atomic<bool>* stop,
   TrainSummary summary;
   CheckpointState state;
   state.spec_yaml = spec_yaml_;
+  state.world_size = dist_.world_size;
   if (auto latest = LatestCheckpoint(ckpt_dir);
       latest && spec_.checkpoint.resume) {
     auto restored = LoadCheckpoint(*latest, *model_, *sgd_);
@@ -252,6 +253,13 @@ absl::StatusOr<TrainSummary> Trainer::Run(const std::atomic<bool>* stop,
       TruncateMetrics(metrics_path, state.position.global_step);
       spdlog::info("resuming from {} at epoch {} step {}", *latest,
                    state.position.epoch, state.position.global_step);
+      if (restored->world_size != dist_.world_size) {
+        spdlog::warn(
+            "the checkpoint was written by {} ranks, this run has {}: the "
+            "global batch stays {} ({} per rank)",
+            restored->world_size, dist_.world_size, spec_.optim.batch_size,
+            spec_.optim.batch_size / dist_.world_size);
+      }
     }
   } else if (lead()) {
     std::ofstream(metrics_path, std::ios::trunc);
@@ -345,9 +353,12 @@ absl::StatusOr<TrainSummary> Trainer::Run(const std::atomic<bool>* stop,
       model_->MomentumUpdate();
       at::Tensor perm;
       if (shuffle) {
-        // One permutation of the group's batch, drawn on rank 0.
-        perm = at::randperm(batch, shuffle_rng_, at::kLong);
-        if (group_ != nullptr) {
+        // One permutation of the group's batch drawn on rank 0 (moco.bn
+        // shuffle), or of each rank's own batch (split).
+        const bool across = model_->options().shuffle_across_ranks;
+        perm = at::randperm(across ? batch : b.key.size(0), shuffle_rng_,
+                            at::kLong);
+        if (across && group_ != nullptr) {
           absl::Status s = group_->Broadcast(perm, 0);
           if (!s.ok()) return s;
         }

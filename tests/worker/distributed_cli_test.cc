@@ -82,7 +82,8 @@ TEST_F(DistributedCliTest, ResumesAGroupRunFromRankZerosCheckpoint) {
   WorkerRun first = RunWorker(
       "--nproc 2 --config " + dir_ + "/job.yaml --set optim.steps=4", dir_);
   ASSERT_EQ(first.exit_code, 0) << first.output;
-  WorkerRun second = RunWorker("--nproc 2 --config " + dir_ + "/job.yaml", dir_);
+  WorkerRun second =
+      RunWorker("--nproc 2 --config " + dir_ + "/job.yaml", dir_);
   ASSERT_EQ(second.exit_code, 0) << second.output;
   EXPECT_NE(second.output.find("resuming from"), std::string::npos)
       << second.output;
@@ -90,6 +91,22 @@ TEST_F(DistributedCliTest, ResumesAGroupRunFromRankZerosCheckpoint) {
       nlohmann::json::parse(std::ifstream(dir_ + "/out/summary.json"));
   EXPECT_EQ(summary["steps"].get<int64_t>(), 12);
   EXPECT_TRUE(summary["resumed"].get<bool>());
+}
+
+TEST_F(DistributedCliTest, OneProcessResumesATwoRankRunKeepingTheBatch) {
+  WorkerRun first = RunWorker(
+      "--nproc 2 --config " + dir_ + "/job.yaml --set optim.steps=4", dir_);
+  ASSERT_EQ(first.exit_code, 0) << first.output;
+  WorkerRun second = RunWorker("--config " + dir_ + "/job.yaml", dir_);
+  ASSERT_EQ(second.exit_code, 0) << second.output;
+  EXPECT_NE(second.output.find("written by 2 ranks, this run has 1: the "
+                               "global batch stays 16"),
+            std::string::npos)
+      << second.output;
+  auto summary =
+      nlohmann::json::parse(std::ifstream(dir_ + "/out/summary.json"));
+  EXPECT_EQ(summary["steps"].get<int64_t>(), 12);
+  EXPECT_EQ(summary["world_size"].get<int64_t>(), 1);
 }
 
 TEST_F(DistributedCliTest, FailingRankStopsTheGroupAndIsNamed) {

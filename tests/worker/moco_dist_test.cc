@@ -30,9 +30,12 @@ MocoOptions Small(int64_t groups) {
 }
 
 // Identical models: the same seeds for the global and the queue generators.
-std::unique_ptr<Moco> MakeModel(int64_t groups) {
+// `across`: BatchNorm shuffled across the ranks (else split inside each).
+std::unique_ptr<Moco> MakeModel(int64_t groups, bool across = true) {
   torch::manual_seed(11);
-  return std::make_unique<Moco>(Small(groups),
+  MocoOptions o = Small(groups);
+  o.shuffle_across_ranks = across;
+  return std::make_unique<Moco>(o,
                                 at::make_generator<at::CPUGeneratorImpl>(12));
 }
 
@@ -147,6 +150,35 @@ TEST_P(MocoDistTest, StepSharesQueueAndAveragesGradients) {
       EXPECT_TRUE(at::allclose(p[i].grad(), mean_grads[i], 1e-4, 1e-6))
           << "rank " << r << " parameter " << i;
     }
+  }
+}
+
+// Split BatchNorm with several ranks: each rank shuffles and splits its own
+// batch; the group's keys are the ranks' keys in rank order.
+TEST_P(MocoDistTest, SplitBatchNormStaysInsideEachRank) {
+  const int64_t world = GetParam(), per_rank = 4, total = world * per_rank;
+  at::Tensor xq = at::randn({total, 1, 12, 12});
+  at::Tensor xk = at::randn({total, 1, 12, 12});
+  at::Tensor local_perm = at::randperm(per_rank, at::kLong);
+  std::vector<at::Tensor> expected;
+  for (int64_t r = 0; r < world; ++r) {
+    auto one = MakeModel(2, /*across=*/false);
+    expected.push_back(one->EncodeKeys(
+        xk.slice(0, r * per_rank, (r + 1) * per_rank), local_perm));
+  }
+  at::Tensor expected_all = at::cat(expected);
+  std::vector<std::unique_ptr<Moco>> models;
+  for (int64_t r = 0; r < world; ++r) models.push_back(MakeModel(2, false));
+  std::vector<at::Tensor> got(world);
+  RunRanks(world, [&](int64_t rank, ProcessGroup& group) {
+    models[rank]->SetProcessGroup(&group);
+    auto out = models[rank]->Forward(
+        xq.slice(0, rank * per_rank, (rank + 1) * per_rank),
+        xk.slice(0, rank * per_rank, (rank + 1) * per_rank), local_perm);
+    got[rank] = out.all_keys;
+  });
+  for (int64_t r = 0; r < world; ++r) {
+    EXPECT_TRUE(at::allclose(got[r], expected_all, 1e-5, 1e-6)) << "rank " << r;
   }
 }
 
