@@ -2,61 +2,27 @@
 
 #include <gtest/gtest.h>
 #include <png.h>
-#include <unistd.h>
 #include <zlib.h>
-
-#include <cstdio>
-// clang-format off
-#include <jpeglib.h>
-// clang-format on
 
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
-#include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <string>
 #include <vector>
 
 #include "absl/status/status.h"
+#include "tests/worker/image_fixtures.h"
 
 namespace momentum::worker {
 namespace {
 
 namespace fs = std::filesystem;
-
-// A fresh folder per test, removed afterwards.
-class TempDir {
- public:
-  TempDir() {
-    std::string pattern =
-        (fs::path(::testing::TempDir()) / "dataset_test_XXXXXX").string();
-    char* made = ::mkdtemp(pattern.data());
-    EXPECT_NE(made, nullptr);
-    path_ = pattern;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
-};
-
-void WriteFile(const std::string& path, const std::vector<uint8_t>& bytes) {
-  fs::create_directories(fs::path(path).parent_path());
-  std::ofstream out(path, std::ios::binary);
-  out.write(reinterpret_cast<const char*>(bytes.data()), bytes.size());
-  ASSERT_TRUE(out.good()) << path;
-}
-
-std::vector<uint8_t> ReadFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::vector<uint8_t>(std::istreambuf_iterator<char>(in), {});
-}
+using ::momentum::worker::testing::ReadFile;
+using ::momentum::worker::testing::ScopedTempDir;
+using ::momentum::worker::testing::WriteFile;
+using ::momentum::worker::testing::WriteJpeg;
+using ::momentum::worker::testing::WritePng;
 
 void WriteGzip(const std::string& path, const std::vector<uint8_t>& bytes) {
   fs::create_directories(fs::path(path).parent_path());
@@ -121,7 +87,7 @@ bool Contains(const absl::Status& status, const std::string& text) {
 }
 
 TEST(FashionMnistTest, ReadsImagesAndLabelsBack) {
-  TempDir dir;
+  ScopedTempDir dir("dataset_test");
   WriteFashionFiles(dir.path(), "train", 12, 4, 4);
   WriteFashionFiles(dir.path(), "t10k", 3, 5, 2);
   auto train = OpenFashionMnist(dir.path(), /*train=*/true);
@@ -160,7 +126,7 @@ TEST(FashionMnistTest, ReadsImagesAndLabelsBack) {
 }
 
 TEST(FashionMnistTest, MissingFileIsNotFoundNamingIt) {
-  TempDir dir;
+  ScopedTempDir dir("dataset_test");
   WriteFashionFiles(dir.path(), "train", 2, 4, 4);
   fs::remove(dir.path() + "/train-labels-idx1-ubyte.gz");
   auto train = OpenFashionMnist(dir.path(), /*train=*/true);
@@ -171,7 +137,7 @@ TEST(FashionMnistTest, MissingFileIsNotFoundNamingIt) {
 }
 
 TEST(FashionMnistTest, TruncatedGzipIsDataLossNamingTheFile) {
-  TempDir dir;
+  ScopedTempDir dir("dataset_test");
   WriteFashionFiles(dir.path(), "train", 50, 28, 28);
   const std::string images = dir.path() + "/train-images-idx3-ubyte.gz";
   std::vector<uint8_t> bytes = ReadFile(images);
@@ -184,7 +150,7 @@ TEST(FashionMnistTest, TruncatedGzipIsDataLossNamingTheFile) {
 }
 
 TEST(FashionMnistTest, CorruptGzipIsDataLoss) {
-  TempDir dir;
+  ScopedTempDir dir("dataset_test");
   WriteFashionFiles(dir.path(), "train", 50, 28, 28);
   const std::string labels = dir.path() + "/train-labels-idx1-ubyte.gz";
   std::vector<uint8_t> bytes = ReadFile(labels);
@@ -198,7 +164,7 @@ TEST(FashionMnistTest, CorruptGzipIsDataLoss) {
 }
 
 TEST(FashionMnistTest, TruncatedPayloadIsDataLossNamingTheFile) {
-  TempDir dir;
+  ScopedTempDir dir("dataset_test");
   WriteFashionFiles(dir.path(), "train", 5, 4, 4);
   const std::string images = dir.path() + "/train-images-idx3-ubyte.gz";
   // A valid gzip stream whose IDX header promises more than it holds.
@@ -218,7 +184,7 @@ TEST(FashionMnistTest, TruncatedPayloadIsDataLossNamingTheFile) {
 }
 
 TEST(FashionMnistTest, WrongMagicIsDataLossNamingTheFile) {
-  TempDir dir;
+  ScopedTempDir dir("dataset_test");
   WriteFashionFiles(dir.path(), "train", 5, 4, 4);
   const std::string images = dir.path() + "/train-images-idx3-ubyte.gz";
   WriteGzip(images, IdxImages(2049, 5, 4, 4, Pattern(5 * 16, 1)));
@@ -238,7 +204,7 @@ TEST(FashionMnistTest, WrongMagicIsDataLossNamingTheFile) {
 }
 
 TEST(FashionMnistTest, LabelCountMismatchIsDataLoss) {
-  TempDir dir;
+  ScopedTempDir dir("dataset_test");
   WriteFashionFiles(dir.path(), "train", 5, 4, 4);
   const std::string labels = dir.path() + "/train-labels-idx1-ubyte.gz";
   WriteGzip(labels, IdxLabels(2049, 4, {0, 1, 2, 3}));
@@ -249,7 +215,7 @@ TEST(FashionMnistTest, LabelCountMismatchIsDataLoss) {
 }
 
 TEST(FashionMnistTest, LabelOutOfRangeIsDataLoss) {
-  TempDir dir;
+  ScopedTempDir dir("dataset_test");
   WriteFashionFiles(dir.path(), "train", 3, 4, 4);
   const std::string labels = dir.path() + "/train-labels-idx1-ubyte.gz";
   WriteGzip(labels, IdxLabels(2049, 3, {0, 10, 2}));
@@ -260,7 +226,7 @@ TEST(FashionMnistTest, LabelOutOfRangeIsDataLoss) {
 }
 
 TEST(FashionMnistTest, OpenDatasetsAppliesTheTrainLimit) {
-  TempDir dir;
+  ScopedTempDir dir("dataset_test");
   WriteFashionFiles(dir.path(), "train", 10, 4, 4);
   WriteFashionFiles(dir.path(), "t10k", 3, 4, 4);
   DataSpec spec;
@@ -317,57 +283,6 @@ TEST(FashionMnistTest, RealDatasetHasExpectedSizes) {
 
 // ---------------------------------------------------------------- ImageFolder
 
-// Writes 8-bit pixels with libpng's simplified API. `format` is a
-// PNG_FORMAT_* value; with a colormap the pixels are palette indices.
-void WritePng(const std::string& path, int width, int height, uint32_t format,
-              const std::vector<uint8_t>& pixels,
-              const std::vector<uint8_t>& colormap = {}) {
-  fs::create_directories(fs::path(path).parent_path());
-  png_image image;
-  std::memset(&image, 0, sizeof(image));
-  image.version = PNG_IMAGE_VERSION;
-  image.width = width;
-  image.height = height;
-  image.format = format;
-  if (!colormap.empty()) {
-    image.colormap_entries =
-        colormap.size() /
-        PNG_IMAGE_SAMPLE_CHANNELS(format & ~PNG_FORMAT_FLAG_COLORMAP);
-  }
-  ASSERT_NE(
-      png_image_write_to_file(&image, path.c_str(), 0, pixels.data(), 0,
-                              colormap.empty() ? nullptr : colormap.data()),
-      0)
-      << image.message;
-}
-
-void WriteJpeg(const std::string& path, int width, int height, int channels,
-               const std::vector<uint8_t>& pixels, int quality = 95) {
-  jpeg_compress_struct cinfo;
-  jpeg_error_mgr jerr;
-  cinfo.err = jpeg_std_error(&jerr);
-  jpeg_create_compress(&cinfo);
-  unsigned char* buffer = nullptr;
-  unsigned long size = 0;
-  jpeg_mem_dest(&cinfo, &buffer, &size);
-  cinfo.image_width = width;
-  cinfo.image_height = height;
-  cinfo.input_components = channels;
-  cinfo.in_color_space = channels == 1 ? JCS_GRAYSCALE : JCS_RGB;
-  jpeg_set_defaults(&cinfo);
-  jpeg_set_quality(&cinfo, quality, TRUE);
-  jpeg_start_compress(&cinfo, TRUE);
-  while (cinfo.next_scanline < cinfo.image_height) {
-    JSAMPROW row = const_cast<uint8_t*>(pixels.data()) +
-                   cinfo.next_scanline * width * channels;
-    jpeg_write_scanlines(&cinfo, &row, 1);
-  }
-  jpeg_finish_compress(&cinfo);
-  jpeg_destroy_compress(&cinfo);
-  WriteFile(path, std::vector<uint8_t>(buffer, buffer + size));
-  std::free(buffer);
-}
-
 // A smooth image, which JPEG keeps within a few levels.
 std::vector<uint8_t> Gradient(int width, int height, int channels) {
   std::vector<uint8_t> out;
@@ -390,7 +305,7 @@ int MaxAbsDiff(const std::vector<uint8_t>& a, const std::vector<uint8_t>& b) {
 }
 
 TEST(ImageFolderTest, ListsClassesAndFilesSortedAndDecodes) {
-  TempDir dir;
+  ScopedTempDir dir("dataset_test");
   const std::string root = dir.path() + "/data";
   const std::vector<uint8_t> rgb_png = Pattern(5 * 4 * 3, 9);
   const std::vector<uint8_t> rgb_jpeg = Gradient(32, 24, 3);
@@ -451,7 +366,7 @@ TEST(ImageFolderTest, ListsClassesAndFilesSortedAndDecodes) {
 }
 
 TEST(ImageFolderTest, GrayOnlyFolderHasOneChannel) {
-  TempDir dir;
+  ScopedTempDir dir("dataset_test");
   WritePng(dir.path() + "/a/x.png", 4, 4, PNG_FORMAT_GRAY, Pattern(16, 1));
   WriteJpeg(dir.path() + "/b/y.jpg", 8, 8, 1, Gradient(8, 8, 1));
   auto dataset = OpenImageFolder(dir.path());
@@ -460,7 +375,7 @@ TEST(ImageFolderTest, GrayOnlyFolderHasOneChannel) {
 }
 
 TEST(ImageFolderTest, AlphaAndPaletteBecomeRgbOrGray) {
-  TempDir dir;
+  ScopedTempDir dir("dataset_test");
   // RGBA: alpha dropped, colour kept.
   const std::vector<uint8_t> rgba = Pattern(3 * 2 * 4, 5);
   WritePng(dir.path() + "/c/1.png", 3, 2, PNG_FORMAT_RGBA, rgba);
@@ -506,7 +421,7 @@ TEST(ImageFolderTest, AlphaAndPaletteBecomeRgbOrGray) {
 }
 
 TEST(ImageFolderTest, TruncatedJpegIsDataLossNamingTheFile) {
-  TempDir dir;
+  ScopedTempDir dir("dataset_test");
   const std::string good = dir.path() + "/k/good.jpg";
   const std::string cut = dir.path() + "/k/cut.jpg";
   WriteJpeg(good, 64, 64, 3, Pattern(64 * 64 * 3, 3));
@@ -532,7 +447,7 @@ TEST(ImageFolderTest, TruncatedJpegIsDataLossNamingTheFile) {
 }
 
 TEST(ImageFolderTest, CorruptOrTruncatedPngIsDataLossNamingTheFile) {
-  TempDir dir;
+  ScopedTempDir dir("dataset_test");
   const std::string good = dir.path() + "/k/a_good.png";
   const std::string bad = dir.path() + "/k/b_bad.png";
   WritePng(good, 16, 16, PNG_FORMAT_RGB, Pattern(16 * 16 * 3, 4));
@@ -559,7 +474,7 @@ TEST(ImageFolderTest, CorruptOrTruncatedPngIsDataLossNamingTheFile) {
 }
 
 TEST(ImageFolderTest, FileThatIsNoImageIsDataLoss) {
-  TempDir dir;
+  ScopedTempDir dir("dataset_test");
   WritePng(dir.path() + "/k/a.png", 2, 2, PNG_FORMAT_GRAY, Pattern(4, 1));
   const std::string text = dir.path() + "/k/b.jpg";
   WriteFile(text, {'n', 'o', 't', ' ', 'a', ' ', 'j', 'p', 'e', 'g'});
@@ -572,7 +487,7 @@ TEST(ImageFolderTest, FileThatIsNoImageIsDataLoss) {
 }
 
 TEST(ImageFolderTest, MissingOrEmptyFolderIsNotFound) {
-  TempDir dir;
+  ScopedTempDir dir("dataset_test");
   auto missing = OpenImageFolder(dir.path() + "/nothing");
   ASSERT_FALSE(missing.ok());
   EXPECT_EQ(missing.status().code(), absl::StatusCode::kNotFound);
@@ -587,7 +502,7 @@ TEST(ImageFolderTest, MissingOrEmptyFolderIsNotFound) {
 }
 
 TEST(ImageFolderTest, OpenDatasetsReadsTrainAndVal) {
-  TempDir dir;
+  ScopedTempDir dir("dataset_test");
   for (const char* split : {"train", "val"}) {
     for (const char* cls : {"a", "b", "c"}) {
       for (int i = 0; i < 3; ++i) {

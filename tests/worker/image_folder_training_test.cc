@@ -4,18 +4,11 @@
 // the evaluation set is read from val/ or test/.
 #include <gtest/gtest.h>
 #include <png.h>
-#include <unistd.h>
-
-#include <cstdio>
-// clang-format off
-#include <jpeglib.h>
-// clang-format on
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <memory>
@@ -25,92 +18,24 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "tests/worker/image_fixtures.h"
 #include "worker/trainer.h"
 
 namespace momentum::worker {
 namespace {
 
 namespace fs = std::filesystem;
+using ::momentum::worker::testing::ReadFile;
+using ::momentum::worker::testing::ScopedTempDir;
+using ::momentum::worker::testing::WriteFile;
+using ::momentum::worker::testing::WriteJpeg;
+using ::momentum::worker::testing::WritePng;
 
 constexpr int kClasses = 3;
 constexpr int kTrainPerClass = 16;  // 48 train images
 constexpr int kValPerClass = 5;     // 15 evaluation images
 constexpr int64_t kBatch = 12;
 constexpr int64_t kEpochs = 2;
-
-// A fresh folder per test, removed afterwards.
-class TempDir {
- public:
-  TempDir() {
-    std::string pattern =
-        (fs::path(::testing::TempDir()) / "image_folder_run_XXXXXX").string();
-    char* made = ::mkdtemp(pattern.data());
-    EXPECT_NE(made, nullptr);
-    path_ = pattern;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
-};
-
-void WriteFile(const std::string& path, const std::vector<uint8_t>& bytes) {
-  fs::create_directories(fs::path(path).parent_path());
-  std::ofstream out(path, std::ios::binary);
-  out.write(reinterpret_cast<const char*>(bytes.data()), bytes.size());
-  ASSERT_TRUE(out.good()) << path;
-}
-
-std::vector<uint8_t> ReadFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::vector<uint8_t>(std::istreambuf_iterator<char>(in), {});
-}
-
-void WritePng(const std::string& path, int width, int height,
-              const std::vector<uint8_t>& rgb) {
-  fs::create_directories(fs::path(path).parent_path());
-  png_image image;
-  std::memset(&image, 0, sizeof(image));
-  image.version = PNG_IMAGE_VERSION;
-  image.width = width;
-  image.height = height;
-  image.format = PNG_FORMAT_RGB;
-  ASSERT_NE(
-      png_image_write_to_file(&image, path.c_str(), 0, rgb.data(), 0, nullptr),
-      0)
-      << path << ": " << image.message;
-}
-
-void WriteJpeg(const std::string& path, int width, int height,
-               const std::vector<uint8_t>& rgb) {
-  jpeg_compress_struct cinfo;
-  jpeg_error_mgr jerr;
-  cinfo.err = jpeg_std_error(&jerr);
-  jpeg_create_compress(&cinfo);
-  unsigned char* buffer = nullptr;
-  unsigned long size = 0;
-  jpeg_mem_dest(&cinfo, &buffer, &size);
-  cinfo.image_width = width;
-  cinfo.image_height = height;
-  cinfo.input_components = 3;
-  cinfo.in_color_space = JCS_RGB;
-  jpeg_set_defaults(&cinfo);
-  jpeg_set_quality(&cinfo, 90, TRUE);
-  jpeg_start_compress(&cinfo, TRUE);
-  while (cinfo.next_scanline < cinfo.image_height) {
-    JSAMPROW row = const_cast<uint8_t*>(rgb.data()) +
-                   cinfo.next_scanline * static_cast<size_t>(width) * 3;
-    jpeg_write_scanlines(&cinfo, &row, 1);
-  }
-  jpeg_finish_compress(&cinfo);
-  jpeg_destroy_compress(&cinfo);
-  WriteFile(path, std::vector<uint8_t>(buffer, buffer + size));
-  std::free(buffer);
-}
 
 // An RGB image whose colour is set by its class (red, green or blue
 // dominant), with a little noise so no two images are alike.
@@ -150,9 +75,9 @@ void WriteImageFolder(const std::string& root, const std::string& eval_folder) {
       std::snprintf(name, sizeof(name), "img_%02d", i);
       const std::string base = root + "/train/" + ClassName(label) + "/" + name;
       if (i % 2 == 0) {
-        WritePng(base + ".png", w, h, rgb);
+        WritePng(base + ".png", w, h, PNG_FORMAT_RGB, rgb);
       } else {
-        WriteJpeg(base + ".jpg", w, h, rgb);
+        WriteJpeg(base + ".jpg", w, h, 3, rgb, /*quality=*/90);
       }
     }
     if (eval_folder.empty()) continue;
@@ -161,7 +86,7 @@ void WriteImageFolder(const std::string& root, const std::string& eval_folder) {
       char name[32];
       std::snprintf(name, sizeof(name), "val_%02d.png", i);
       WritePng(root + "/" + eval_folder + "/" + ClassName(label) + "/" + name,
-               w, h, ClassImage(label, w, h, &rng));
+               w, h, PNG_FORMAT_RGB, ClassImage(label, w, h, &rng));
     }
   }
 }
@@ -198,7 +123,7 @@ bool Contains(const absl::Status& status, const std::string& text) {
 }
 
 TEST(ImageFolderTrainingTest, TrainsEvaluatesAndWritesOutputs) {
-  TempDir dir;
+  ScopedTempDir dir("image_folder_run");
   const std::string data = dir.path() + "/data";
   const std::string out = dir.path() + "/out";
   WriteImageFolder(data, "val");
@@ -245,7 +170,7 @@ TEST(ImageFolderTrainingTest, TrainsEvaluatesAndWritesOutputs) {
 }
 
 TEST(ImageFolderTrainingTest, TruncatedJpegFailsTheRunNamingTheFile) {
-  TempDir dir;
+  ScopedTempDir dir("image_folder_run");
   const std::string data = dir.path() + "/data";
   const std::string out = dir.path() + "/out";
   WriteImageFolder(data, "val");
@@ -274,7 +199,7 @@ TEST(ImageFolderTrainingTest, TruncatedJpegFailsTheRunNamingTheFile) {
 }
 
 TEST(ImageFolderTrainingTest, TestFolderServesAsEvaluationSet) {
-  TempDir dir;
+  ScopedTempDir dir("image_folder_run");
   const std::string data = dir.path() + "/data";
   const std::string out = dir.path() + "/out";
   WriteImageFolder(data, "test");
@@ -295,7 +220,7 @@ TEST(ImageFolderTrainingTest, TestFolderServesAsEvaluationSet) {
 }
 
 TEST(ImageFolderTrainingTest, MissingEvaluationFolderIsNamed) {
-  TempDir dir;
+  ScopedTempDir dir("image_folder_run");
   const std::string data = dir.path() + "/data";
   const std::string out = dir.path() + "/out";
   WriteImageFolder(data, /*eval_folder=*/"");
@@ -314,7 +239,7 @@ TEST(ImageFolderTrainingTest, MissingEvaluationFolderIsNamed) {
 }
 
 TEST(ImageFolderTrainingTest, MissingTrainFolderIsNamed) {
-  TempDir dir;
+  ScopedTempDir dir("image_folder_run");
   const std::string data = dir.path() + "/data";
   WriteImageFolder(data, "val");
   fs::remove_all(data + "/train");

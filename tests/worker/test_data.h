@@ -3,6 +3,7 @@
 #ifndef MOMENTUM_TESTS_WORKER_TEST_DATA_H_
 #define MOMENTUM_TESTS_WORKER_TEST_DATA_H_
 
+#include <unistd.h>
 #include <zlib.h>
 
 #include <cstdint>
