@@ -1,13 +1,19 @@
 // momentum-worker as a group of real processes: --nproc starts local ranks
 // that rendezvous over a TCPStore on loopback and train with Gloo.
+#include <fcntl.h>
 #include <gtest/gtest.h>
+#include <signal.h>
+#include <spawn.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
+#include <chrono>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
+#include <thread>
 
 #include "tests/worker/test_data.h"
 
@@ -119,6 +125,137 @@ TEST_F(DistributedCliTest, FailingRankStopsTheGroupAndIsNamed) {
   EXPECT_NE(run.output.find("rank "), std::string::npos) << run.output;
   EXPECT_NE(run.output.find("train-images-idx3-ubyte.gz"), std::string::npos)
       << run.output;
+}
+
+// Children of `parent` (the launched ranks), from /proc.
+std::vector<pid_t> ChildrenOf(pid_t parent) {
+  std::vector<pid_t> out;
+  for (const auto& entry : fs::directory_iterator("/proc")) {
+    const std::string name = entry.path().filename().string();
+    if (name.find_first_not_of("0123456789") != std::string::npos) continue;
+    std::ifstream stat(entry.path() / "stat");
+    std::string line;
+    if (!std::getline(stat, line)) continue;
+    // pid (comm) state ppid ...: comm may hold spaces, so parse after ')'.
+    std::istringstream rest(line.substr(line.rfind(')') + 2));
+    std::string state;
+    pid_t ppid = 0;
+    rest >> state >> ppid;
+    if (ppid == parent) out.push_back(std::stoi(name));
+  }
+  return out;
+}
+
+// Starts `momentum-worker --nproc 2` on the job with its output in `log`.
+pid_t SpawnLauncher(const std::string& config, const std::string& log,
+                    const std::vector<std::string>& extra) {
+  const char* bin = std::getenv("MOMENTUM_BINARY_DIR");
+  const std::string worker =
+      std::string(bin ? bin : ".") + "/worker/momentum-worker";
+  std::vector<std::string> args = {worker, "--nproc", "2", "--config", config};
+  args.insert(args.end(), extra.begin(), extra.end());
+  std::vector<char*> argv;
+  for (auto& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_addopen(&actions, 1, log.c_str(),
+                                   O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  posix_spawn_file_actions_adddup2(&actions, 1, 2);
+  pid_t pid = 0;
+  const int rc = posix_spawn(&pid, worker.c_str(), &actions, nullptr,
+                             argv.data(), environ);
+  posix_spawn_file_actions_destroy(&actions);
+  return rc == 0 ? pid : -1;
+}
+
+// The launched rank `rank` of `launcher`, found by its RANK variable.
+pid_t RankPid(pid_t launcher, int rank) {
+  for (pid_t pid : ChildrenOf(launcher)) {
+    std::ifstream env("/proc/" + std::to_string(pid) + "/environ");
+    std::string var;
+    while (std::getline(env, var, '\0')) {
+      if (var == "RANK=" + std::to_string(rank)) return pid;
+    }
+  }
+  return 0;
+}
+
+// Waits for `pid` until `deadline`; kills it then. Returns the wait status,
+// or -1 when it had to be killed.
+int WaitUntil(pid_t pid, std::chrono::steady_clock::time_point deadline) {
+  int status = 0;
+  while (waitpid(pid, &status, WNOHANG) == 0) {
+    if (std::chrono::steady_clock::now() > deadline) {
+      kill(pid, SIGKILL);
+      waitpid(pid, &status, 0);
+      return -1;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  return status;
+}
+
+std::string ReadAll(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+class DistributedFaultTest : public DistributedCliTest {
+ protected:
+  // Starts a long group run and waits until it trains (a checkpoint exists).
+  void StartTraining() {
+    log_ = dir_ + "/fault.log";
+    launcher_ = SpawnLauncher(
+        dir_ + "/job.yaml", log_,
+        {"--set", "optim.epochs=1000", "--set", "resources.timeout_s=5"});
+    ASSERT_GT(launcher_, 0);
+    deadline_ = std::chrono::steady_clock::now() + std::chrono::seconds(90);
+    while (!fs::exists(dir_ + "/out/checkpoints") ||
+           fs::is_empty(dir_ + "/out/checkpoints")) {
+      ASSERT_LT(std::chrono::steady_clock::now(), deadline_) << ReadAll(log_);
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+  }
+
+  pid_t launcher_ = -1;
+  std::string log_;
+  std::chrono::steady_clock::time_point deadline_;
+};
+
+// A rank killed in the middle of training: the launcher notices, stops the
+// other rank and exits non-zero naming the rank.
+TEST_F(DistributedFaultTest, KilledRankStopsTheGroupAndIsNamed) {
+  StartTraining();
+  const pid_t rank1 = RankPid(launcher_, 1);
+  ASSERT_GT(rank1, 0);
+  ASSERT_EQ(kill(rank1, SIGKILL), 0);
+  const int status = WaitUntil(launcher_, deadline_);
+  ASSERT_NE(status, -1) << "the launcher did not end after a rank was killed";
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) != 0);
+  EXPECT_NE(ReadAll(log_).find("rank 1 was killed by signal 9"),
+            std::string::npos)
+      << ReadAll(log_);
+  EXPECT_TRUE(ChildrenOf(launcher_).empty());
+}
+
+// A rank that hangs (stopped): the other rank's next collective times out
+// after resources.timeout_s and it exits naming the operation; the launcher
+// then ends the hung rank and exits non-zero.
+TEST_F(DistributedFaultTest, HungRankTimesOutTheGroup) {
+  StartTraining();
+  const pid_t rank1 = RankPid(launcher_, 1);
+  ASSERT_GT(rank1, 0);
+  ASSERT_EQ(kill(rank1, SIGSTOP), 0);
+  const int status = WaitUntil(launcher_, deadline_);
+  ASSERT_NE(status, -1) << "the group hung: " << ReadAll(log_);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) != 0);
+  const std::string output = ReadAll(log_);
+  EXPECT_NE(output.find("rank 0"), std::string::npos) << output;
+  EXPECT_NE(output.find("(rank 0 of 2)"), std::string::npos) << output;
+  EXPECT_TRUE(ChildrenOf(launcher_).empty());
 }
 
 TEST_F(DistributedCliTest, BatchNotDivisibleByRanksIsRejected) {
