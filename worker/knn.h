@@ -15,6 +15,8 @@
 
 namespace momentum::worker {
 
+class ProcessGroup;
+
 struct KnnOptions {
   int64_t k = 200;
   double temperature = 0.1;
@@ -34,9 +36,14 @@ absl::StatusOr<std::pair<at::Tensor, at::Tensor>> ExtractFeatures(
     int64_t batch_size, int64_t loader_threads, int64_t limit);
 
 // The whole monitor: bank from `train`, accuracy on `test`, in [0, 1].
+// With a process group of several ranks (all holding the same encoder) each
+// rank encodes a contiguous shard of both sets; the bank is gathered, each
+// rank classifies its test shard, and the counts are summed, so every rank
+// returns the same accuracy. Collective.
 absl::StatusOr<double> KnnTop1(ResNet& encoder, const Dataset& train,
                                const Dataset& test, const ViewFormat& format,
-                               const EvalSpec& spec, int64_t loader_threads);
+                               const EvalSpec& spec, int64_t loader_threads,
+                               ProcessGroup* group = nullptr);
 
 }  // namespace momentum::worker
 

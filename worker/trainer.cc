@@ -174,21 +174,22 @@ absl::Status Trainer::BroadcastModel() {
 absl::Status Trainer::Evaluate(CheckpointState* state,
                                int64_t* last_eval_step) {
   const auto start = Clock::now();
-  // Rank 0 evaluates; the others wait for its result, which every rank then
-  // records, so that their histories and later decisions agree.
-  double top1 = 0;
-  if (lead()) {
-    auto measured = KnnTop1(model_->encoder_q(), *data_.train, *data_.test,
-                            format_, spec_.eval, spec_.data.loader_threads);
-    if (!measured.ok()) return measured.status();
-    top1 = *measured;
-  }
+  // Each rank's BatchNorm statistics come from its own batches; the group
+  // evaluates (and rank 0 saves) rank 0's, as DistributedDataParallel
+  // broadcasts its buffers. Every rank encodes a shard of the images.
   if (group_ != nullptr) {
-    at::Tensor shared = at::full({1}, top1, at::kDouble);
-    absl::Status s = group_->Broadcast(shared, 0);
-    if (!s.ok()) return s;
-    top1 = shared.item<double>();
+    for (auto* encoder : {&model_->encoder_q(), &model_->encoder_k()}) {
+      for (at::Tensor& buffer : (*encoder)->buffers()) {
+        absl::Status s = group_->Broadcast(buffer, 0);
+        if (!s.ok()) return s;
+      }
+    }
   }
+  auto measured =
+      KnnTop1(model_->encoder_q(), *data_.train, *data_.test, format_,
+              spec_.eval, spec_.data.loader_threads, group_.get());
+  if (!measured.ok()) return measured.status();
+  const double top1 = *measured;
   const RunPosition& pos = state->position;
   const double epochs = static_cast<double>(pos.global_step) /
                         static_cast<double>(steps_per_epoch_);

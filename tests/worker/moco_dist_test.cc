@@ -7,6 +7,8 @@
 #include <thread>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
+#include "tests/worker/test_data.h"
+#include "worker/knn.h"
 #include "worker/moco.h"
 #include "worker/process_group.h"
 
@@ -180,6 +182,41 @@ TEST_P(MocoDistTest, SplitBatchNormStaysInsideEachRank) {
   for (int64_t r = 0; r < world; ++r) {
     EXPECT_TRUE(at::allclose(got[r], expected_all, 1e-5, 1e-6)) << "rank " << r;
   }
+}
+
+// The kNN monitor in shards across ranks (uneven shards: 97 and 41 images)
+// gives the accuracy one process computes alone.
+TEST_P(MocoDistTest, ShardedKnnEqualsOneProcess) {
+  const int64_t world = GetParam();
+  const std::string dir = testing::TempDir("sharded-knn");
+  testing::WriteFakeFashionMnist(dir, 97, 41, 12);
+  auto train = OpenFashionMnist(dir, /*train=*/true);
+  auto test = OpenFashionMnist(dir, /*train=*/false);
+  ASSERT_TRUE(train.ok() && test.ok());
+  ViewFormat format;
+  format.channels = 1;
+  format.size = 12;
+  format.mean = {0.5f};
+  format.std = {0.25f};
+  EvalSpec spec;
+  spec.knn_k = 7;
+  spec.batch_size = 16;
+  std::vector<std::unique_ptr<Moco>> models;
+  for (int64_t r = 0; r <= world; ++r) models.push_back(MakeModel(1));
+  auto expected = KnnTop1(models[world]->encoder_q(), **train, **test, format,
+                          spec, /*loader_threads=*/1);
+  ASSERT_TRUE(expected.ok()) << expected.status();
+  std::vector<double> got(world, -1);
+  RunRanks(world, [&](int64_t rank, ProcessGroup& group) {
+    auto top1 = KnnTop1(models[rank]->encoder_q(), **train, **test, format,
+                        spec, 1, &group);
+    ASSERT_TRUE(top1.ok()) << top1.status();
+    got[rank] = *top1;
+  });
+  for (int64_t r = 0; r < world; ++r) {
+    EXPECT_NEAR(got[r], *expected, 1e-12) << "rank " << r;
+  }
+  std::filesystem::remove_all(dir);
 }
 
 INSTANTIATE_TEST_SUITE_P(WorldSizes, MocoDistTest, ::testing::Values(1, 2, 3));
