@@ -129,7 +129,15 @@ absl::Status Moco::AverageGradients() {
 }
 
 at::Tensor Moco::EncodeQueries(const at::Tensor& x_q) {
-  return Normalize(encoder_q_->forward(x_q));
+  const int64_t groups = options_.query_bn_groups;
+  if (groups <= 1) return Normalize(encoder_q_->forward(x_q));
+  TORCH_CHECK(x_q.size(0) % groups == 0, "query batch ", x_q.size(0),
+              " not divisible into ", groups, " BatchNorm groups");
+  std::vector<at::Tensor> parts;
+  for (const at::Tensor& chunk : x_q.chunk(groups, 0)) {
+    parts.push_back(encoder_q_->forward(chunk));
+  }
+  return Normalize(at::cat(parts, 0));
 }
 
 Moco::Output Moco::Forward(const at::Tensor& x_q, const at::Tensor& x_k,

@@ -41,6 +41,10 @@ struct MocoOptions {
   // Groups of the key batch that normalise separately after the shuffle.
   // 0: no shuffle at all (bn none).
   int64_t bn_groups = 2;
+  // Groups of the query batch that normalise separately: the one-process
+  // emulation of N ranks whose query encoders each normalise their own
+  // batch (as DistributedDataParallel does). 1: the whole batch.
+  int64_t query_bn_groups = 1;
   // With several ranks: shuffle the group's key batch across the ranks
   // (moco.bn shuffle) rather than each rank's own batch (split).
   bool shuffle_across_ranks = false;

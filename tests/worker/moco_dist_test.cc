@@ -10,6 +10,7 @@
 #include "tests/worker/test_data.h"
 #include "worker/knn.h"
 #include "worker/moco.h"
+#include "worker/optim.h"
 #include "worker/process_group.h"
 
 namespace momentum::worker {
@@ -181,6 +182,69 @@ TEST_P(MocoDistTest, SplitBatchNormStaysInsideEachRank) {
   });
   for (int64_t r = 0; r < world; ++r) {
     EXPECT_TRUE(at::allclose(got[r], expected_all, 1e-5, 1e-6)) << "rank " << r;
+  }
+}
+
+// N ranks equal one rank with split BatchNorm: three full steps (momentum
+// update, keys shuffled across ranks, InfoNCE, averaged gradients, SGD,
+// shared queue) on N ranks end where one process ends when it splits the key
+// batch into N groups after the same shuffle and the query batch into N
+// groups.
+TEST_P(MocoDistTest, ThreeStepsOnNRanksEqualOneRankWithSplitBatchNorm) {
+  const int64_t world = GetParam(), per_rank = 4, total = world * per_rank;
+  std::vector<at::Tensor> xq, xk, perms;
+  for (int s = 0; s < 3; ++s) {
+    xq.push_back(at::randn({total, 1, 12, 12}));
+    xk.push_back(at::randn({total, 1, 12, 12}));
+    perms.push_back(at::randperm(total, at::kLong));
+  }
+  const double lrs[] = {0.05, 0.1, 0.08};
+
+  torch::manual_seed(11);
+  MocoOptions o = Small(world);
+  o.query_bn_groups = world;
+  Moco one(o, at::make_generator<at::CPUGeneratorImpl>(12));
+  Sgd one_sgd(one.encoder_q()->parameters(), 0.9, 1e-3);
+  for (int s = 0; s < 3; ++s) {
+    one.MomentumUpdate();
+    auto out = one.Forward(xq[s], xk[s], perms[s]);
+    one_sgd.ZeroGrad();
+    out.loss.backward();
+    one_sgd.Step(lrs[s]);
+    one.Enqueue(out.all_keys);
+  }
+
+  std::vector<std::unique_ptr<Moco>> models;
+  for (int64_t r = 0; r < world; ++r) models.push_back(MakeModel(1));
+  RunRanks(world, [&](int64_t rank, ProcessGroup& group) {
+    Moco& m = *models[rank];
+    m.SetProcessGroup(&group);
+    Sgd sgd(m.encoder_q()->parameters(), 0.9, 1e-3);
+    for (int s = 0; s < 3; ++s) {
+      m.MomentumUpdate();
+      auto out = m.Forward(
+          xq[s].slice(0, rank * per_rank, (rank + 1) * per_rank),
+          xk[s].slice(0, rank * per_rank, (rank + 1) * per_rank), perms[s]);
+      sgd.ZeroGrad();
+      out.loss.backward();
+      ASSERT_TRUE(m.AverageGradients().ok());
+      sgd.Step(lrs[s]);
+      m.Enqueue(out.all_keys);
+    }
+  });
+  for (int64_t r = 0; r < world; ++r) {
+    Moco& m = *models[r];
+    for (auto [a, b] : {std::make_pair(m.encoder_q(), one.encoder_q()),
+                        std::make_pair(m.encoder_k(), one.encoder_k())}) {
+      auto pa = a->named_parameters(), pb = b->named_parameters();
+      for (size_t i = 0; i < pa.size(); ++i) {
+        EXPECT_TRUE(at::allclose(pa[i].value(), pb[i].value(), 1e-4, 1e-5))
+            << "rank " << r << " " << pa[i].key();
+      }
+    }
+    EXPECT_TRUE(at::allclose(m.queue(), one.queue(), 1e-4, 1e-5))
+        << "rank " << r;
+    EXPECT_EQ(m.queue_ptr(), one.queue_ptr());
   }
 }
 
