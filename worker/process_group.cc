@@ -434,6 +434,9 @@ absl::Status ProcessGroup::AllReduceBucket(std::vector<at::Tensor>& tensors,
     }
     flat = at::cat(pieces);
   }
+  // Divided before the sum, as DistributedDataParallel does: with three or
+  // more ranks the rounding then matches PyTorch's bit for bit.
+  flat.div_(world_size_);
   std::vector<at::Tensor> buffers{flat};
   c10d::AllreduceOptions opts;
   opts.reduceOp = c10d::ReduceOp::SUM;
@@ -441,7 +444,6 @@ absl::Status ProcessGroup::AllReduceBucket(std::vector<at::Tensor>& tensors,
   MOMENTUM_RETURN_IF_ERROR(RunCollective("AllReduceMean", [&] {
     return impl_->backend->allreduce(buffers, opts);
   }));
-  flat.div_(world_size_);
   if (!in_place) {
     int64_t offset = 0;
     for (size_t i = begin; i < end; ++i) {

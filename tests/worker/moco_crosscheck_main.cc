@@ -2,6 +2,12 @@
 // random inputs and writes the initial state, the inputs (with the BatchNorm
 // shuffle permutations and learning rates) and the final state, for
 // tests/reference/crosscheck.py to replay with the Python reference.
+//
+// With --world-size N > 1 the steps run on N Gloo ranks (threads of this
+// process) with BatchNorm shuffled across them; --batch is then the batch of
+// each rank, the inputs are the group's batches, and RESULT holds one entry
+// per rank under "ranks" (tests/reference/crosscheck_dist.py replays them on
+// N torch.distributed ranks).
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/core/Dict.h>
 #include <torch/serialize.h>
@@ -10,9 +16,11 @@
 #include <CLI/CLI.hpp>
 #include <iostream>
 
+#include "tests/worker/thread_ranks.h"
 #include "worker/checkpoint.h"
 #include "worker/moco.h"
 #include "worker/optim.h"
+#include "worker/process_group.h"
 
 namespace {
 
@@ -25,6 +33,41 @@ c10::Dict<std::string, at::Tensor> StateDict(const torch::nn::Module& m) {
   c10::Dict<std::string, at::Tensor> d;
   for (const auto& [name, t] : StateOf(m)) d.insert(name, t.detach().clone());
   return d;
+}
+
+// The same model for the same seed: identical on every rank.
+std::unique_ptr<Moco> MakeModel(const MocoOptions& o, uint64_t seed) {
+  torch::manual_seed(seed);
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  auto model = std::make_unique<Moco>(o, gen);
+  // Non-zero BatchNorm affine parameters: with biases at exactly zero the
+  // relative comparison would measure rounding noise alone.
+  at::NoGradGuard no_grad;
+  auto q = StateOf(*model->encoder_q());
+  auto k = StateOf(*model->encoder_k());
+  for (size_t i = 0; i < q.size(); ++i) {
+    const std::string& name = q[i].first;
+    const bool bn = name.find("bn") != std::string::npos ||
+                    name.find("downsample.1") != std::string::npos;
+    if (bn &&
+        (name.size() > 5 && (name.substr(name.size() - 5) == ".bias" ||
+                             name.substr(name.size() - 7) == ".weight"))) {
+      q[i].second.add_(at::rand(q[i].second.sizes(), gen).sub_(0.5).mul_(0.2));
+    }
+    k[i].second.copy_(q[i].second);
+  }
+  return model;
+}
+
+c10::impl::GenericDict FinalState(Moco& model,
+                                  const c10::impl::GenericList& losses) {
+  c10::impl::GenericDict result(c10::StringType::get(), c10::AnyType::get());
+  result.insert("loss", losses);
+  result.insert("encoder_q", StateDict(*model.encoder_q()));
+  result.insert("encoder_k", StateDict(*model.encoder_k()));
+  result.insert("queue", model.queue().clone());
+  result.insert("queue_ptr", model.queue_ptr());
+  return result;
 }
 
 int Write(const std::string& path, const c10::impl::GenericDict& dict) {
@@ -65,35 +108,24 @@ int main(int argc, char** argv) {
   app.add_option("--weight-decay", weight_decay);
   app.add_option("--concurrent-key", o.concurrent_key,
                  "key encoder on its own thread beside the query encoder");
+  int64_t world = 1;
+  app.add_option("--world-size", world,
+                 "ranks (threads with Gloo); --batch is then per rank")
+      ->check(CLI::PositiveNumber);
   app.add_option("--init", init_path)->required();
   app.add_option("--result", result_path)->required();
   CLI11_PARSE(app, argc, argv);
   at::set_num_threads(1);
 
-  torch::manual_seed(seed);
-  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
-  Moco model(o, gen);
-  Sgd sgd(model.encoder_q()->parameters(), sgd_momentum, weight_decay);
-  {
-    // Non-zero BatchNorm affine parameters: with biases at exactly zero the
-    // relative comparison would measure rounding noise alone.
-    at::NoGradGuard no_grad;
-    auto q = StateOf(*model.encoder_q());
-    auto k = StateOf(*model.encoder_k());
-    for (size_t i = 0; i < q.size(); ++i) {
-      const std::string& name = q[i].first;
-      const bool bn = name.find("bn") != std::string::npos ||
-                      name.find("downsample.1") != std::string::npos;
-      if (bn &&
-          (name.size() > 5 && (name.substr(name.size() - 5) == ".bias" ||
-                               name.substr(name.size() - 7) == ".weight"))) {
-        q[i].second.add_(
-            at::rand(q[i].second.sizes(), gen).sub_(0.5).mul_(0.2));
-      }
-      k[i].second.copy_(q[i].second);
-    }
+  // Across ranks every rank encodes its slice of the shuffled group batch as
+  // one BatchNorm group; the file says "world_size" groups.
+  const int64_t file_groups =
+      world > 1 && o.bn_groups > 0 ? world : o.bn_groups;
+  if (world > 1) {
+    o.shuffle_across_ranks = o.bn_groups > 0;
+    if (o.bn_groups > 0) o.bn_groups = 1;
   }
-
+  std::unique_ptr<Moco> model = MakeModel(o, seed);
   c10::impl::GenericDict config(c10::StringType::get(), c10::AnyType::get());
   config.insert("arch", o.encoder.arch);
   config.insert("width", o.encoder.width);
@@ -106,47 +138,102 @@ int main(int argc, char** argv) {
   config.insert("temperature", o.temperature);
   config.insert("sgd_momentum", sgd_momentum);
   config.insert("weight_decay", weight_decay);
-  config.insert("bn_groups", o.bn_groups);
+  config.insert("bn_groups", file_groups);
+  config.insert("world_size", world);
 
   c10::impl::GenericDict init(c10::StringType::get(), c10::AnyType::get());
   init.insert("config", config);
-  init.insert("encoder_q", StateDict(*model.encoder_q()));
-  init.insert("encoder_k", StateDict(*model.encoder_k()));
-  init.insert("queue", model.queue().clone());
-  init.insert("queue_ptr", model.queue_ptr());
+  init.insert("encoder_q", StateDict(*model->encoder_q()));
+  init.insert("encoder_k", StateDict(*model->encoder_k()));
+  init.insert("queue", model->queue().clone());
+  init.insert("queue_ptr", model->queue_ptr());
 
+  // The group's inputs, drawn up front from a generator of their own.
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed + 1000);
+  const int64_t total = batch * world;
+  const std::vector<int64_t> shape = {total, o.encoder.in_channels, image_size,
+                                      image_size};
+  struct Inputs {
+    at::Tensor x_q, x_k, perm;
+    double lr;
+  };
+  std::vector<Inputs> inputs;
   c10::impl::GenericList step_list(c10::AnyType::get());
-  c10::impl::GenericList losses(c10::FloatType::get());
   for (int64_t s = 0; s < steps; ++s) {
-    const std::vector<int64_t> shape = {batch, o.encoder.in_channels,
-                                        image_size, image_size};
-    at::Tensor x_q = at::randn(shape, gen);
-    at::Tensor x_k = at::randn(shape, gen);
-    at::Tensor perm = o.bn_groups > 0 ? at::randperm(batch, gen, at::kLong)
-                                      : at::empty({0}, at::kLong);
-    const double step_lr = lr * (1.0 + 0.5 * s);  // a schedule of sorts
-    model.MomentumUpdate();
-    Moco::Output out = model.Forward(x_q, x_k, perm);
-    sgd.ZeroGrad();
-    out.loss.backward();
-    sgd.Step(step_lr);
-    model.Enqueue(out.all_keys);
-    losses.push_back(out.loss.item<double>());
-
+    Inputs in;
+    in.x_q = at::randn(shape, gen);
+    in.x_k = at::randn(shape, gen);
+    in.perm = o.bn_groups > 0 ? at::randperm(total, gen, at::kLong)
+                              : at::empty({0}, at::kLong);
+    in.lr = lr * (1.0 + 0.5 * s);  // a schedule of sorts
     c10::impl::GenericDict step(c10::StringType::get(), c10::AnyType::get());
-    step.insert("query", x_q);
-    step.insert("key", x_k);
-    step.insert("perm", perm);
-    step.insert("lr", step_lr);
+    step.insert("query", in.x_q);
+    step.insert("key", in.x_k);
+    step.insert("perm", in.perm);
+    step.insert("lr", in.lr);
     step_list.push_back(step);
+    inputs.push_back(std::move(in));
   }
   init.insert("steps", step_list);
 
+  // One rank's steps; with a group, on its slice of every batch.
+  auto run = [&](Moco& m, int64_t rank, c10::impl::GenericList& losses) {
+    Sgd sgd(m.encoder_q()->parameters(), sgd_momentum, weight_decay);
+    for (const Inputs& in : inputs) {
+      m.MomentumUpdate();
+      Moco::Output out =
+          m.Forward(in.x_q.slice(0, rank * batch, (rank + 1) * batch),
+                    in.x_k.slice(0, rank * batch, (rank + 1) * batch), in.perm);
+      sgd.ZeroGrad();
+      out.loss.backward();
+      absl::Status averaged = m.AverageGradients();
+      if (!averaged.ok()) return averaged;
+      sgd.Step(in.lr);
+      m.Enqueue(out.all_keys);
+      losses.push_back(out.loss.item<double>());
+    }
+    return absl::OkStatus();
+  };
+
+  if (world == 1) {
+    c10::impl::GenericList losses(c10::FloatType::get());
+    absl::Status s = run(*model, 0, losses);
+    if (!s.ok()) {
+      std::cerr << s.message() << "\n";
+      return 1;
+    }
+    return Write(init_path, init) |
+           Write(result_path, FinalState(*model, losses));
+  }
+
+  std::vector<std::unique_ptr<Moco>> models;
+  models.push_back(std::move(model));
+  for (int64_t r = 1; r < world; ++r) models.push_back(MakeModel(o, seed));
+  // Lists share their storage when copied: one made per rank.
+  std::vector<c10::impl::GenericList> losses;
+  for (int64_t r = 0; r < world; ++r) {
+    losses.emplace_back(c10::FloatType::get());
+  }
+  std::vector<absl::Status> statuses(world);
+  absl::Status joined = momentum::worker::testing::RunRanks(
+      world, std::chrono::milliseconds(60000),
+      [&](int64_t rank, momentum::worker::ProcessGroup& group) {
+        models[rank]->SetProcessGroup(&group);
+        statuses[rank] = run(*models[rank], rank, losses[rank]);
+        models[rank]->SetProcessGroup(nullptr);
+      });
+  for (const absl::Status& s : statuses) {
+    if (!s.ok()) joined.Update(s);
+  }
+  if (!joined.ok()) {
+    std::cerr << joined.message() << "\n";
+    return 1;
+  }
+  c10::impl::GenericList ranks(c10::AnyType::get());
+  for (int64_t r = 0; r < world; ++r) {
+    ranks.push_back(FinalState(*models[r], losses[r]));
+  }
   c10::impl::GenericDict result(c10::StringType::get(), c10::AnyType::get());
-  result.insert("loss", losses);
-  result.insert("encoder_q", StateDict(*model.encoder_q()));
-  result.insert("encoder_k", StateDict(*model.encoder_k()));
-  result.insert("queue", model.queue().clone());
-  result.insert("queue_ptr", model.queue_ptr());
+  result.insert("ranks", ranks);
   return Write(init_path, init) | Write(result_path, result);
 }

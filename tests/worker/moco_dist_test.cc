@@ -4,10 +4,8 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
-#include <thread>
-#include <torch/csrc/distributed/c10d/TCPStore.hpp>
-
 #include "tests/worker/test_data.h"
+#include "tests/worker/thread_ranks.h"
 #include "worker/knn.h"
 #include "worker/moco.h"
 #include "worker/optim.h"
@@ -45,33 +43,29 @@ std::unique_ptr<Moco> MakeModel(int64_t groups, bool across = true) {
 // Runs body(rank, group) on one thread per rank of a fresh process group.
 void RunRanks(int64_t world,
               const std::function<void(int64_t, ProcessGroup&)>& body) {
-  c10d::TCPStoreOptions server_options;
-  server_options.port = 0;
-  server_options.isServer = true;
-  server_options.waitWorkers = false;
-  server_options.timeout = kTimeout;
-  auto server =
-      c10::make_intrusive<c10d::TCPStore>("127.0.0.1", server_options);
-  std::vector<std::thread> threads;
-  for (int64_t rank = 0; rank < world; ++rank) {
-    threads.emplace_back([&, rank] {
-      c10::intrusive_ptr<c10d::Store> store = server;
-      if (rank > 0) {
-        c10d::TCPStoreOptions o = server_options;
-        o.isServer = false;
-        o.port = server->getPort();
-        store = c10::make_intrusive<c10d::TCPStore>("127.0.0.1", o);
-      }
-      DistOptions options;
-      options.rank = rank;
-      options.world_size = world;
-      options.timeout = kTimeout;
-      auto group = ProcessGroup::Create(options, store);
-      ASSERT_TRUE(group.ok()) << group.status();
-      body(rank, **group);
-    });
+  absl::Status joined = testing::RunRanks(world, kTimeout, body);
+  ASSERT_TRUE(joined.ok()) << joined;
+}
+
+// FNV-1a over the bytes of both encoders' parameters, the queue and the
+// pointer: equal fingerprints mean bit-identical state. BatchNorm running
+// statistics are left out; each rank's follow its own slice of the batch.
+uint64_t Fingerprint(Moco& m) {
+  uint64_t h = 1469598103934665603ull;
+  auto mix = [&h](const void* data, size_t n) {
+    const auto* p = static_cast<const unsigned char*>(data);
+    for (size_t i = 0; i < n; ++i) h = (h ^ p[i]) * 1099511628211ull;
+  };
+  std::vector<at::Tensor> parts = m.encoder_q()->parameters();
+  for (const at::Tensor& t : m.encoder_k()->parameters()) parts.push_back(t);
+  parts.push_back(m.queue());
+  for (const at::Tensor& t : parts) {
+    at::Tensor c = t.detach().contiguous();
+    mix(c.data_ptr(), c.numel() * c.element_size());
   }
-  for (auto& t : threads) t.join();
+  const int64_t ptr = m.queue_ptr();
+  mix(&ptr, sizeof(ptr));
+  return h;
 }
 
 class MocoDistTest : public ::testing::TestWithParam<int64_t> {};
@@ -216,6 +210,7 @@ TEST_P(MocoDistTest, ThreeStepsOnNRanksEqualOneRankWithSplitBatchNorm) {
 
   std::vector<std::unique_ptr<Moco>> models;
   for (int64_t r = 0; r < world; ++r) models.push_back(MakeModel(1));
+  std::vector<std::vector<uint64_t>> fingerprints(world);
   RunRanks(world, [&](int64_t rank, ProcessGroup& group) {
     Moco& m = *models[rank];
     m.SetProcessGroup(&group);
@@ -230,8 +225,14 @@ TEST_P(MocoDistTest, ThreeStepsOnNRanksEqualOneRankWithSplitBatchNorm) {
       ASSERT_TRUE(m.AverageGradients().ok());
       sgd.Step(lrs[s]);
       m.Enqueue(out.all_keys);
+      fingerprints[rank].push_back(Fingerprint(m));
     }
   });
+  // Every rank holds bit for bit the same parameters, queue and pointer after
+  // every step (K = 10 is not a multiple of the group batch).
+  for (int64_t r = 1; r < world; ++r) {
+    EXPECT_EQ(fingerprints[r], fingerprints[0]) << "rank " << r;
+  }
   for (int64_t r = 0; r < world; ++r) {
     Moco& m = *models[r];
     for (auto [a, b] : {std::make_pair(m.encoder_q(), one.encoder_q()),
