@@ -115,6 +115,24 @@ TEST_F(DistributedCliTest, OneProcessResumesATwoRankRunKeepingTheBatch) {
   EXPECT_EQ(summary["world_size"].get<int64_t>(), 1);
 }
 
+TEST_F(DistributedCliTest, FourRanksResumeATwoRankRunKeepingTheBatch) {
+  WorkerRun first = RunWorker(
+      "--nproc 2 --config " + dir_ + "/job.yaml --set optim.steps=4", dir_);
+  ASSERT_EQ(first.exit_code, 0) << first.output;
+  WorkerRun second =
+      RunWorker("--nproc 4 --config " + dir_ + "/job.yaml", dir_);
+  ASSERT_EQ(second.exit_code, 0) << second.output;
+  EXPECT_NE(second.output.find("written by 2 ranks, this run has 4: the "
+                               "global batch stays 16"),
+            std::string::npos)
+      << second.output;
+  auto summary =
+      nlohmann::json::parse(std::ifstream(dir_ + "/out/summary.json"));
+  EXPECT_EQ(summary["steps"].get<int64_t>(), 12);
+  EXPECT_EQ(summary["world_size"].get<int64_t>(), 4);
+  EXPECT_EQ(summary["images_seen"].get<int64_t>(), 12 * 16);
+}
+
 TEST_F(DistributedCliTest, FailingRankStopsTheGroupAndIsNamed) {
   // Truncated data: every rank fails while loading; the launcher reports
   // the first failure with its rank and exits non-zero.
