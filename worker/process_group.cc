@@ -320,6 +320,7 @@ absl::Status ProcessGroup::RunCollective(absl::string_view op, StartFn start) {
         context, ": the process group failed earlier and cannot be used: ",
         broken_.message()));
   }
+  const auto begin = std::chrono::steady_clock::now();
   try {
     c10::intrusive_ptr<c10d::Work> work = start();
     // Gloo bounds each collective by the timeout itself (and throws); the
@@ -329,6 +330,9 @@ absl::Status ProcessGroup::RunCollective(absl::string_view op, StartFn start) {
     broken_ = StatusFromException(std::current_exception(), context);
     return broken_;
   }
+  collective_seconds_ +=
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - begin)
+          .count();
   return absl::OkStatus();
 }
 

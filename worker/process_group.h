@@ -110,6 +110,10 @@ class ProcessGroup {
   // Returns once every rank has called Barrier().
   absl::Status Barrier();
 
+  // Wall seconds this rank has spent inside collectives so far, waiting for
+  // slower ranks included: the communication share of a training step.
+  double collective_seconds() const { return collective_seconds_; }
+
  private:
   struct Impl;
 
@@ -127,6 +131,7 @@ class ProcessGroup {
   std::chrono::milliseconds timeout_;
   std::unique_ptr<Impl> impl_;  // null with one rank
   absl::Status broken_;         // the failure that broke the group
+  double collective_seconds_ = 0;
 };
 
 }  // namespace momentum::worker

@@ -22,6 +22,14 @@ namespace {
 namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 
+nlohmann::json PhasesMs(const StepPhases& p) {
+  return {{"data", 1000 * p.data},
+          {"forward", 1000 * p.forward},
+          {"backward", 1000 * p.backward},
+          {"communication", 1000 * p.communication},
+          {"optimizer", 1000 * p.optimizer}};
+}
+
 double Seconds(Clock::time_point a, Clock::time_point b) {
   return std::chrono::duration<double>(b - a).count();
 }
@@ -62,6 +70,20 @@ void TruncateMetrics(const std::string& path, int64_t step) {
 }
 
 }  // namespace
+
+StepPhases& StepPhases::operator+=(const StepPhases& o) {
+  data += o.data;
+  forward += o.forward;
+  backward += o.backward;
+  communication += o.communication;
+  optimizer += o.optimizer;
+  return *this;
+}
+
+StepPhases StepPhases::operator/(double n) const {
+  return {data / n, forward / n, backward / n, communication / n,
+          optimizer / n};
+}
 
 Trainer::Trainer(const JobSpec& spec, const DistOptions& dist)
     : spec_(spec), dist_(dist) {}
@@ -292,8 +314,13 @@ absl::StatusOr<TrainSummary> Trainer::Run(const std::atomic<bool>* stop,
   int64_t window_images = 0;
   double window_loss = 0;
   int64_t window_steps = 0;
+  StepPhases window_phases, run_phases;
+  auto comm_seconds = [this] {
+    return group_ != nullptr ? group_->collective_seconds() : 0.0;
+  };
   std::string reason;
   while (true) {
+    const double comm_at_top = comm_seconds();
     bool stop_requested = stop != nullptr && stop->load();
     if (group_ != nullptr) {
       // The ranks agree on the training time (their mean; it drives the time
@@ -339,8 +366,12 @@ absl::StatusOr<TrainSummary> Trainer::Run(const std::atomic<bool>* stop,
     }
 
     const auto step_start = Clock::now();
+    const double comm_at_start = comm_seconds();
     auto batch_or = loader_->Next();
     if (!batch_or.ok()) return batch_or.status();
+    const auto data_done = Clock::now();
+    Clock::time_point momentum_done, forward_done, backward_done, averaged_done;
+    double comm_before_forward = 0, comm_after_forward = 0;
     TrainBatch& b = *batch_or;
     Progress progress;
     progress.step = pos.global_step;
@@ -349,9 +380,11 @@ absl::StatusOr<TrainSummary> Trainer::Run(const std::atomic<bool>* stop,
     progress.step_seconds = last_step_seconds;
     const double lr = LearningRate(optim, progress);
 
-    at::Tensor loss;
+    double loss_value = 0;
     try {
       model_->MomentumUpdate();
+      momentum_done = Clock::now();
+      comm_before_forward = comm_seconds();
       at::Tensor perm;
       if (shuffle) {
         // One permutation of the group's batch drawn on rank 0 (moco.bn
@@ -365,25 +398,43 @@ absl::StatusOr<TrainSummary> Trainer::Run(const std::atomic<bool>* stop,
         }
       }
       Moco::Output out = model_->Forward(b.query, b.key, perm);
+      forward_done = Clock::now();
+      comm_after_forward = comm_seconds();
       sgd_->ZeroGrad();
       out.loss.backward();
+      backward_done = Clock::now();
       absl::Status averaged = model_->AverageGradients();
       if (!averaged.ok()) return averaged;
+      averaged_done = Clock::now();
       sgd_->Step(lr);
       model_->Enqueue(out.all_keys);
-      loss = out.loss.detach();
+      loss_value = out.loss.item<double>();
     } catch (const c10::Error& e) {
       return absl::InternalError("training step " +
                                  std::to_string(pos.global_step) + ": " +
                                  e.what_without_backtrace());
     }
-    const double loss_value = loss.item<double>();
+    const auto step_done = Clock::now();
     if (!std::isfinite(loss_value)) {
       return absl::InternalError("loss is " + std::to_string(loss_value) +
                                  " at step " + std::to_string(pos.global_step) +
                                  " (learning rate too high?)");
     }
-    last_step_seconds = Seconds(step_start, Clock::now());
+    last_step_seconds = Seconds(step_start, step_done);
+    StepPhases phases;
+    const double comm_in_forward = comm_after_forward - comm_before_forward;
+    phases.data = Seconds(step_start, data_done);
+    phases.forward = Seconds(momentum_done, forward_done) - comm_in_forward;
+    phases.backward = Seconds(forward_done, backward_done);
+    phases.communication = (comm_at_start - comm_at_top) + comm_in_forward;
+    phases.optimizer =
+        Seconds(data_done, momentum_done) + Seconds(averaged_done, step_done);
+    // Averaging the gradients: packing buckets and all-reduces; a no-op
+    // with one rank.
+    (group_ != nullptr ? phases.communication : phases.optimizer) +=
+        Seconds(backward_done, averaged_done);
+    window_phases += phases;
+    run_phases += phases;
     pos.train_seconds += last_step_seconds;
     pos.global_step += 1;
     pos.step_in_epoch += 1;
@@ -423,6 +474,8 @@ absl::StatusOr<TrainSummary> Trainer::Run(const std::atomic<bool>* stop,
                                   {"loss_mean", mean_loss},
                                   {"lr", lr},
                                   {"images_per_s", ips},
+                                  {"step_ms",
+                                   PhasesMs(window_phases / window_steps)},
                                   {"train_seconds", pos.train_seconds}}
                        .dump()
                 << "\n";
@@ -432,6 +485,7 @@ absl::StatusOr<TrainSummary> Trainer::Run(const std::atomic<bool>* stop,
       window_images = 0;
       window_loss = 0;
       window_steps = 0;
+      window_phases = StepPhases();
     }
     if (spec_.checkpoint.every_steps > 0 &&
         pos.global_step % spec_.checkpoint.every_steps == 0) {
@@ -459,6 +513,7 @@ absl::StatusOr<TrainSummary> Trainer::Run(const std::atomic<bool>* stop,
   summary.epochs_completed = pos.epoch;
   summary.images_seen = pos.images_seen;
   summary.train_seconds = pos.train_seconds;
+  if (steps_this_call > 0) summary.phases = run_phases / steps_this_call;
   if (!finished) {
     summary.wall_seconds = Seconds(wall_start, Clock::now());
     return summary;
@@ -488,6 +543,7 @@ absl::StatusOr<TrainSummary> Trainer::Run(const std::atomic<bool>* stop,
                    {"images_seen", summary.images_seen},
                    {"train_seconds", summary.train_seconds},
                    {"wall_seconds", summary.wall_seconds},
+                   {"step_ms", PhasesMs(summary.phases)},
                    {"stop_reason", summary.stop_reason},
                    {"resumed", summary.resumed},
                    {"threads", threads_},

@@ -27,6 +27,21 @@
 
 namespace momentum::worker {
 
+// Where a training step's wall time goes, in seconds. communication is the
+// time in collectives (waiting for slower ranks included) plus packing the
+// gradients into buckets; forward excludes the key gathers inside it;
+// optimizer holds the momentum update, SGD and the enqueue.
+struct StepPhases {
+  double data = 0;
+  double forward = 0;
+  double backward = 0;
+  double communication = 0;
+  double optimizer = 0;
+
+  StepPhases& operator+=(const StepPhases& o);
+  StepPhases operator/(double n) const;
+};
+
 struct TrainSummary {
   double knn_top1 = -1;  // final kNN top-1 in [0, 1]; -1 when not evaluated
   int64_t steps = 0;
@@ -38,6 +53,8 @@ struct TrainSummary {
   std::string checkpoint;   // the last checkpoint written
   std::string export_path;  // the exported backbone ("" when stopped early)
   bool resumed = false;
+  // Mean per step over the steps of this Run() call (this rank's clock).
+  StepPhases phases;
 };
 
 // Owns the loaders' threads; one thread calls Run().

@@ -82,6 +82,15 @@ TEST_F(TrainerTest, WritesMetricsSummaryCheckpointsAndExport) {
   EXPECT_GE(summary->knn_top1, 0.0);
   EXPECT_LE(summary->knn_top1, 1.0);
   EXPECT_TRUE(fs::exists(out + "/backbone.pt"));
+  // With one rank the phases split the step time (timed on its own) whole.
+  const StepPhases& p = summary->phases;
+  EXPECT_EQ(p.communication, 0.0);
+  EXPECT_GT(p.forward, 0.0);
+  EXPECT_GT(p.backward, 0.0);
+  EXPECT_NEAR(
+      (p.data + p.forward + p.backward + p.communication + p.optimizer) *
+          summary->steps,
+      summary->train_seconds, 1e-9 * summary->train_seconds + 1e-12);
 
   std::ifstream metrics(out + "/metrics.jsonl");
   std::string line;
@@ -92,6 +101,10 @@ TEST_F(TrainerTest, WritesMetricsSummaryCheckpointsAndExport) {
       ++loss_lines;
       EXPECT_TRUE(j.contains("lr") && j.contains("images_per_s"));
       EXPECT_TRUE(std::isfinite(j["loss"].get<double>()));
+      for (const char* phase :
+           {"data", "forward", "backward", "communication", "optimizer"}) {
+        EXPECT_GE(j["step_ms"][phase].get<double>(), 0.0) << phase;
+      }
     }
     if (j.contains("knn_top1")) ++knn_lines;
   }
