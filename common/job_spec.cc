@@ -113,6 +113,7 @@ constexpr Field kFields[] = {
     MOMENTUM_SPEC_FIELD(resources.backend),
     MOMENTUM_SPEC_FIELD(resources.device),
     MOMENTUM_SPEC_FIELD(resources.timeout_s),
+    MOMENTUM_SPEC_FIELD(scheduling.priority),
 };
 
 #undef MOMENTUM_SPEC_FIELD
@@ -674,6 +675,10 @@ void CheckFields(const JobSpec& spec, RuleChecker& check) {
   check.OneOf("resources.backend", resources.backend, {"auto", "gloo", "nccl"});
   check.OneOf("resources.device", resources.device, {"cpu", "cuda"});
   check.Greater("resources.timeout_s", resources.timeout_s, 0);
+
+  check.InRange("scheduling.priority",
+                static_cast<double>(spec.scheduling.priority), -1000, false,
+                1000, false);
 }
 
 // Rules across fields; they assume every field passed CheckFields (no

@@ -124,6 +124,12 @@ struct ResourcesSpec {
   double timeout_s = 300;        // collective and store timeout
 };
 
+// How the coordinator schedules the job (ignored by a worker run alone).
+struct SchedulingSpec {
+  // Higher runs first; equal priorities run in submission order.
+  int64_t priority = 0;
+};
+
 struct JobSpec {
   std::string name = "momentum-job";
   uint64_t seed = 0;
@@ -136,6 +142,7 @@ struct JobSpec {
   CheckpointSpec checkpoint;
   LoggingSpec logging;
   ResourcesSpec resources;
+  SchedulingSpec scheduling;
 };
 
 // Parses and validates YAML text. `overrides` are "dotted.key=value" strings
