@@ -9,8 +9,11 @@ MOMENTUM_PACKAGES=(
   libtorch-dev libgloo-dev libopenblas0-openmp
   libabsl-dev libyaml-cpp-dev libcli11-dev nlohmann-json3-dev libspdlog-dev
   libjpeg62-turbo-dev libpng-dev zlib1g-dev
+  libgrpc++-dev protobuf-compiler protobuf-compiler-grpc libprotobuf-dev
+  prometheus-cpp-dev libsqlite3-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   python3 python3-torch python3-torchvision python3-numpy
+  python3-grpcio python3-grpc-tools python3-protobuf prometheus curl
   dataset-fashion-mnist
 )
 

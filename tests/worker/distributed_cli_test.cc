@@ -15,6 +15,7 @@
 #include <sstream>
 #include <thread>
 
+#include "tests/proc_util.h"
 #include "tests/worker/test_data.h"
 
 namespace momentum::worker {
@@ -145,24 +146,7 @@ TEST_F(DistributedCliTest, FailingRankStopsTheGroupAndIsNamed) {
       << run.output;
 }
 
-// Children of `parent` (the launched ranks), from /proc.
-std::vector<pid_t> ChildrenOf(pid_t parent) {
-  std::vector<pid_t> out;
-  for (const auto& entry : fs::directory_iterator("/proc")) {
-    const std::string name = entry.path().filename().string();
-    if (name.find_first_not_of("0123456789") != std::string::npos) continue;
-    std::ifstream stat(entry.path() / "stat");
-    std::string line;
-    if (!std::getline(stat, line)) continue;
-    // pid (comm) state ppid ...: comm may hold spaces, so parse after ')'.
-    std::istringstream rest(line.substr(line.rfind(')') + 2));
-    std::string state;
-    pid_t ppid = 0;
-    rest >> state >> ppid;
-    if (ppid == parent) out.push_back(std::stoi(name));
-  }
-  return out;
-}
+using momentum::testing::ChildrenOf;
 
 // Starts `momentum-worker --nproc 2` on the job with its output in `log`.
 pid_t SpawnLauncher(const std::string& config, const std::string& log,

@@ -1,0 +1,753 @@
+#include "server/coordinator.h"
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "common/job_spec.h"
+#include "common/process.h"
+#include "common/status_macros.h"
+#include "nlohmann/json.hpp"
+#include "server/local_launcher.h"
+#include "server/server_metrics.h"
+
+namespace momentum::server {
+namespace {
+
+namespace fs = std::filesystem;
+
+int64_t NowMs() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+void SetTime(int64_t ms, google::protobuf::Timestamp* t) {
+  t->set_seconds(ms / 1000);
+  t->set_nanos(static_cast<int32_t>((ms % 1000) * 1000000));
+}
+
+v1::WatchJobEvent NowEvent() {
+  v1::WatchJobEvent event;
+  SetTime(NowMs(), event.mutable_time());
+  return event;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- Subscription
+
+bool Subscription::Next(v1::WatchJobEvent* event,
+                        std::chrono::milliseconds wait) {
+  std::unique_lock<std::mutex> lock(mu_);
+  cv_.wait_for(lock, wait, [&] { return !events_.empty() || closed_; });
+  if (events_.empty()) return false;
+  *event = std::move(events_.front());
+  events_.pop_front();
+  return true;
+}
+
+bool Subscription::Done() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return closed_ && events_.empty();
+}
+
+void Subscription::Push(v1::WatchJobEvent event) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (closed_) return;
+    if (events_.size() >= kMaxBacklog && event.has_metric()) return;
+    events_.push_back(std::move(event));
+  }
+  cv_.notify_all();
+}
+
+void Subscription::Close() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    closed_ = true;
+  }
+  cv_.notify_all();
+}
+
+// ---------------------------------------------------------------- Coordinator
+
+absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Create(
+    const CoordinatorOptions& options, ServerMetrics* metrics) {
+  std::error_code ec;
+  fs::create_directories(fs::path(options.state_dir) / "jobs", ec);
+  if (ec) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("cannot create the state directory ", options.state_dir,
+                     ": ", ec.message()));
+  }
+  MOMENTUM_ASSIGN_OR_RETURN(
+      std::unique_ptr<JobStore> store,
+      JobStore::Open((fs::path(options.state_dir) / "jobs.db").string()));
+  std::unique_ptr<Coordinator> c(
+      new Coordinator(options, std::move(store), metrics));
+  if (options.local_slots > 0) {
+    c->AddLauncher(std::make_shared<LocalLauncher>(
+        options.worker_binary, options.local_slots,
+        (fs::path(options.state_dir) / "jobs").string(), c.get()));
+  }
+  // A previous coordinator's running jobs lost their supervisor: relaunch
+  // them from their checkpoints.
+  MOMENTUM_ASSIGN_OR_RETURN(std::vector<JobRecord> active, c->store_->Active());
+  for (const JobRecord& job : active) {
+    if (job.state == v1::JOB_STATE_RUNNING) {
+      MOMENTUM_RETURN_IF_ERROR(
+          c->store_
+              ->Transition(job.id, v1::JOB_STATE_RESTARTING,
+                           "the coordinator restarted; relaunching from the "
+                           "newest checkpoint",
+                           NowMs())
+              .status());
+    }
+  }
+  return c;
+}
+
+Coordinator::Coordinator(const CoordinatorOptions& options,
+                         std::unique_ptr<JobStore> store,
+                         ServerMetrics* metrics)
+    : options_(options), store_(std::move(store)), metrics_(metrics) {}
+
+Coordinator::~Coordinator() { Shutdown(); }
+
+void Coordinator::SetReportAddress(const std::string& address) {
+  std::lock_guard<std::mutex> lock(mu_);
+  report_address_ = address;
+}
+
+void Coordinator::Start() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (loop_.joinable() || stopping_) return;
+  loop_ = std::thread(&Coordinator::Loop, this);
+}
+
+void Coordinator::Shutdown() {
+  std::vector<std::shared_ptr<Launcher>> launchers;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stopping_ && !loop_.joinable() && launchers_.empty()) return;
+    stopping_ = true;
+    for (auto& [id, run] : running_) {
+      for (auto& [rank, slot] : run.ranks) {
+        if (slot.running) {
+          slot.launcher->Stop(id, run.attempt, options_.grace_seconds);
+        }
+      }
+    }
+  }
+  cv_.notify_all();
+  if (loop_.joinable()) loop_.join();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    launchers = std::move(launchers_);
+    launchers_.clear();
+  }
+  // The local launcher's destructor waits for (and if need be kills) its
+  // ranks; the jobs stay RUNNING in the store and are relaunched by the next
+  // coordinator.
+  launchers.clear();
+  std::lock_guard<std::mutex> lock(subs_mu_);
+  for (auto& [id, list] : subs_) {
+    for (auto& s : list) s->Close();
+  }
+  subs_.clear();
+}
+
+std::string Coordinator::JobDirOf(const std::string& id) const {
+  return (fs::path(options_.state_dir) / "jobs" / id).string();
+}
+
+std::string Coordinator::OutputDirOf(const JobRecord& job) const {
+  if (job.output_dir.empty()) return JobDirOf(job.id);
+  fs::path p(job.output_dir);
+  if (p.is_absolute()) return p.lexically_normal().string();
+  return (fs::path(JobDirOf(job.id)) / p).lexically_normal().string();
+}
+
+// ---------------------------------------------------------------- job API
+
+absl::StatusOr<v1::Job> Coordinator::Submit(
+    const std::string& spec_yaml, const std::vector<std::string>& overrides) {
+  MOMENTUM_ASSIGN_OR_RETURN(JobSpec spec,
+                            ParseJobSpec(spec_yaml, overrides, "spec"));
+  JobRecord job;
+  job.name = spec.name;
+  job.priority = spec.scheduling.priority;
+  job.world_size = spec.resources.nproc;
+  job.output_dir = spec.output_dir;
+  job.spec_yaml = JobSpecToYaml(spec);
+  MOMENTUM_ASSIGN_OR_RETURN(job, store_->Insert(job, NowMs()));
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    wake_ = true;
+    UpdateMetricsLocked();
+  }
+  cv_.notify_all();
+  return ToProto(job);
+}
+
+absl::StatusOr<v1::Job> Coordinator::GetJob(const std::string& id) {
+  MOMENTUM_ASSIGN_OR_RETURN(JobRecord job, store_->Get(id));
+  return ToProto(job);
+}
+
+absl::StatusOr<v1::ListJobsResponse> Coordinator::ListJobs(
+    const v1::ListJobsRequest& request) {
+  JobFilter filter;
+  for (int s : request.states()) {
+    filter.states.push_back(static_cast<JobState>(s));
+  }
+  filter.name_contains = request.name_contains();
+  int64_t page_size = request.page_size() == 0 ? 50 : request.page_size();
+  if (page_size < 0 || page_size > 1000) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "page_size must be in [0, 1000], got ", request.page_size()));
+  }
+  int64_t offset = 0;
+  if (!request.page_token().empty() &&
+      (!absl::SimpleAtoi(request.page_token(), &offset) || offset < 0)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("page_token is not a token this server gave out: \"",
+                     request.page_token(), "\""));
+  }
+  int64_t total = 0;
+  MOMENTUM_ASSIGN_OR_RETURN(std::vector<JobRecord> jobs,
+                            store_->List(filter, offset, page_size, &total));
+  v1::ListJobsResponse response;
+  for (const JobRecord& job : jobs) *response.add_jobs() = ToProto(job);
+  response.set_total_size(static_cast<int32_t>(total));
+  if (offset + static_cast<int64_t>(jobs.size()) < total) {
+    response.set_next_page_token(absl::StrCat(offset + jobs.size()));
+  }
+  return response;
+}
+
+absl::StatusOr<v1::Job> Coordinator::Cancel(const std::string& id,
+                                            const std::string& reason) {
+  std::unique_lock<std::mutex> lock(mu_);
+  MOMENTUM_ASSIGN_OR_RETURN(JobRecord before, store_->Get(id));
+  if (IsFinal(before.state)) return ToProto(before);
+  const std::string why = reason.empty() ? "cancelled by request" : reason;
+  MOMENTUM_ASSIGN_OR_RETURN(
+      JobRecord after,
+      store_->Transition(id, v1::JOB_STATE_CANCELLED, why, NowMs()));
+  auto it = running_.find(id);
+  if (it != running_.end()) StopRanksLocked(id, it->second);
+  wake_ = true;
+  UpdateMetricsLocked();
+  lock.unlock();
+  cv_.notify_all();
+  PublishChange(before, after);
+  return ToProto(after);
+}
+
+absl::StatusOr<std::shared_ptr<Subscription>> Coordinator::Watch(
+    const std::string& id, bool metrics, bool logs) {
+  auto subscription = std::make_shared<Subscription>(id, metrics, logs);
+  {
+    // Subscribed before the snapshot is read: no change falls in between.
+    std::lock_guard<std::mutex> lock(subs_mu_);
+    subs_[id].push_back(subscription);
+  }
+  absl::StatusOr<JobRecord> job = store_->Get(id);
+  if (!job.ok()) {
+    Unwatch(subscription);
+    return job.status();
+  }
+  v1::WatchJobEvent snapshot = NowEvent();
+  *snapshot.mutable_job() = ToProto(*job);
+  subscription->Push(snapshot);
+  if (IsFinal(job->state)) {
+    subscription->Close();
+    Unwatch(subscription);
+  }
+  return subscription;
+}
+
+void Coordinator::Unwatch(const std::shared_ptr<Subscription>& subscription) {
+  std::lock_guard<std::mutex> lock(subs_mu_);
+  auto it = subs_.find(subscription->job_id());
+  if (it == subs_.end()) return;
+  auto& list = it->second;
+  list.erase(std::remove(list.begin(), list.end(), subscription), list.end());
+  if (list.empty()) subs_.erase(it);
+}
+
+absl::StatusOr<std::vector<v1::LogLine>> Coordinator::ReadLogs(
+    const std::string& id, int64_t rank, int64_t from_line) {
+  MOMENTUM_ASSIGN_OR_RETURN(JobRecord job, store_->Get(id));
+  std::vector<v1::LogLine> lines;
+  const fs::path dir = fs::path(JobDirOf(id)) / "logs";
+  for (int64_t r = 0; r < job.world_size; ++r) {
+    if (rank >= 0 && r != rank) continue;
+    std::ifstream in(dir / absl::StrCat("rank-", r, ".log"));
+    std::string text;
+    int64_t n = 0;
+    while (std::getline(in, text)) {
+      ++n;
+      if (n < from_line) continue;
+      v1::LogLine line;
+      line.set_rank(static_cast<int32_t>(r));
+      line.set_line_number(n);
+      line.set_text(text);
+      lines.push_back(std::move(line));
+    }
+  }
+  return lines;
+}
+
+// ---------------------------------------------------------------- events
+
+void Coordinator::OnRankOutput(const std::string& job_id, int64_t attempt,
+                               int64_t rank, const std::string& line) {
+  (void)attempt;
+  v1::WatchJobEvent event = NowEvent();
+  {
+    std::lock_guard<std::mutex> lock(logs_mu_);
+    LogFile& log = logs_[{job_id, rank}];
+    if (!log.out.is_open()) {
+      const fs::path dir = fs::path(JobDirOf(job_id)) / "logs";
+      std::error_code ec;
+      fs::create_directories(dir, ec);
+      const fs::path path = dir / absl::StrCat("rank-", rank, ".log");
+      // Lines of earlier attempts (and coordinators) count.
+      std::ifstream existing(path);
+      std::string skip;
+      while (std::getline(existing, skip)) ++log.lines;
+      log.out.open(path, std::ios::app);
+    }
+    log.out << line << '\n';
+    log.out.flush();
+    ++log.lines;
+    v1::LogLine* l = event.mutable_log();
+    l->set_rank(static_cast<int32_t>(rank));
+    l->set_line_number(log.lines);
+    l->set_text(line);
+    *l->mutable_time() = event.time();
+  }
+  Publish(job_id, event, /*is_metric=*/false, /*is_log=*/true);
+}
+
+void Coordinator::OnRankExited(const std::string& job_id, int64_t attempt,
+                               int64_t rank, int exit_code, int signal,
+                               const std::string& description) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    exits_.push_back({job_id, attempt, rank, exit_code, signal, description});
+  }
+  cv_.notify_all();
+}
+
+void Coordinator::OnMetric(const std::string& job_id, int64_t attempt,
+                           const v1::MetricSample& sample) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = running_.find(job_id);
+    if (it == running_.end() || it->second.attempt != attempt) return;
+  }
+  if (sample.rank() == 0) {
+    std::lock_guard<std::mutex> lock(progress_mu_);
+    auto [it, added] = progress_.try_emplace(job_id);
+    v1::JobProgress& p = it->second;
+    if (added) p.set_knn_top1(-1);
+    p.set_epoch(sample.epoch());
+    p.set_step(sample.step());
+    p.set_fraction(sample.fraction());
+    p.set_loss(sample.loss());
+    p.set_learning_rate(sample.learning_rate());
+    p.set_images_per_second(sample.images_per_second());
+    p.set_eta_seconds(sample.eta_seconds());
+    if (sample.knn_top1() >= 0) p.set_knn_top1(sample.knn_top1());
+  }
+  if (metrics_ != nullptr) metrics_->OnSample(job_id, sample);
+  v1::WatchJobEvent event = NowEvent();
+  *event.mutable_metric() = sample;
+  Publish(job_id, event, /*is_metric=*/true, /*is_log=*/false);
+}
+
+void Coordinator::AddLauncher(std::shared_ptr<Launcher> launcher) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    used_slots_[launcher.get()] = 0;
+    launchers_.push_back(std::move(launcher));
+    wake_ = true;
+    UpdateMetricsLocked();
+  }
+  cv_.notify_all();
+}
+
+void Coordinator::RemoveLauncher(const Launcher* launcher) {
+  std::lock_guard<std::mutex> lock(mu_);
+  launchers_.erase(
+      std::remove_if(launchers_.begin(), launchers_.end(),
+                     [&](const auto& l) { return l.get() == launcher; }),
+      launchers_.end());
+  used_slots_.erase(launcher);
+  UpdateMetricsLocked();
+}
+
+// ---------------------------------------------------------------- scheduling
+
+void Coordinator::Loop() {
+  std::unique_lock<std::mutex> lock(mu_);
+  while (!stopping_) {
+    cv_.wait_for(lock, std::chrono::seconds(1),
+                 [&] { return stopping_ || wake_ || !exits_.empty(); });
+    if (stopping_) break;
+    wake_ = false;
+    while (!exits_.empty()) {
+      Exit exit = std::move(exits_.front());
+      exits_.pop_front();
+      HandleExit(exit);
+    }
+    Schedule();
+    UpdateMetricsLocked();
+  }
+}
+
+int64_t Coordinator::FreeSlotsLocked(const Launcher* launcher) const {
+  auto it = used_slots_.find(launcher);
+  const int64_t used = it == used_slots_.end() ? 0 : it->second;
+  return std::max<int64_t>(0, launcher->Slots() - used);
+}
+
+std::vector<std::pair<Launcher*, std::vector<int64_t>>> Coordinator::Place(
+    int64_t world_size) {
+  std::vector<std::pair<Launcher*, std::vector<int64_t>>> placement;
+  // One launcher that holds the whole gang, the first added (local) first.
+  for (const auto& l : launchers_) {
+    if (FreeSlotsLocked(l.get()) >= world_size) {
+      std::vector<int64_t> ranks;
+      for (int64_t r = 0; r < world_size; ++r) ranks.push_back(r);
+      placement.emplace_back(l.get(), ranks);
+      return placement;
+    }
+  }
+  // Else spread it, largest free first; rank 0 where most ranks run.
+  std::vector<std::pair<int64_t, Launcher*>> free;
+  int64_t total = 0;
+  for (const auto& l : launchers_) {
+    const int64_t f = FreeSlotsLocked(l.get());
+    if (f > 0) free.emplace_back(f, l.get());
+    total += f;
+  }
+  if (total < world_size) return {};
+  std::stable_sort(free.begin(), free.end(), [](const auto& a, const auto& b) {
+    return a.first > b.first;
+  });
+  int64_t next = 0;
+  for (const auto& [f, l] : free) {
+    std::vector<int64_t> ranks;
+    for (int64_t i = 0; i < f && next < world_size; ++i)
+      ranks.push_back(next++);
+    if (!ranks.empty()) placement.emplace_back(l, ranks);
+    if (next == world_size) break;
+  }
+  return placement;
+}
+
+void Coordinator::Schedule() {
+  // Relaunches first (their gang was already admitted once), then the
+  // queue by priority and submission order. A job that does not fit stops
+  // the queue: later, smaller jobs do not overtake it.
+  absl::StatusOr<std::vector<JobRecord>> active = store_->Active();
+  absl::StatusOr<std::vector<JobRecord>> pending = store_->Pending();
+  if (!active.ok() || !pending.ok()) return;
+  std::vector<JobRecord> queue;
+  for (const JobRecord& job : *active) {
+    if (job.state == v1::JOB_STATE_RESTARTING && !running_.count(job.id)) {
+      queue.push_back(job);
+    }
+  }
+  queue.insert(queue.end(), pending->begin(), pending->end());
+  for (const JobRecord& job : queue) {
+    if (Place(job.world_size).empty()) break;
+    LaunchLocked(job);
+  }
+}
+
+void Coordinator::LaunchLocked(const JobRecord& queued) {
+  const std::vector<std::pair<Launcher*, std::vector<int64_t>>> placement =
+      Place(queued.world_size);
+  if (placement.empty()) return;
+  absl::StatusOr<JobSpec> spec = ParseJobSpec(queued.spec_yaml, {}, queued.id);
+  std::string failure;
+  absl::StatusOr<int64_t> port = PickFreePort();
+  if (!spec.ok()) {
+    failure = absl::StrCat("the stored spec no longer parses: ",
+                           spec.status().message());
+  } else if (!port.ok()) {
+    failure = std::string(port.status().message());
+  }
+  if (!failure.empty()) {
+    absl::StatusOr<JobRecord> after =
+        store_->Transition(queued.id, v1::JOB_STATE_FAILED, failure, NowMs());
+    if (after.ok()) PublishChange(queued, *after);
+    if (after.ok()) CloseSubscriptions(queued.id);
+    return;
+  }
+  spec->output_dir = OutputDirOf(queued);
+  const std::string spec_yaml = JobSpecToYaml(*spec);
+
+  std::string where;
+  for (const auto& [launcher, ranks] : placement) {
+    absl::StrAppend(&where, where.empty() ? "" : ", ", ranks.size(), " on ",
+                    launcher->Name());
+  }
+  // Committed before anything starts.
+  absl::StatusOr<JobRecord> after = store_->Transition(
+      queued.id, v1::JOB_STATE_RUNNING,
+      absl::StrCat(queued.world_size,
+                   queued.world_size == 1 ? " rank" : " ranks", " launched (",
+                   where, ")"),
+      NowMs());
+  if (!after.ok()) return;  // cancelled meanwhile
+  JobRecord job = *after;
+  job.attempt = queued.attempt + 1;
+  if (queued.state == v1::JOB_STATE_RESTARTING)
+    job.restarts = queued.restarts + 1;
+  (void)store_->UpdateRun(job);
+
+  RunningJob& run = running_[job.id];
+  run = RunningJob();
+  run.attempt = job.attempt;
+  run.world_size = job.world_size;
+  const std::string master_addr = placement.front().first->Address();
+  for (const auto& [launcher, ranks] : placement) {
+    used_slots_[launcher] += static_cast<int64_t>(ranks.size());
+    for (int64_t r : ranks) run.ranks[r] = RankSlot{launcher, true};
+  }
+  for (const auto& [launcher, ranks] : placement) {
+    LaunchRequest request;
+    request.job_id = job.id;
+    request.attempt = job.attempt;
+    request.world_size = job.world_size;
+    request.ranks = ranks;
+    request.spec_yaml = spec_yaml;
+    request.master_addr = master_addr;
+    request.master_port = *port;
+    request.env = {absl::StrCat("MOMENTUM_JOB_ID=", job.id),
+                   absl::StrCat("MOMENTUM_ATTEMPT=", job.attempt)};
+    if (!report_address_.empty()) {
+      request.env.push_back("MOMENTUM_COORDINATOR=" + report_address_);
+    }
+    absl::Status launched = launcher->Launch(request);
+    if (!launched.ok()) {
+      for (int64_t r : ranks) {
+        exits_.push_back(
+            {job.id, job.attempt, r, 1, 0,
+             absl::StrCat("could not be launched on ", launcher->Name(), ": ",
+                          launched.message())});
+      }
+      wake_ = true;
+    }
+  }
+  PublishChange(queued, job);
+}
+
+void Coordinator::StopRanksLocked(const std::string& job_id, RunningJob& run) {
+  run.stopping = true;
+  std::set<Launcher*> launchers;
+  for (auto& [rank, slot] : run.ranks) {
+    if (slot.running) launchers.insert(slot.launcher);
+  }
+  for (Launcher* l : launchers) {
+    l->Stop(job_id, run.attempt, options_.grace_seconds);
+  }
+}
+
+void Coordinator::HandleExit(const Exit& exit) {
+  auto it = running_.find(exit.job_id);
+  if (it == running_.end() || it->second.attempt != exit.attempt) return;
+  RunningJob& run = it->second;
+  auto slot = run.ranks.find(exit.rank);
+  if (slot == run.ranks.end() || !slot->second.running) return;
+  slot->second.running = false;
+  auto used = used_slots_.find(slot->second.launcher);
+  if (used != used_slots_.end()) used->second -= 1;
+
+  bool all_ended = true, all_zero = true;
+  for (const auto& [rank, s] : run.ranks) all_ended = all_ended && !s.running;
+
+  absl::StatusOr<JobRecord> before = store_->Get(exit.job_id);
+  if (!before.ok()) return;
+  if (exit.exit_code != 0 && !run.stopping && !IsFinal(before->state)) {
+    std::string reason =
+        absl::StrCat("rank ", exit.rank, " ", exit.description);
+    const std::string tail = LastLines(exit.job_id, exit.rank, 1);
+    if (!tail.empty()) absl::StrAppend(&reason, ": ", tail);
+    run.first_failure = reason;
+    absl::StatusOr<JobRecord> after =
+        store_->Transition(exit.job_id, v1::JOB_STATE_FAILED, reason, NowMs());
+    StopRanksLocked(exit.job_id, run);
+    if (after.ok()) {
+      PublishChange(*before, *after);
+      CloseSubscriptions(exit.job_id);
+    }
+  }
+  if (exit.exit_code != 0) all_zero = false;
+  if (!all_ended) return;
+
+  // The whole gang has ended.
+  absl::StatusOr<JobRecord> now = store_->Get(exit.job_id);
+  const bool finished_well = all_zero && run.first_failure.empty() &&
+                             !run.stopping && now.ok() &&
+                             now->state == v1::JOB_STATE_RUNNING;
+  if (finished_well) {
+    JobRecord job = *now;
+    std::string reason = absl::StrCat("all ", run.world_size,
+                                      run.world_size == 1 ? " rank" : " ranks",
+                                      " exited with code 0");
+    std::ifstream in(fs::path(OutputDirOf(job)) / "summary.json");
+    nlohmann::json summary = nlohmann::json::parse(in, nullptr, false);
+    if (!summary.is_discarded() && summary.is_object()) {
+      job.knn_top1 = summary.value("knn_top1", -1.0);
+      job.export_path = summary.value("export", std::string());
+    } else {
+      std::lock_guard<std::mutex> lock(progress_mu_);
+      auto p = progress_.find(job.id);
+      if (p != progress_.end()) job.knn_top1 = p->second.knn_top1();
+    }
+    if (job.knn_top1 >= 0) {
+      absl::StrAppend(
+          &reason, absl::StrFormat("; kNN top-1 %.2f%%", 100 * job.knn_top1));
+    }
+    (void)store_->UpdateRun(job);
+    absl::StatusOr<JobRecord> after =
+        store_->Transition(job.id, v1::JOB_STATE_SUCCEEDED, reason, NowMs());
+    if (after.ok()) {
+      PublishChange(*now, *after);
+      CloseSubscriptions(job.id);
+    }
+  }
+  running_.erase(it);
+  wake_ = true;
+}
+
+// ---------------------------------------------------------------- helpers
+
+v1::Job Coordinator::ToProto(const JobRecord& job) {
+  v1::Job out;
+  out.set_id(job.id);
+  out.set_name(job.name);
+  out.set_state(job.state);
+  out.set_state_reason(job.state_reason);
+  out.set_priority(static_cast<int32_t>(job.priority));
+  out.set_world_size(static_cast<int32_t>(job.world_size));
+  out.set_spec_yaml(job.spec_yaml);
+  out.set_output_dir(OutputDirOf(job));
+  if (job.submit_ms > 0) SetTime(job.submit_ms, out.mutable_submit_time());
+  if (job.start_ms > 0) SetTime(job.start_ms, out.mutable_start_time());
+  if (job.end_ms > 0) SetTime(job.end_ms, out.mutable_end_time());
+  out.set_restarts(static_cast<int32_t>(job.restarts));
+  out.set_export_path(job.export_path);
+  if (job.state == v1::JOB_STATE_PENDING) {
+    absl::StatusOr<std::vector<JobRecord>> pending = store_->Pending();
+    if (pending.ok()) {
+      for (size_t i = 0; i < pending->size(); ++i) {
+        if ((*pending)[i].id == job.id) out.set_queue_position(i + 1);
+      }
+    }
+  }
+  v1::JobProgress* p = out.mutable_progress();
+  p->set_knn_top1(-1);
+  p->set_eta_seconds(-1);
+  {
+    std::lock_guard<std::mutex> lock(progress_mu_);
+    auto it = progress_.find(job.id);
+    if (it != progress_.end()) *p = it->second;
+  }
+  if (job.knn_top1 >= 0) p->set_knn_top1(job.knn_top1);
+  return out;
+}
+
+void Coordinator::Publish(const std::string& job_id,
+                          const v1::WatchJobEvent& event, bool is_metric,
+                          bool is_log) {
+  std::lock_guard<std::mutex> lock(subs_mu_);
+  auto it = subs_.find(job_id);
+  if (it == subs_.end()) return;
+  for (auto& s : it->second) {
+    if (is_metric && !s->wants_metrics()) continue;
+    if (is_log && !s->wants_logs()) continue;
+    s->Push(event);
+  }
+}
+
+void Coordinator::PublishChange(const JobRecord& before,
+                                const JobRecord& after) {
+  v1::WatchJobEvent event = NowEvent();
+  v1::StateChange* change = event.mutable_state_change();
+  change->set_from(before.state);
+  change->set_to(after.state);
+  change->set_reason(after.state_reason);
+  Publish(after.id, event);
+  if (metrics_ != nullptr && IsFinal(after.state)) metrics_->JobEnded(after.id);
+  if (IsFinal(after.state)) {
+    v1::WatchJobEvent snapshot = NowEvent();
+    *snapshot.mutable_job() = ToProto(after);
+    Publish(after.id, snapshot);
+  }
+}
+
+void Coordinator::CloseSubscriptions(const std::string& job_id) {
+  std::vector<std::shared_ptr<Subscription>> list;
+  {
+    std::lock_guard<std::mutex> lock(subs_mu_);
+    auto it = subs_.find(job_id);
+    if (it == subs_.end()) return;
+    list = std::move(it->second);
+    subs_.erase(it);
+  }
+  for (auto& s : list) s->Close();
+}
+
+std::string Coordinator::LastLines(const std::string& job_id, int64_t rank,
+                                   int n) {
+  std::ifstream in(fs::path(JobDirOf(job_id)) / "logs" /
+                   absl::StrCat("rank-", rank, ".log"));
+  std::deque<std::string> last;
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.empty()) continue;
+    last.push_back(line);
+    if (static_cast<int>(last.size()) > n) last.pop_front();
+  }
+  std::string out;
+  for (const std::string& l : last)
+    absl::StrAppend(&out, out.empty() ? "" : " | ", l);
+  return out;
+}
+
+void Coordinator::UpdateMetricsLocked() {
+  if (metrics_ == nullptr) return;
+  int64_t total = 0, used = 0;
+  for (const auto& l : launchers_) {
+    total += l->Slots();
+    auto it = used_slots_.find(l.get());
+    if (it != used_slots_.end()) used += it->second;
+  }
+  metrics_->SetSlots(used, std::max<int64_t>(0, total - used));
+  std::map<v1::JobState, int64_t> by_state;
+  for (JobState s : {v1::JOB_STATE_PENDING, v1::JOB_STATE_RUNNING,
+                     v1::JOB_STATE_RESTARTING, v1::JOB_STATE_SUCCEEDED,
+                     v1::JOB_STATE_FAILED, v1::JOB_STATE_CANCELLED}) {
+    JobFilter filter;
+    filter.states = {s};
+    int64_t n = 0;
+    if (store_->List(filter, 0, 1, &n).ok()) by_state[s] = n;
+  }
+  metrics_->SetJobs(by_state);
+}
+
+}  // namespace momentum::server

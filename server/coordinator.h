@@ -1,0 +1,217 @@
+// The coordinator's core, behind the gRPC services: stores jobs, schedules
+// them onto launchers' slots as whole gangs, launches and supervises their
+// ranks, keeps their logs and progress, and feeds watchers. Knows nothing of
+// gRPC transport; the services in server/*_service.cc are thin.
+//
+// Every change of a job's state is committed to the JobStore, with its
+// reason, before it is acted on (ranks launched or stopped) or published.
+#ifndef MOMENTUM_SERVER_COORDINATOR_H_
+#define MOMENTUM_SERVER_COORDINATOR_H_
+
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "momentum/v1/jobs.pb.h"
+#include "server/job_store.h"
+#include "server/launcher.h"
+
+namespace momentum::server {
+
+class ServerMetrics;
+
+struct CoordinatorOptions {
+  // Holds jobs.db and, per job, jobs/<id>/ (logs, attempts, and the output
+  // of a spec whose output_dir is relative).
+  std::string state_dir;
+  // momentum-worker, for the local launcher.
+  std::string worker_binary;
+  // Ranks the coordinator may run as its own children; 0: none (agents
+  // only).
+  int64_t local_slots = 1;
+  // How long a stopped rank has between SIGTERM and SIGKILL.
+  double grace_seconds = 10;
+};
+
+// The events of one WatchJob or GetJobLogs stream, in order. Thread-safe.
+class Subscription {
+ public:
+  Subscription(std::string job_id, bool metrics, bool logs)
+      : job_id_(std::move(job_id)), metrics_(metrics), logs_(logs) {}
+
+  const std::string& job_id() const { return job_id_; }
+  bool wants_metrics() const { return metrics_; }
+  bool wants_logs() const { return logs_; }
+
+  // Waits up to `wait` for the next event; false when there is none (yet).
+  bool Next(v1::WatchJobEvent* event, std::chrono::milliseconds wait);
+  // True once closed and drained: the stream is over.
+  bool Done() const;
+
+  void Push(v1::WatchJobEvent event);
+  void Close();
+
+ private:
+  const std::string job_id_;
+  const bool metrics_, logs_;
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<v1::WatchJobEvent> events_;
+  bool closed_ = false;
+  // Bounds a slow reader's backlog: past it, metric samples are dropped.
+  static constexpr size_t kMaxBacklog = 10000;
+};
+
+class Coordinator : public LaunchEvents {
+ public:
+  // Opens (or creates) the store under options.state_dir and adds the local
+  // launcher. Jobs that were RUNNING when a previous coordinator stopped are
+  // moved to RESTARTING and relaunched from their checkpoints by Start().
+  static absl::StatusOr<std::unique_ptr<Coordinator>> Create(
+      const CoordinatorOptions& options, ServerMetrics* metrics = nullptr);
+  ~Coordinator() override;
+
+  // The address ranks report metrics to (host:port of the internal
+  // service); set before Start().
+  void SetReportAddress(const std::string& address);
+  // Starts scheduling.
+  void Start();
+  // Stops scheduling and the local ranks (SIGTERM, then SIGKILL after the
+  // grace), and ends every watch stream.
+  void Shutdown();
+
+  // The job API. Errors are canonical: INVALID_ARGUMENT naming the spec
+  // field, NOT_FOUND naming the job, ...
+  absl::StatusOr<v1::Job> Submit(const std::string& spec_yaml,
+                                 const std::vector<std::string>& overrides);
+  absl::StatusOr<v1::Job> GetJob(const std::string& id);
+  absl::StatusOr<v1::ListJobsResponse> ListJobs(
+      const v1::ListJobsRequest& request);
+  absl::StatusOr<v1::Job> Cancel(const std::string& id,
+                                 const std::string& reason);
+
+  // A stream of the job's events: first a snapshot of the job, then its
+  // state changes (and metric samples and log lines if asked), closed after
+  // the job reached a final state and a last snapshot.
+  absl::StatusOr<std::shared_ptr<Subscription>> Watch(const std::string& id,
+                                                      bool metrics, bool logs);
+  void Unwatch(const std::shared_ptr<Subscription>& subscription);
+
+  // Stored output lines of the job (rank >= 0: that rank only) from line
+  // `from_line` of each rank, in rank then line order.
+  absl::StatusOr<std::vector<v1::LogLine>> ReadLogs(const std::string& id,
+                                                    int64_t rank,
+                                                    int64_t from_line);
+
+  // A metric sample from a rank of the job's current attempt (samples of
+  // older attempts are ignored).
+  void OnMetric(const std::string& job_id, int64_t attempt,
+                const v1::MetricSample& sample);
+
+  // Launchers: the local one is added by Create(); agents come and go.
+  void AddLauncher(std::shared_ptr<Launcher> launcher);
+  void RemoveLauncher(const Launcher* launcher);
+
+  // LaunchEvents.
+  void OnRankOutput(const std::string& job_id, int64_t attempt, int64_t rank,
+                    const std::string& line) override;
+  void OnRankExited(const std::string& job_id, int64_t attempt, int64_t rank,
+                    int exit_code, int signal,
+                    const std::string& description) override;
+
+  // The folder where the job's ranks write (its spec's output_dir, made
+  // absolute under the job's folder when relative).
+  std::string OutputDirOf(const JobRecord& job) const;
+  std::string JobDirOf(const std::string& id) const;
+
+ private:
+  Coordinator(const CoordinatorOptions& options,
+              std::unique_ptr<JobStore> store, ServerMetrics* metrics);
+
+  // A launched gang.
+  struct RankSlot {
+    Launcher* launcher = nullptr;
+    bool running = true;
+  };
+  struct RunningJob {
+    int64_t attempt = 0;
+    int64_t world_size = 0;
+    std::map<int64_t, RankSlot> ranks;
+    bool stopping = false;  // failed or cancelled: waiting for the ranks
+    std::string first_failure;
+  };
+  struct Exit {
+    std::string job_id;
+    int64_t attempt;
+    int64_t rank;
+    int exit_code;
+    int signal;
+    std::string description;
+  };
+
+  void Loop();
+  void HandleExit(const Exit& exit);
+  void Schedule();
+  // Places `world_size` ranks on launchers with free slots; empty when they
+  // do not all fit now.
+  std::vector<std::pair<Launcher*, std::vector<int64_t>>> Place(
+      int64_t world_size);
+  void LaunchLocked(const JobRecord& job);
+  void StopRanksLocked(const std::string& job_id, RunningJob& run);
+  int64_t FreeSlotsLocked(const Launcher* launcher) const;
+
+  v1::Job ToProto(const JobRecord& job);
+  void Publish(const std::string& job_id, const v1::WatchJobEvent& event,
+               bool is_metric = false, bool is_log = false);
+  void PublishChange(const JobRecord& before, const JobRecord& after);
+  void CloseSubscriptions(const std::string& job_id);
+  std::string LastLines(const std::string& job_id, int64_t rank, int n);
+  void UpdateMetricsLocked();
+
+  const CoordinatorOptions options_;
+  std::unique_ptr<JobStore> store_;
+  ServerMetrics* const metrics_;
+  std::string report_address_;
+
+  // Scheduling state.
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool stopping_ = false;
+  bool wake_ = false;
+  std::vector<std::shared_ptr<Launcher>> launchers_;
+  std::map<const Launcher*, int64_t> used_slots_;
+  std::map<std::string, RunningJob> running_;
+  std::deque<Exit> exits_;
+  std::thread loop_;
+
+  // Rank 0's last reported progress per job.
+  std::mutex progress_mu_;
+  std::map<std::string, v1::JobProgress> progress_;
+
+  // Watchers.
+  std::mutex subs_mu_;
+  std::map<std::string, std::vector<std::shared_ptr<Subscription>>> subs_;
+
+  // Logs: one file per job and rank, and its line count.
+  std::mutex logs_mu_;
+  struct LogFile {
+    std::ofstream out;
+    int64_t lines = 0;
+  };
+  std::map<std::pair<std::string, int64_t>, LogFile> logs_;
+};
+
+}  // namespace momentum::server
+
+#endif  // MOMENTUM_SERVER_COORDINATOR_H_

@@ -1,0 +1,234 @@
+#include "server/local_launcher.h"
+
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+
+#include "absl/strings/str_cat.h"
+#include "common/process.h"
+
+namespace momentum::server {
+namespace {
+
+namespace fs = std::filesystem;
+
+const std::vector<std::string> kRankVariables = {
+    "RANK",        "LOCAL_RANK",  "WORLD_SIZE", "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK", "ROLE_RANK"};
+
+}  // namespace
+
+LocalLauncher::LocalLauncher(std::string worker_binary, int64_t slots,
+                             std::string work_dir, LaunchEvents* events)
+    : worker_binary_(std::move(worker_binary)),
+      slots_(slots),
+      work_dir_(std::move(work_dir)),
+      events_(events) {}
+
+LocalLauncher::~LocalLauncher() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    shutting_down_ = true;
+    for (const auto& p : processes_) {
+      if (p->running) ::kill(-p->pid, SIGKILL);
+    }
+  }
+  shutdown_cv_.notify_all();
+  for (Thread& t : threads_) t.thread.join();
+}
+
+template <typename Fn>
+void LocalLauncher::StartThreadLocked(Fn fn) {
+  std::vector<Thread> alive;
+  for (Thread& t : threads_) {
+    if (t.done->load()) {
+      t.thread.join();
+    } else {
+      alive.push_back(std::move(t));
+    }
+  }
+  threads_ = std::move(alive);
+  std::vector<std::shared_ptr<Process>> running;
+  for (auto& p : processes_) {
+    if (p->running) running.push_back(p);
+  }
+  processes_ = std::move(running);
+  auto done = std::make_shared<std::atomic<bool>>(false);
+  threads_.push_back({std::thread([fn = std::move(fn), done] {
+                        fn();
+                        done->store(true);
+                      }),
+                      done});
+}
+
+absl::Status LocalLauncher::Launch(const LaunchRequest& request) {
+  const fs::path dir = fs::path(work_dir_) / request.job_id /
+                       absl::StrCat("attempt-", request.attempt);
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec) {
+    return absl::InternalError(
+        absl::StrCat("creating ", dir.string(), ": ", ec.message()));
+  }
+  const fs::path spec_path = dir / "spec.yaml";
+  {
+    std::ofstream out(spec_path);
+    out << request.spec_yaml;
+    out.close();
+    if (!out) {
+      return absl::InternalError(
+          absl::StrCat("writing ", spec_path.string(), " failed"));
+    }
+  }
+  const int64_t local_world = static_cast<int64_t>(request.ranks.size());
+  for (size_t i = 0; i < request.ranks.size(); ++i) {
+    const int64_t rank = request.ranks[i];
+    SpawnOptions options;
+    options.argv = {worker_binary_, "--config", spec_path.string()};
+    options.env = EnvironmentWithout(kRankVariables);
+    options.env.push_back(absl::StrCat("RANK=", rank));
+    options.env.push_back(absl::StrCat("LOCAL_RANK=", i));
+    options.env.push_back(absl::StrCat("WORLD_SIZE=", request.world_size));
+    options.env.push_back(absl::StrCat("LOCAL_WORLD_SIZE=", local_world));
+    options.env.push_back(absl::StrCat("MASTER_ADDR=", request.master_addr));
+    options.env.push_back(absl::StrCat("MASTER_PORT=", request.master_port));
+    for (const std::string& e : request.env) options.env.push_back(e);
+    options.cwd = dir.string();
+    options.new_process_group = true;
+
+    int fds[2];
+    if (::pipe2(fds, O_CLOEXEC) != 0) {
+      const std::string why = absl::StrCat("pipe: ", std::strerror(errno));
+      events_->OnRankExited(request.job_id, request.attempt, rank, 1, 0,
+                            "could not be started: " + why);
+      continue;
+    }
+    options.output_fd = fds[1];
+    absl::StatusOr<pid_t> pid = Spawn(options);
+    ::close(fds[1]);
+    if (!pid.ok()) {
+      ::close(fds[0]);
+      events_->OnRankExited(
+          request.job_id, request.attempt, rank, 1, 0,
+          absl::StrCat("could not be started: ", pid.status().message()));
+      continue;
+    }
+    auto process = std::make_shared<Process>();
+    process->job_id = request.job_id;
+    process->attempt = request.attempt;
+    process->rank = rank;
+    process->pid = *pid;
+    std::lock_guard<std::mutex> lock(mu_);
+    processes_.push_back(process);
+    const int read_fd = fds[0];
+    StartThreadLocked(
+        [this, process, read_fd] { Supervise(process, read_fd); });
+  }
+  return absl::OkStatus();
+}
+
+void LocalLauncher::Supervise(std::shared_ptr<Process> process, int read_fd) {
+  // Lines until every holder of the pipe's write end (the rank and anything
+  // it started) has closed it.
+  std::string pending;
+  char buf[4096];
+  while (true) {
+    const ssize_t n = ::read(read_fd, buf, sizeof(buf));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;
+    pending.append(buf, static_cast<size_t>(n));
+    size_t start = 0, nl;
+    while ((nl = pending.find('\n', start)) != std::string::npos) {
+      events_->OnRankOutput(process->job_id, process->attempt, process->rank,
+                            pending.substr(start, nl - start));
+      start = nl + 1;
+    }
+    pending.erase(0, start);
+  }
+  if (!pending.empty()) {
+    events_->OnRankOutput(process->job_id, process->attempt, process->rank,
+                          pending);
+  }
+  ::close(read_fd);
+  int status = 0;
+  pid_t got;
+  do {
+    got = ::waitpid(process->pid, &status, 0);
+  } while (got < 0 && errno == EINTR);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    process->running = false;
+  }
+  if (got < 0) {
+    events_->OnRankExited(process->job_id, process->attempt, process->rank, 1,
+                          0, "ended, but its exit status was lost");
+    return;
+  }
+  const bool signaled = WIFSIGNALED(status);
+  events_->OnRankExited(process->job_id, process->attempt, process->rank,
+                        signaled ? -1 : WEXITSTATUS(status),
+                        signaled ? WTERMSIG(status) : 0,
+                        DescribeWaitStatus(status));
+}
+
+void LocalLauncher::Stop(const std::string& job_id, int64_t attempt,
+                         double grace_seconds) {
+  std::lock_guard<std::mutex> lock(mu_);
+  bool any = false;
+  for (const auto& p : processes_) {
+    if (p->running && p->job_id == job_id && p->attempt == attempt) {
+      ::kill(-p->pid, SIGTERM);
+      any = true;
+    }
+  }
+  if (any && !shutting_down_) {
+    StartThreadLocked([this, job_id, attempt, grace_seconds] {
+      KillAfter(job_id, attempt, grace_seconds);
+    });
+  }
+}
+
+void LocalLauncher::KillAfter(std::string job_id, int64_t attempt,
+                              double grace_seconds) {
+  std::unique_lock<std::mutex> lock(mu_);
+  const auto deadline =
+      std::chrono::steady_clock::now() +
+      std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+          std::chrono::duration<double>(grace_seconds));
+  auto all_gone = [&] {
+    for (const auto& p : processes_) {
+      if (p->running && p->job_id == job_id && p->attempt == attempt) {
+        return false;
+      }
+    }
+    return true;
+  };
+  // Woken only by shutdown; polls the ranks a few times a second.
+  while (!shutting_down_ && !all_gone() &&
+         std::chrono::steady_clock::now() < deadline) {
+    shutdown_cv_.wait_for(lock, std::chrono::milliseconds(100));
+  }
+  for (const auto& p : processes_) {
+    if (p->running && p->job_id == job_id && p->attempt == attempt) {
+      ::kill(-p->pid, SIGKILL);
+    }
+  }
+}
+
+std::vector<pid_t> LocalLauncher::RunningPids() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<pid_t> pids;
+  for (const auto& p : processes_) {
+    if (p->running) pids.push_back(p->pid);
+  }
+  return pids;
+}
+
+}  // namespace momentum::server

@@ -1,0 +1,77 @@
+// Ranks as child processes of the coordinator on its own machine: the
+// embedded default. Each rank runs `momentum-worker --config spec.yaml` in a
+// process group of its own, with torchrun's variables (RANK, WORLD_SIZE,
+// LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and the request's
+// extra environment; its stdout and stderr come back line by line.
+#ifndef MOMENTUM_SERVER_LOCAL_LAUNCHER_H_
+#define MOMENTUM_SERVER_LOCAL_LAUNCHER_H_
+
+#include <sys/types.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "server/launcher.h"
+
+namespace momentum::server {
+
+class LocalLauncher : public Launcher {
+ public:
+  // `work_dir`: each launch gets `<work_dir>/<job_id>/attempt-<n>/` with the
+  // spec the ranks read; it is their working directory. `events` outlives
+  // the launcher.
+  LocalLauncher(std::string worker_binary, int64_t slots, std::string work_dir,
+                LaunchEvents* events);
+  // Kills (SIGKILL) whatever still runs and joins its threads.
+  ~LocalLauncher() override;
+
+  std::string Name() const override { return "local"; }
+  std::string Address() const override { return "127.0.0.1"; }
+  int64_t Slots() const override { return slots_; }
+  absl::Status Launch(const LaunchRequest& request) override;
+  void Stop(const std::string& job_id, int64_t attempt,
+            double grace_seconds) override;
+
+  // Process ids of the ranks still running, for tests and diagnostics.
+  std::vector<pid_t> RunningPids() const;
+
+ private:
+  struct Process {
+    std::string job_id;
+    int64_t attempt = 0;
+    int64_t rank = 0;
+    pid_t pid = -1;
+    bool running = true;
+  };
+  struct Thread {
+    std::thread thread;
+    std::shared_ptr<std::atomic<bool>> done;
+  };
+  void Supervise(std::shared_ptr<Process> process, int read_fd);
+  void KillAfter(std::string job_id, int64_t attempt, double grace_seconds);
+  // Starts fn on a thread of its own, after joining the threads that ended
+  // and forgetting the processes that were reaped. Call with mu_ held.
+  template <typename Fn>
+  void StartThreadLocked(Fn fn);
+
+  const std::string worker_binary_;
+  const int64_t slots_;
+  const std::string work_dir_;
+  LaunchEvents* const events_;
+
+  mutable std::mutex mu_;
+  std::condition_variable shutdown_cv_;
+  bool shutting_down_ = false;
+  std::vector<std::shared_ptr<Process>> processes_;
+  std::vector<Thread> threads_;
+};
+
+}  // namespace momentum::server
+
+#endif  // MOMENTUM_SERVER_LOCAL_LAUNCHER_H_

@@ -1,0 +1,162 @@
+// momentum-server: the coordinator. With no flags it listens on
+// 127.0.0.1:50051, keeps its store under ~/.local/state/momentum (or
+// $XDG_STATE_HOME/momentum), serves /metrics on 127.0.0.1:9464 and runs
+// ranks as local processes on as many slots as the machine has cores.
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "server/coordinator.h"
+#include "server/server_metrics.h"
+#include "server/services.h"
+
+namespace {
+
+namespace fs = std::filesystem;
+
+std::string DefaultStateDir() {
+  if (const char* xdg = std::getenv("XDG_STATE_HOME"); xdg && *xdg) {
+    return (fs::path(xdg) / "momentum").string();
+  }
+  if (const char* home = std::getenv("HOME"); home && *home) {
+    return (fs::path(home) / ".local" / "state" / "momentum").string();
+  }
+  return "momentum-state";
+}
+
+// momentum-worker next to this binary (installed) or in the build tree's
+// worker/ folder; else whatever PATH finds.
+std::string DefaultWorker() {
+  std::error_code ec;
+  const fs::path self = fs::read_symlink("/proc/self/exe", ec);
+  if (!ec) {
+    for (const fs::path& candidate :
+         {self.parent_path() / "momentum-worker",
+          self.parent_path().parent_path() / "worker" / "momentum-worker"}) {
+      if (::access(candidate.c_str(), X_OK) == 0) return candidate.string();
+    }
+  }
+  return "momentum-worker";
+}
+
+// The host part of host:port.
+std::string HostOf(const std::string& address) {
+  const size_t colon = address.rfind(':');
+  return colon == std::string::npos ? address : address.substr(0, colon);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"momentum-server: stores, schedules and supervises MoCo jobs"};
+  std::string listen = "127.0.0.1:50051";
+  std::string metrics_listen = "127.0.0.1:9464";
+  std::string state_dir = DefaultStateDir();
+  std::string worker = DefaultWorker();
+  std::string ready_file;
+  int64_t slots = std::max(1u, std::thread::hardware_concurrency());
+  double grace = 10;
+  int64_t retention = 300;
+  app.add_option("--listen", listen,
+                 "gRPC address (host:port; port 0: the OS picks one)")
+      ->capture_default_str();
+  app.add_option("--metrics-listen", metrics_listen,
+                 "address of the Prometheus /metrics endpoint")
+      ->capture_default_str();
+  app.add_option("--state-dir", state_dir,
+                 "where the job store, logs and job outputs live")
+      ->capture_default_str();
+  app.add_option("--slots", slots,
+                 "ranks this machine runs at once (0: only agents run ranks)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--worker", worker, "the momentum-worker binary")
+      ->capture_default_str();
+  app.add_option("--grace-seconds", grace,
+                 "time a stopped rank has between SIGTERM and SIGKILL")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--metrics-retention-seconds", retention,
+                 "how long a finished job's training series stay on /metrics")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--ready-file", ready_file,
+                 "once serving, write the bound gRPC and /metrics addresses "
+                 "here as JSON");
+  CLI11_PARSE(app, argc, argv);
+
+  // Shutdown on SIGINT/SIGTERM, handled on a thread of its own.
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGINT);
+  sigaddset(&stop_signals, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+  signal(SIGPIPE, SIG_IGN);
+
+  auto metrics = momentum::server::ServerMetrics::Create(
+      metrics_listen, std::chrono::seconds(retention));
+  if (!metrics.ok()) {
+    std::cerr << "momentum-server: " << metrics.status().message() << "\n";
+    return 1;
+  }
+  momentum::server::CoordinatorOptions options;
+  options.state_dir = state_dir;
+  options.worker_binary = worker;
+  options.local_slots = slots;
+  options.grace_seconds = grace;
+  auto coordinator =
+      momentum::server::Coordinator::Create(options, metrics->get());
+  if (!coordinator.ok()) {
+    std::cerr << "momentum-server: " << coordinator.status().message() << "\n";
+    return 1;
+  }
+
+  momentum::server::JobServiceImpl jobs(coordinator->get(), metrics->get());
+  momentum::server::InternalServiceImpl internal(coordinator->get(),
+                                                 metrics->get());
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort(listen, grpc::InsecureServerCredentials(), &port);
+  builder.RegisterService(&jobs);
+  builder.RegisterService(&internal);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr || port == 0) {
+    std::cerr << "momentum-server: cannot listen on " << listen << "\n";
+    return 1;
+  }
+  const std::string address = absl::StrCat(HostOf(listen), ":", port);
+  (*coordinator)->SetReportAddress(address);
+  (*coordinator)->Start();
+  const std::string metrics_address =
+      absl::StrCat(HostOf(metrics_listen), ":", (*metrics)->port());
+  std::cerr << "momentum-server: serving on " << address << ", /metrics on "
+            << metrics_address << ", state in " << state_dir << ", " << slots
+            << " local slots\n";
+  if (!ready_file.empty()) {
+    const std::string tmp = ready_file + ".tmp";
+    std::ofstream(tmp) << "{\"grpc\": \"" << address << "\", \"metrics\": \""
+                       << metrics_address << "\", \"pid\": " << getpid()
+                       << "}\n";
+    fs::rename(tmp, ready_file);
+  }
+
+  int sig = 0;
+  sigwait(&stop_signals, &sig);
+  std::cerr << "momentum-server: " << (sig == SIGINT ? "SIGINT" : "SIGTERM")
+            << ": stopping\n";
+  (*coordinator)->Shutdown();
+  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  return 0;
+}

@@ -1,0 +1,249 @@
+#include "server/server_metrics.h"
+
+#include <prometheus/counter.h>
+#include <prometheus/exposer.h>
+#include <prometheus/family.h>
+#include <prometheus/gauge.h>
+#include <prometheus/histogram.h>
+#include <prometheus/registry.h>
+
+#include <exception>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "server/job_store.h"
+
+namespace momentum::server {
+
+using prometheus::Counter;
+using prometheus::Family;
+using prometheus::Gauge;
+using prometheus::Histogram;
+
+struct ServerMetrics::Families {
+  // Training, per job and rank.
+  Family<Gauge>* loss;
+  Family<Gauge>* learning_rate;
+  Family<Gauge>* images_per_second;
+  Family<Gauge>* phase_seconds;
+  Family<Gauge>* positive_logit;
+  Family<Gauge>* negative_logit;
+  Family<Gauge>* feature_std_mean;
+  Family<Gauge>* feature_std_min;
+  Family<Gauge>* queue_staleness;
+  Family<Gauge>* knn_top1;
+  Family<Gauge>* epoch;
+  Family<Gauge>* progress;
+  Family<Gauge>* step;
+  Family<Gauge>* eta;
+  // Service.
+  Family<Gauge>* jobs;
+  Family<Gauge>* slots;
+  Family<Counter>* restarts;
+  Family<Counter>* rpcs;
+  Family<Histogram>* rpc_seconds;
+  std::map<std::string, Histogram*> rpc_histograms;
+};
+
+absl::StatusOr<std::unique_ptr<ServerMetrics>> ServerMetrics::Create(
+    const std::string& listen, std::chrono::seconds retention) {
+  std::unique_ptr<ServerMetrics> m(new ServerMetrics());
+  m->retention_ = retention;
+  m->registry_ = std::make_shared<prometheus::Registry>();
+  try {
+    m->exposer_ = std::make_unique<prometheus::Exposer>(listen);
+  } catch (const std::exception& e) {
+    return absl::UnavailableError(
+        absl::StrCat("cannot serve /metrics on ", listen, ": ", e.what()));
+  }
+  const std::vector<int> ports = m->exposer_->GetListeningPorts();
+  if (ports.empty()) {
+    return absl::UnavailableError(
+        absl::StrCat("cannot serve /metrics on ", listen));
+  }
+  m->port_ = ports.front();
+  m->exposer_->RegisterCollectable(m->registry_);
+
+  auto gauge = [&](const std::string& name, const std::string& help) {
+    return &prometheus::BuildGauge().Name(name).Help(help).Register(
+        *m->registry_);
+  };
+  auto f = std::make_unique<Families>();
+  f->loss = gauge("momentum_train_loss",
+                  "InfoNCE loss, mean over the rank's last logging window.");
+  f->learning_rate =
+      gauge("momentum_train_learning_rate", "Learning rate of the last step.");
+  f->images_per_second =
+      gauge("momentum_train_images_per_second",
+            "Training images per second of the whole group, by this rank's "
+            "clock.");
+  f->phase_seconds = gauge(
+      "momentum_train_step_phase_seconds",
+      "Mean seconds per step spent in each phase (data, forward, backward, "
+      "communication, optimizer) over the last logging window.");
+  f->positive_logit = gauge(
+      "momentum_train_positive_logit_mean",
+      "Mean cosine similarity of queries and their positive keys, last step.");
+  f->negative_logit =
+      gauge("momentum_train_negative_logit_mean",
+            "Mean cosine similarity of queries and the queue's negative keys, "
+            "last step.");
+  f->feature_std_mean = gauge(
+      "momentum_train_feature_std_mean",
+      "Standard deviation across the batch of each normalised query feature "
+      "dimension, averaged over dimensions; near 0 means collapse.");
+  f->feature_std_min =
+      gauge("momentum_train_feature_std_min",
+            "Smallest per-dimension standard deviation of the normalised "
+            "query features.");
+  f->queue_staleness = gauge("momentum_train_queue_staleness_steps",
+                             "Age in steps of the oldest key in the queue.");
+  f->knn_top1 = gauge("momentum_train_knn_top1_ratio",
+                      "kNN top-1 accuracy on the test set after the latest "
+                      "evaluation, as a ratio in [0, 1].");
+  f->epoch = gauge("momentum_train_epoch",
+                   "Epochs completed plus the fraction of the current one.");
+  f->progress = gauge("momentum_train_progress_ratio",
+                      "Fraction of the run done, in [0, 1].");
+  f->step =
+      gauge("momentum_train_global_step", "Optimiser steps done by the group.");
+  f->eta = gauge("momentum_train_eta_seconds",
+                 "Estimated seconds of training left.");
+  f->jobs = gauge("momentum_jobs", "Jobs in the store by state.");
+  f->slots = gauge("momentum_worker_slots",
+                   "Worker slots of all launchers, used and free.");
+  f->restarts = &prometheus::BuildCounter()
+                     .Name("momentum_job_restarts_total")
+                     .Help("Gang relaunches of jobs.")
+                     .Register(*m->registry_);
+  f->rpcs = &prometheus::BuildCounter()
+                 .Name("momentum_rpc_requests_total")
+                 .Help("Finished RPCs by method and status code.")
+                 .Register(*m->registry_);
+  f->rpc_seconds = &prometheus::BuildHistogram()
+                        .Name("momentum_rpc_duration_seconds")
+                        .Help(
+                            "Time to handle an RPC, by method (streams: "
+                            "their whole life).")
+                        .Register(*m->registry_);
+  for (JobState s : {v1::JOB_STATE_PENDING, v1::JOB_STATE_RUNNING,
+                     v1::JOB_STATE_RESTARTING, v1::JOB_STATE_SUCCEEDED,
+                     v1::JOB_STATE_FAILED, v1::JOB_STATE_CANCELLED}) {
+    f->jobs->Add({{"state", StateName(s)}}).Set(0);
+  }
+  f->slots->Add({{"state", "used"}}).Set(0);
+  f->slots->Add({{"state", "free"}}).Set(0);
+  f->restarts->Add({});
+  m->f_ = std::move(f);
+  return m;
+}
+
+ServerMetrics::~ServerMetrics() = default;
+
+void ServerMetrics::OnSample(const std::string& job_id,
+                             const v1::MetricSample& s) {
+  std::lock_guard<std::mutex> lock(mu_);
+  ExpireLocked();
+  JobSeries& series = jobs_[job_id];
+  const std::string rank = absl::StrCat(s.rank());
+  auto set = [&](Family<Gauge>* family, const std::string& name, double value,
+                 std::map<std::string, std::string> labels) {
+    const std::string key = absl::StrCat(
+        name, "|", rank, "|", labels.count("phase") ? labels["phase"] : "");
+    auto it = series.by_key.find(key);
+    if (it == series.by_key.end()) {
+      labels["job"] = job_id;
+      Gauge* g = &family->Add(labels);
+      series.gauges.emplace_back(family, g);
+      it = series.by_key.emplace(key, g).first;
+    }
+    it->second->Set(value);
+  };
+  const std::map<std::string, std::string> by_rank = {{"rank", rank}};
+  Families& f = *f_;
+  if (s.knn_top1() >= 0) {
+    set(f.knn_top1, "knn", s.knn_top1(), by_rank);
+    // A sample after an evaluation repeats the last step's values.
+  }
+  set(f.loss, "loss", s.loss(), by_rank);
+  set(f.learning_rate, "lr", s.learning_rate(), by_rank);
+  set(f.images_per_second, "ips", s.images_per_second(), by_rank);
+  const std::pair<const char*, double> phases[] = {
+      {"data", s.data_seconds()},
+      {"forward", s.forward_seconds()},
+      {"backward", s.backward_seconds()},
+      {"communication", s.communication_seconds()},
+      {"optimizer", s.optimizer_seconds()}};
+  for (const auto& [phase, value] : phases) {
+    set(f.phase_seconds, "phase", value, {{"rank", rank}, {"phase", phase}});
+  }
+  set(f.positive_logit, "pos", s.positive_logit_mean(), by_rank);
+  set(f.negative_logit, "neg", s.negative_logit_mean(), by_rank);
+  set(f.feature_std_mean, "stdmean", s.feature_std_mean(), by_rank);
+  set(f.feature_std_min, "stdmin", s.feature_std_min(), by_rank);
+  set(f.queue_staleness, "stale",
+      static_cast<double>(s.queue_staleness_steps()), by_rank);
+  set(f.epoch, "epoch", s.epoch(), by_rank);
+  set(f.progress, "progress", s.fraction(), by_rank);
+  set(f.step, "step", static_cast<double>(s.step()), by_rank);
+  if (s.eta_seconds() >= 0) set(f.eta, "eta", s.eta_seconds(), by_rank);
+}
+
+void ServerMetrics::SetJobs(const std::map<v1::JobState, int64_t>& by_state) {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (const auto& [state, n] : by_state) {
+    f_->jobs->Add({{"state", StateName(state)}}).Set(static_cast<double>(n));
+  }
+}
+
+void ServerMetrics::SetSlots(int64_t used, int64_t free) {
+  std::lock_guard<std::mutex> lock(mu_);
+  ExpireLocked();
+  f_->slots->Add({{"state", "used"}}).Set(static_cast<double>(used));
+  f_->slots->Add({{"state", "free"}}).Set(static_cast<double>(free));
+}
+
+void ServerMetrics::AddRestart(const std::string& reason) {
+  (void)reason;
+  std::lock_guard<std::mutex> lock(mu_);
+  f_->restarts->Add({}).Increment();
+}
+
+void ServerMetrics::JobEnded(const std::string& job_id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = jobs_.find(job_id);
+  if (it == jobs_.end()) return;
+  it->second.has_ended = true;
+  it->second.ended = std::chrono::steady_clock::now();
+  ExpireLocked();
+}
+
+void ServerMetrics::ExpireLocked() {
+  const auto now = std::chrono::steady_clock::now();
+  for (auto it = jobs_.begin(); it != jobs_.end();) {
+    if (it->second.has_ended && now - it->second.ended >= retention_) {
+      for (auto& [family, gauge] : it->second.gauges) family->Remove(gauge);
+      it = jobs_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+}
+
+void ServerMetrics::OnRpc(const std::string& method, const std::string& code,
+                          double seconds) {
+  std::lock_guard<std::mutex> lock(mu_);
+  ExpireLocked();
+  f_->rpcs->Add({{"method", method}, {"code", code}}).Increment();
+  auto it = f_->rpc_histograms.find(method);
+  if (it == f_->rpc_histograms.end()) {
+    Histogram* h = &f_->rpc_seconds->Add(
+        {{"method", method}},
+        Histogram::BucketBoundaries{0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+                                    0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10});
+    it = f_->rpc_histograms.emplace(method, h).first;
+  }
+  it->second->Observe(seconds);
+}
+
+}  // namespace momentum::server

@@ -1,0 +1,183 @@
+#include "server/services.h"
+
+#include <chrono>
+#include <map>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+
+namespace momentum::server {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// Counts and times one RPC for /metrics when it goes out of scope.
+class RpcRecord {
+ public:
+  RpcRecord(ServerMetrics* metrics, const char* method)
+      : metrics_(metrics), method_(method), start_(Clock::now()) {}
+  ~RpcRecord() {
+    if (metrics_ == nullptr) return;
+    metrics_->OnRpc(
+        method_, CodeName(code_),
+        std::chrono::duration<double>(Clock::now() - start_).count());
+  }
+  grpc::Status Done(grpc::Status status) {
+    code_ = status.error_code();
+    return status;
+  }
+
+ private:
+  static std::string CodeName(grpc::StatusCode code) {
+    return absl::StatusCodeToString(static_cast<absl::StatusCode>(code));
+  }
+  ServerMetrics* const metrics_;
+  const char* const method_;
+  const Clock::time_point start_;
+  grpc::StatusCode code_ = grpc::StatusCode::OK;
+};
+
+}  // namespace
+
+grpc::Status ToGrpc(const absl::Status& status) {
+  if (status.ok()) return grpc::Status::OK;
+  return grpc::Status(static_cast<grpc::StatusCode>(status.code()),
+                      std::string(status.message()));
+}
+
+grpc::Status JobServiceImpl::SubmitJob(grpc::ServerContext*,
+                                       const v1::SubmitJobRequest* request,
+                                       v1::SubmitJobResponse* response) {
+  RpcRecord rpc(metrics_, "SubmitJob");
+  std::vector<std::string> overrides(request->overrides().begin(),
+                                     request->overrides().end());
+  absl::StatusOr<v1::Job> job =
+      coordinator_->Submit(request->spec_yaml(), overrides);
+  if (!job.ok()) return rpc.Done(ToGrpc(job.status()));
+  *response->mutable_job() = *std::move(job);
+  return rpc.Done(grpc::Status::OK);
+}
+
+grpc::Status JobServiceImpl::GetJob(grpc::ServerContext*,
+                                    const v1::GetJobRequest* request,
+                                    v1::Job* response) {
+  RpcRecord rpc(metrics_, "GetJob");
+  absl::StatusOr<v1::Job> job = coordinator_->GetJob(request->job_id());
+  if (!job.ok()) return rpc.Done(ToGrpc(job.status()));
+  *response = *std::move(job);
+  return rpc.Done(grpc::Status::OK);
+}
+
+grpc::Status JobServiceImpl::ListJobs(grpc::ServerContext*,
+                                      const v1::ListJobsRequest* request,
+                                      v1::ListJobsResponse* response) {
+  RpcRecord rpc(metrics_, "ListJobs");
+  absl::StatusOr<v1::ListJobsResponse> list = coordinator_->ListJobs(*request);
+  if (!list.ok()) return rpc.Done(ToGrpc(list.status()));
+  *response = *std::move(list);
+  return rpc.Done(grpc::Status::OK);
+}
+
+grpc::Status JobServiceImpl::CancelJob(grpc::ServerContext*,
+                                       const v1::CancelJobRequest* request,
+                                       v1::CancelJobResponse* response) {
+  RpcRecord rpc(metrics_, "CancelJob");
+  absl::StatusOr<v1::Job> job =
+      coordinator_->Cancel(request->job_id(), request->reason());
+  if (!job.ok()) return rpc.Done(ToGrpc(job.status()));
+  *response->mutable_job() = *std::move(job);
+  return rpc.Done(grpc::Status::OK);
+}
+
+grpc::Status JobServiceImpl::WatchJob(
+    grpc::ServerContext* context, const v1::WatchJobRequest* request,
+    grpc::ServerWriter<v1::WatchJobEvent>* writer) {
+  RpcRecord rpc(metrics_, "WatchJob");
+  absl::StatusOr<std::shared_ptr<Subscription>> subscription =
+      coordinator_->Watch(request->job_id(), request->metrics(),
+                          request->logs());
+  if (!subscription.ok()) return rpc.Done(ToGrpc(subscription.status()));
+  grpc::Status status = grpc::Status::OK;
+  while (true) {
+    if (context->IsCancelled()) {
+      status = grpc::Status(grpc::StatusCode::CANCELLED, "client went away");
+      break;
+    }
+    v1::WatchJobEvent event;
+    if ((*subscription)->Next(&event, std::chrono::milliseconds(200))) {
+      if (!writer->Write(event)) break;
+    } else if ((*subscription)->Done()) {
+      break;
+    }
+  }
+  coordinator_->Unwatch(*subscription);
+  return rpc.Done(status);
+}
+
+grpc::Status JobServiceImpl::GetJobLogs(
+    grpc::ServerContext* context, const v1::GetJobLogsRequest* request,
+    grpc::ServerWriter<v1::LogLine>* writer) {
+  RpcRecord rpc(metrics_, "GetJobLogs");
+  // Following: subscribed before the stored lines are read, so no line falls
+  // in between; lines already sent are skipped by number.
+  std::shared_ptr<Subscription> subscription;
+  if (request->follow()) {
+    absl::StatusOr<std::shared_ptr<Subscription>> s =
+        coordinator_->Watch(request->job_id(), false, true);
+    if (!s.ok()) return rpc.Done(ToGrpc(s.status()));
+    subscription = *s;
+  }
+  absl::StatusOr<std::vector<v1::LogLine>> stored = coordinator_->ReadLogs(
+      request->job_id(), request->rank(), request->from_line());
+  if (!stored.ok()) {
+    if (subscription) coordinator_->Unwatch(subscription);
+    return rpc.Done(ToGrpc(stored.status()));
+  }
+  std::map<int32_t, int64_t> sent;  // rank -> last line number sent
+  for (const v1::LogLine& line : *stored) {
+    if (!writer->Write(line)) break;
+    sent[line.rank()] = line.line_number();
+  }
+  if (subscription) {
+    while (!context->IsCancelled()) {
+      v1::WatchJobEvent event;
+      if (subscription->Next(&event, std::chrono::milliseconds(200))) {
+        if (!event.has_log()) continue;
+        const v1::LogLine& line = event.log();
+        if (request->rank() >= 0 && line.rank() != request->rank()) continue;
+        if (line.line_number() < request->from_line()) continue;
+        auto it = sent.find(line.rank());
+        if (it != sent.end() && line.line_number() <= it->second) continue;
+        if (!writer->Write(line)) break;
+        sent[line.rank()] = line.line_number();
+      } else if (subscription->Done()) {
+        break;
+      }
+    }
+    coordinator_->Unwatch(subscription);
+  }
+  return rpc.Done(grpc::Status::OK);
+}
+
+grpc::Status InternalServiceImpl::ReportMetrics(
+    grpc::ServerContext*, grpc::ServerReader<v1::WorkerReport>* reader,
+    v1::WorkerReportAck*) {
+  RpcRecord rpc(metrics_, "ReportMetrics");
+  v1::WorkerReport report;
+  if (!reader->Read(&report)) return rpc.Done(grpc::Status::OK);
+  if (!report.has_hello()) {
+    return rpc.Done(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                                 "the first report must be a WorkerHello"));
+  }
+  const v1::WorkerHello hello = report.hello();
+  while (reader->Read(&report)) {
+    if (report.has_metric()) {
+      v1::MetricSample sample = report.metric();
+      sample.set_rank(hello.rank());
+      coordinator_->OnMetric(hello.job_id(), hello.attempt(), sample);
+    }
+  }
+  return rpc.Done(grpc::Status::OK);
+}
+
+}  // namespace momentum::server

@@ -1,0 +1,64 @@
+// The gRPC faces of the coordinator: the public JobService and the
+// InternalService that workers (and, later, node agents) talk to. Thin: they
+// convert messages and statuses and leave the work to the Coordinator.
+#ifndef MOMENTUM_SERVER_SERVICES_H_
+#define MOMENTUM_SERVER_SERVICES_H_
+
+#include <grpcpp/grpcpp.h>
+
+#include "momentum/v1/internal.grpc.pb.h"
+#include "momentum/v1/jobs.grpc.pb.h"
+#include "server/coordinator.h"
+#include "server/server_metrics.h"
+
+namespace momentum::server {
+
+class JobServiceImpl final : public v1::JobService::Service {
+ public:
+  JobServiceImpl(Coordinator* coordinator, ServerMetrics* metrics)
+      : coordinator_(coordinator), metrics_(metrics) {}
+
+  grpc::Status SubmitJob(grpc::ServerContext* context,
+                         const v1::SubmitJobRequest* request,
+                         v1::SubmitJobResponse* response) override;
+  grpc::Status GetJob(grpc::ServerContext* context,
+                      const v1::GetJobRequest* request,
+                      v1::Job* response) override;
+  grpc::Status ListJobs(grpc::ServerContext* context,
+                        const v1::ListJobsRequest* request,
+                        v1::ListJobsResponse* response) override;
+  grpc::Status CancelJob(grpc::ServerContext* context,
+                         const v1::CancelJobRequest* request,
+                         v1::CancelJobResponse* response) override;
+  grpc::Status WatchJob(grpc::ServerContext* context,
+                        const v1::WatchJobRequest* request,
+                        grpc::ServerWriter<v1::WatchJobEvent>* writer) override;
+  grpc::Status GetJobLogs(grpc::ServerContext* context,
+                          const v1::GetJobLogsRequest* request,
+                          grpc::ServerWriter<v1::LogLine>* writer) override;
+
+ private:
+  Coordinator* const coordinator_;
+  ServerMetrics* const metrics_;
+};
+
+class InternalServiceImpl final : public v1::InternalService::Service {
+ public:
+  InternalServiceImpl(Coordinator* coordinator, ServerMetrics* metrics)
+      : coordinator_(coordinator), metrics_(metrics) {}
+
+  grpc::Status ReportMetrics(grpc::ServerContext* context,
+                             grpc::ServerReader<v1::WorkerReport>* reader,
+                             v1::WorkerReportAck* response) override;
+
+ private:
+  Coordinator* const coordinator_;
+  ServerMetrics* const metrics_;
+};
+
+// absl::Status -> grpc::Status (the codes are the same canonical codes).
+grpc::Status ToGrpc(const absl::Status& status);
+
+}  // namespace momentum::server
+
+#endif  // MOMENTUM_SERVER_SERVICES_H_

@@ -1,0 +1,36 @@
+// Processes seen through /proc, for tests that check what is left running.
+#ifndef MOMENTUM_TESTS_PROC_UTIL_H_
+#define MOMENTUM_TESTS_PROC_UTIL_H_
+
+#include <sys/types.h>
+
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace momentum::testing {
+
+// Children of `parent`, from /proc.
+inline std::vector<pid_t> ChildrenOf(pid_t parent) {
+  std::vector<pid_t> out;
+  for (const auto& entry : std::filesystem::directory_iterator("/proc")) {
+    const std::string name = entry.path().filename().string();
+    if (name.find_first_not_of("0123456789") != std::string::npos) continue;
+    std::ifstream stat(entry.path() / "stat");
+    std::string line;
+    if (!std::getline(stat, line)) continue;
+    // pid (comm) state ppid ...: comm may hold spaces, so parse after ')'.
+    std::istringstream rest(line.substr(line.rfind(')') + 2));
+    std::string state;
+    pid_t ppid = 0;
+    rest >> state >> ppid;
+    if (ppid == parent) out.push_back(std::stoi(name));
+  }
+  return out;
+}
+
+}  // namespace momentum::testing
+
+#endif  // MOMENTUM_TESTS_PROC_UTIL_H_

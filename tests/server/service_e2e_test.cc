@@ -1,0 +1,383 @@
+// The service end to end: the real momentum-server binary on 127.0.0.1 with
+// ports the OS assigns, its real SQLite store, real momentum-worker ranks,
+// driven through the generated gRPC stubs.
+#include <fcntl.h>
+#include <grpcpp/generic/generic_stub.h>
+#include <grpcpp/grpcpp.h>
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <thread>
+
+#include "momentum/v1/jobs.grpc.pb.h"
+#include "tests/proc_util.h"
+#include "tests/worker/test_data.h"
+
+extern char** environ;
+
+namespace momentum::server {
+namespace {
+
+namespace fs = std::filesystem;
+using std::chrono::seconds;
+using Clock = std::chrono::steady_clock;
+
+std::string BinaryDir() {
+  const char* bin = std::getenv("MOMENTUM_BINARY_DIR");
+  return bin ? bin : ".";
+}
+
+std::string ReadFile(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+// A momentum-server process with its own state folder, stopped (SIGTERM)
+// and reaped by the destructor.
+class ServerProcess {
+ public:
+  ServerProcess(const std::string& dir, int slots) : dir_(dir) {
+    const std::string server = BinaryDir() + "/server/momentum-server";
+    std::vector<std::string> args = {
+        server,
+        "--listen=127.0.0.1:0",
+        "--metrics-listen=127.0.0.1:0",
+        "--state-dir=" + dir + "/state",
+        "--slots=" + std::to_string(slots),
+        "--worker=" + BinaryDir() + "/worker/momentum-worker",
+        "--grace-seconds=5",
+        "--ready-file=" + dir + "/ready.json"};
+    std::vector<char*> argv;
+    for (auto& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    posix_spawn_file_actions_t actions;
+    posix_spawn_file_actions_init(&actions);
+    const std::string log = dir + "/server.log";
+    posix_spawn_file_actions_addopen(&actions, 1, log.c_str(),
+                                     O_WRONLY | O_CREAT | O_APPEND, 0644);
+    posix_spawn_file_actions_adddup2(&actions, 1, 2);
+    if (posix_spawn(&pid_, server.c_str(), &actions, nullptr, argv.data(),
+                    environ) != 0) {
+      pid_ = -1;
+    }
+    posix_spawn_file_actions_destroy(&actions);
+    const auto deadline = Clock::now() + seconds(30);
+    while (pid_ > 0 && Clock::now() < deadline) {
+      if (fs::exists(dir + "/ready.json")) {
+        auto ready = nlohmann::json::parse(ReadFile(dir + "/ready.json"));
+        address_ = ready["grpc"].get<std::string>();
+        metrics_address_ = ready["metrics"].get<std::string>();
+        break;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    channel_ =
+        grpc::CreateChannel(address_, grpc::InsecureChannelCredentials());
+    stub_ = v1::JobService::NewStub(channel_);
+  }
+  ~ServerProcess() { Stop(); }
+
+  void Stop() {
+    if (pid_ <= 0) return;
+    ::kill(pid_, SIGTERM);
+    int status = 0;
+    ::waitpid(pid_, &status, 0);
+    pid_ = -1;
+  }
+
+  bool ok() const { return pid_ > 0 && !address_.empty(); }
+  pid_t pid() const { return pid_; }
+  const std::string& address() const { return address_; }
+  const std::string& metrics_address() const { return metrics_address_; }
+  v1::JobService::Stub& stub() { return *stub_; }
+  std::shared_ptr<grpc::Channel> channel() { return channel_; }
+  std::string log() const { return ReadFile(dir_ + "/server.log"); }
+
+ private:
+  std::string dir_;
+  pid_t pid_ = -1;
+  std::string address_, metrics_address_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<v1::JobService::Stub> stub_;
+};
+
+class ServiceTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = worker::testing::TempDir("service");
+    worker::testing::WriteFakeFashionMnist(dir_ + "/data", 96, 40, 12);
+  }
+  void TearDown() override {
+    server_.reset();
+    fs::remove_all(dir_);
+  }
+
+  void StartServer(int slots) {
+    server_ = std::make_unique<ServerProcess>(dir_, slots);
+    ASSERT_TRUE(server_->ok()) << server_->log();
+  }
+
+  // A small job: the fake data, a width-4 ResNet, `nproc` ranks.
+  std::string Spec(const std::string& name, int nproc,
+                   const std::string& bound = "epochs: 2") const {
+    return "name: " + name + "\nseed: 1\noutput_dir: out\n" +
+           "model: {width: 4, in_channels: 1, small_stem: true}\n"
+           "moco: {dim: 8, queue_size: 40}\n"
+           "data: {path: " +
+           dir_ + "/data, loader_threads: 1}\n" +
+           "optim: {batch_size: 16, lr: 0.1, " + bound +
+           "}\n"
+           "eval: {every_epochs: 1, knn_k: 10}\n"
+           "logging: {every_steps: 2}\n"
+           "resources: {threads: 1, timeout_s: 60, nproc: " +
+           std::to_string(nproc) + "}\n";
+  }
+
+  v1::Job Submit(const std::string& spec,
+                 const std::vector<std::string>& overrides = {}) {
+    grpc::ClientContext ctx;
+    v1::SubmitJobRequest request;
+    request.set_spec_yaml(spec);
+    for (const auto& o : overrides) request.add_overrides(o);
+    v1::SubmitJobResponse response;
+    grpc::Status status = server_->stub().SubmitJob(&ctx, request, &response);
+    EXPECT_TRUE(status.ok()) << status.error_message();
+    return response.job();
+  }
+
+  v1::Job Get(const std::string& id) {
+    grpc::ClientContext ctx;
+    v1::GetJobRequest request;
+    request.set_job_id(id);
+    v1::Job job;
+    grpc::Status status = server_->stub().GetJob(&ctx, request, &job);
+    EXPECT_TRUE(status.ok()) << status.error_message();
+    return job;
+  }
+
+  // Polls until the job is in `state` (true) or `timeout` passes (false).
+  bool WaitFor(const std::string& id, v1::JobState state,
+               seconds timeout = seconds(120)) {
+    const auto deadline = Clock::now() + timeout;
+    while (Clock::now() < deadline) {
+      if (Get(id).state() == state) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+    return false;
+  }
+
+  v1::Job Cancel(const std::string& id) {
+    grpc::ClientContext ctx;
+    v1::CancelJobRequest request;
+    request.set_job_id(id);
+    v1::CancelJobResponse response;
+    grpc::Status status = server_->stub().CancelJob(&ctx, request, &response);
+    EXPECT_TRUE(status.ok()) << status.error_message();
+    return response.job();
+  }
+
+  // Waits until the server has no child processes left.
+  bool NoRanksWithin(seconds timeout) {
+    const auto deadline = Clock::now() + timeout;
+    while (Clock::now() < deadline) {
+      if (testing::ChildrenOf(server_->pid()).empty()) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+    return false;
+  }
+
+  std::string dir_;
+  std::unique_ptr<ServerProcess> server_;
+};
+
+TEST_F(ServiceTest, SubmitWatchGetListAndLogs) {
+  StartServer(2);
+  v1::Job submitted = Submit(Spec("e2e", 2));
+  EXPECT_EQ(submitted.id(), "job-1");
+  EXPECT_EQ(submitted.name(), "e2e");
+  EXPECT_EQ(submitted.world_size(), 2);
+  EXPECT_EQ(submitted.state(), v1::JOB_STATE_PENDING);
+  EXPECT_TRUE(submitted.has_submit_time());
+
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + seconds(300));
+  v1::WatchJobRequest watch;
+  watch.set_job_id(submitted.id());
+  watch.set_metrics(true);
+  auto reader = server_->stub().WatchJob(&ctx, watch);
+  v1::WatchJobEvent event;
+  std::vector<v1::JobState> states;
+  int snapshots = 0;
+  v1::Job last;
+  while (reader->Read(&event)) {
+    if (event.has_job()) {
+      ++snapshots;
+      last = event.job();
+      if (snapshots == 1) states.push_back(event.job().state());
+    }
+    if (event.has_state_change()) states.push_back(event.state_change().to());
+  }
+  ASSERT_TRUE(reader->Finish().ok());
+  // The first snapshot may already show RUNNING.
+  ASSERT_GE(states.size(), 2u);
+  EXPECT_EQ(states.back(), v1::JOB_STATE_SUCCEEDED) << last.state_reason();
+  EXPECT_EQ(snapshots, 2);  // first and last
+  EXPECT_EQ(last.state(), v1::JOB_STATE_SUCCEEDED);
+  EXPECT_NE(last.state_reason().find("all 2 ranks exited with code 0"),
+            std::string::npos)
+      << last.state_reason();
+  EXPECT_GE(last.progress().knn_top1(), 0.0);
+  EXPECT_TRUE(fs::exists(last.export_path())) << last.export_path();
+  EXPECT_TRUE(last.has_start_time() && last.has_end_time());
+
+  // The worker's own summary agrees with the job record.
+  auto summary =
+      nlohmann::json::parse(ReadFile(last.output_dir() + "/summary.json"));
+  EXPECT_EQ(summary["world_size"].get<int>(), 2);
+  EXPECT_EQ(summary["steps"].get<int>(), 12);
+  EXPECT_DOUBLE_EQ(summary["knn_top1"].get<double>(),
+                   last.progress().knn_top1());
+
+  v1::Job got = Get(submitted.id());
+  EXPECT_EQ(got.state(), v1::JOB_STATE_SUCCEEDED);
+  EXPECT_EQ(got.export_path(), last.export_path());
+
+  grpc::ClientContext list_ctx;
+  v1::ListJobsRequest list;
+  list.add_states(v1::JOB_STATE_SUCCEEDED);
+  v1::ListJobsResponse listed;
+  ASSERT_TRUE(server_->stub().ListJobs(&list_ctx, list, &listed).ok());
+  ASSERT_EQ(listed.jobs_size(), 1);
+  EXPECT_EQ(listed.jobs(0).id(), submitted.id());
+  EXPECT_EQ(listed.total_size(), 1);
+
+  // The ranks' output was captured (rank 0 prints the progress), numbered
+  // from 1.
+  grpc::ClientContext logs_ctx;
+  v1::GetJobLogsRequest logs;
+  logs.set_job_id(submitted.id());
+  logs.set_rank(-1);
+  auto log_reader = server_->stub().GetJobLogs(&logs_ctx, logs);
+  v1::LogLine line;
+  std::map<int, int64_t> lines_per_rank;
+  bool saw_knn = false;
+  while (log_reader->Read(&line)) {
+    EXPECT_EQ(line.line_number(), lines_per_rank[line.rank()] + 1);
+    lines_per_rank[line.rank()] = line.line_number();
+    saw_knn = saw_knn || line.text().find("kNN top-1") != std::string::npos;
+  }
+  ASSERT_TRUE(log_reader->Finish().ok());
+  EXPECT_GE(lines_per_rank[0], 5);
+  EXPECT_TRUE(saw_knn);
+  EXPECT_TRUE(NoRanksWithin(seconds(10)));
+}
+
+TEST_F(ServiceTest, InvalidSpecIsRefusedAndNothingStored) {
+  StartServer(2);
+  grpc::ClientContext ctx;
+  v1::SubmitJobRequest request;
+  request.set_spec_yaml(Spec("bad", 1));
+  request.add_overrides("moco.temperature=-1");
+  v1::SubmitJobResponse response;
+  grpc::Status status = server_->stub().SubmitJob(&ctx, request, &response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(status.error_message().find("moco.temperature"), std::string::npos)
+      << status.error_message();
+
+  grpc::ClientContext ctx2;
+  request.clear_overrides();
+  request.set_spec_yaml(Spec("bad", 1) + "moco_typo: {}\n");
+  status = server_->stub().SubmitJob(&ctx2, request, &response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(status.error_message().find("moco_typo"), std::string::npos)
+      << status.error_message();
+
+  grpc::ClientContext list_ctx;
+  v1::ListJobsResponse listed;
+  ASSERT_TRUE(
+      server_->stub().ListJobs(&list_ctx, v1::ListJobsRequest(), &listed).ok());
+  EXPECT_EQ(listed.total_size(), 0);
+  grpc::ClientContext get_ctx;
+  v1::GetJobRequest get;
+  get.set_job_id("job-1");
+  v1::Job job;
+  EXPECT_EQ(server_->stub().GetJob(&get_ctx, get, &job).error_code(),
+            grpc::StatusCode::NOT_FOUND);
+}
+
+TEST_F(ServiceTest, CancelStopsEveryRank) {
+  StartServer(2);
+  v1::Job job = Submit(Spec("long", 2, "time_budget_s: 600"));
+  ASSERT_TRUE(WaitFor(job.id(), v1::JOB_STATE_RUNNING)) << server_->log();
+  // Both ranks are up and training.
+  const auto deadline = Clock::now() + seconds(60);
+  while (Clock::now() < deadline && Get(job.id()).progress().step() == 0 &&
+         testing::ChildrenOf(server_->pid()).size() < 2) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  ASSERT_EQ(testing::ChildrenOf(server_->pid()).size(), 2u);
+  v1::Job cancelled = Cancel(job.id());
+  EXPECT_EQ(cancelled.state(), v1::JOB_STATE_CANCELLED);
+  EXPECT_EQ(cancelled.state_reason(), "cancelled by request");
+  EXPECT_TRUE(NoRanksWithin(seconds(20)));
+  EXPECT_EQ(Get(job.id()).state(), v1::JOB_STATE_CANCELLED);
+  // Cancelling again changes nothing.
+  EXPECT_EQ(Cancel(job.id()).state(), v1::JOB_STATE_CANCELLED);
+}
+
+// Two slots: a 2-rank job holds them; the next 2-rank job waits, and a
+// higher-priority 1-rank job submitted after it goes first. No job ever runs
+// with only some of its ranks.
+TEST_F(ServiceTest, GangAdmissionByPriorityThenSubmission) {
+  StartServer(2);
+  v1::Job a = Submit(Spec("a", 2, "time_budget_s: 600"));
+  ASSERT_TRUE(WaitFor(a.id(), v1::JOB_STATE_RUNNING));
+  v1::Job b = Submit(Spec("b", 2, "time_budget_s: 600"));
+  v1::Job c =
+      Submit(Spec("c", 1, "time_budget_s: 600"), {"scheduling.priority=5"});
+  std::this_thread::sleep_for(seconds(2));
+  EXPECT_EQ(Get(b.id()).state(), v1::JOB_STATE_PENDING);
+  EXPECT_EQ(Get(c.id()).state(), v1::JOB_STATE_PENDING);
+  EXPECT_EQ(Get(c.id()).queue_position(), 1);
+  EXPECT_EQ(Get(b.id()).queue_position(), 2);
+  EXPECT_EQ(Get(a.id()).queue_position(), 0);
+
+  Cancel(a.id());
+  ASSERT_TRUE(WaitFor(c.id(), v1::JOB_STATE_RUNNING)) << server_->log();
+  // One slot is free, but b needs two: it waits, whole.
+  std::this_thread::sleep_for(seconds(2));
+  EXPECT_EQ(Get(b.id()).state(), v1::JOB_STATE_PENDING);
+  EXPECT_EQ(Get(b.id()).queue_position(), 1);
+  EXPECT_LE(testing::ChildrenOf(server_->pid()).size(), 1u);
+
+  Cancel(c.id());
+  ASSERT_TRUE(WaitFor(b.id(), v1::JOB_STATE_RUNNING)) << server_->log();
+  Cancel(b.id());
+  EXPECT_TRUE(NoRanksWithin(seconds(20)));
+}
+
+// A rank that fails fails the job, with the rank and its last words.
+TEST_F(ServiceTest, FailingRankFailsTheJobNamingIt) {
+  StartServer(2);
+  v1::Job job = Submit(Spec("broken", 2), {"data.path=" + dir_ + "/nowhere"});
+  ASSERT_TRUE(WaitFor(job.id(), v1::JOB_STATE_FAILED)) << server_->log();
+  const v1::Job failed = Get(job.id());
+  EXPECT_NE(failed.state_reason().find("rank "), std::string::npos)
+      << failed.state_reason();
+  EXPECT_NE(failed.state_reason().find("nowhere"), std::string::npos)
+      << failed.state_reason();
+  EXPECT_TRUE(NoRanksWithin(seconds(20)));
+}
+
+}  // namespace
+}  // namespace momentum::server
