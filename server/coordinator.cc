@@ -1,5 +1,7 @@
 #include "server/coordinator.h"
 
+#include <signal.h>
+
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
@@ -151,6 +153,8 @@ void Coordinator::Shutdown() {
     std::lock_guard<std::mutex> lock(mu_);
     launchers = std::move(launchers_);
     launchers_.clear();
+    for (auto& l : retired_launchers_) launchers.push_back(std::move(l));
+    retired_launchers_.clear();
   }
   // The local launcher's destructor waits for (and if need be kills) its
   // ranks; the jobs stay RUNNING in the store and are relaunched by the next
@@ -387,13 +391,27 @@ void Coordinator::AddLauncher(std::shared_ptr<Launcher> launcher) {
 }
 
 void Coordinator::RemoveLauncher(const Launcher* launcher) {
-  std::lock_guard<std::mutex> lock(mu_);
-  launchers_.erase(
-      std::remove_if(launchers_.begin(), launchers_.end(),
-                     [&](const auto& l) { return l.get() == launcher; }),
-      launchers_.end());
-  used_slots_.erase(launcher);
-  UpdateMetricsLocked();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto it = launchers_.begin(); it != launchers_.end(); ++it) {
+      if (it->get() != launcher) continue;
+      // Running jobs may still name it; it stays alive, without slots.
+      retired_launchers_.push_back(*it);
+      launchers_.erase(it);
+      break;
+    }
+    // Its ranks are lost with it.
+    for (const auto& [id, run] : running_) {
+      for (const auto& [rank, slot] : run.ranks) {
+        if (slot.running && slot.launcher == launcher) {
+          exits_.push_back({id, run.attempt, rank, -1, SIGKILL,
+                            "was lost: " + launcher->Name() + " disconnected"});
+        }
+      }
+    }
+    UpdateMetricsLocked();
+  }
+  cv_.notify_all();
 }
 
 // ---------------------------------------------------------------- scheduling
@@ -613,6 +631,14 @@ void Coordinator::HandleExit(const Exit& exit) {
     if (!summary.is_discarded() && summary.is_object()) {
       job.knn_top1 = summary.value("knn_top1", -1.0);
       job.export_path = summary.value("export", std::string());
+      // The final progress, from the worker's own account.
+      std::lock_guard<std::mutex> lock(progress_mu_);
+      v1::JobProgress& p = progress_[job.id];
+      p.set_step(summary.value("steps", int64_t{0}));
+      p.set_epoch(summary.value("epochs_completed", 0.0));
+      p.set_fraction(1.0);
+      p.set_eta_seconds(0);
+      p.set_knn_top1(job.knn_top1);
     } else {
       std::lock_guard<std::mutex> lock(progress_mu_);
       auto p = progress_.find(job.id);

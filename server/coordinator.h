@@ -190,6 +190,7 @@ class Coordinator : public LaunchEvents {
   bool stopping_ = false;
   bool wake_ = false;
   std::vector<std::shared_ptr<Launcher>> launchers_;
+  std::vector<std::shared_ptr<Launcher>> retired_launchers_;
   std::map<const Launcher*, int64_t> used_slots_;
   std::map<std::string, RunningJob> running_;
   std::deque<Exit> exits_;

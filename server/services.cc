@@ -2,9 +2,11 @@
 
 #include <chrono>
 #include <map>
+#include <thread>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "server/agent_launcher.h"
 
 namespace momentum::server {
 namespace {
@@ -177,6 +179,69 @@ grpc::Status InternalServiceImpl::ReportMetrics(
       coordinator_->OnMetric(hello.job_id(), hello.attempt(), sample);
     }
   }
+  return rpc.Done(grpc::Status::OK);
+}
+
+grpc::Status InternalServiceImpl::AgentSession(
+    grpc::ServerContext* context,
+    grpc::ServerReaderWriter<v1::AgentCommand, v1::AgentMessage>* stream) {
+  RpcRecord rpc(metrics_, "AgentSession");
+  v1::AgentMessage message;
+  if (!stream->Read(&message)) return rpc.Done(grpc::Status::OK);
+  if (!message.has_hello()) {
+    return rpc.Done(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                                 "the first message must be an AgentHello"));
+  }
+  const v1::AgentHello hello = message.hello();
+  if (hello.slots() < 1) {
+    return rpc.Done(grpc::Status(
+        grpc::StatusCode::INVALID_ARGUMENT,
+        absl::StrCat("AgentHello.slots must be >= 1, got ", hello.slots())));
+  }
+  if (hello.advertise_address().empty()) {
+    return rpc.Done(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                                 "AgentHello.advertise_address is empty"));
+  }
+  const std::string id = hello.agent_id().empty()
+                             ? absl::StrCat("agent-", next_agent_++)
+                             : hello.agent_id();
+  auto launcher = std::make_shared<AgentLauncher>(
+      id, hello.hostname(), hello.advertise_address(), hello.slots());
+  v1::AgentCommand welcome;
+  welcome.set_welcome_agent_id(id);
+  if (!stream->Write(welcome)) return rpc.Done(grpc::Status::OK);
+
+  // Commands go out on a thread of their own; this one reads.
+  std::thread writer([&] {
+    v1::AgentCommand command;
+    while (!launcher->closed() && !context->IsCancelled()) {
+      if (launcher->NextCommand(&command, std::chrono::milliseconds(200)) &&
+          !stream->Write(command)) {
+        break;
+      }
+    }
+  });
+  coordinator_->AddLauncher(launcher);
+  while (stream->Read(&message)) {
+    if (message.has_output()) {
+      const v1::RankOutput& out = message.output();
+      for (const std::string& line : out.lines()) {
+        coordinator_->OnRankOutput(out.job_id(), out.attempt(), out.rank(),
+                                   line);
+      }
+    } else if (message.has_exited()) {
+      const v1::RankExited& e = message.exited();
+      std::string description =
+          e.signal() != 0 ? absl::StrCat("was killed by signal ", e.signal())
+                          : absl::StrCat("exited with code ", e.exit_code());
+      absl::StrAppend(&description, " on ", launcher->Name());
+      coordinator_->OnRankExited(e.job_id(), e.attempt(), e.rank(),
+                                 e.exit_code(), e.signal(), description);
+    }
+  }
+  launcher->Close();
+  writer.join();
+  coordinator_->RemoveLauncher(launcher.get());
   return rpc.Done(grpc::Status::OK);
 }
 

@@ -6,6 +6,8 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include <atomic>
+
 #include "momentum/v1/internal.grpc.pb.h"
 #include "momentum/v1/jobs.grpc.pb.h"
 #include "server/coordinator.h"
@@ -50,10 +52,15 @@ class InternalServiceImpl final : public v1::InternalService::Service {
   grpc::Status ReportMetrics(grpc::ServerContext* context,
                              grpc::ServerReader<v1::WorkerReport>* reader,
                              v1::WorkerReportAck* response) override;
+  grpc::Status AgentSession(
+      grpc::ServerContext* context,
+      grpc::ServerReaderWriter<v1::AgentCommand, v1::AgentMessage>* stream)
+      override;
 
  private:
   Coordinator* const coordinator_;
   ServerMetrics* const metrics_;
+  std::atomic<int64_t> next_agent_{1};
 };
 
 // absl::Status -> grpc::Status (the codes are the same canonical codes).

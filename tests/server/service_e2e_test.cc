@@ -42,35 +42,44 @@ std::string ReadFile(const std::string& path) {
   return ss.str();
 }
 
+// Starts args[0] with its stdout and stderr appended to `log`; -1 on error.
+pid_t SpawnLogged(std::vector<std::string> args, const std::string& log) {
+  std::vector<char*> argv;
+  for (auto& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_addopen(&actions, 1, log.c_str(),
+                                   O_WRONLY | O_CREAT | O_APPEND, 0644);
+  posix_spawn_file_actions_adddup2(&actions, 1, 2);
+  pid_t pid = -1;
+  if (posix_spawn(&pid, args[0].c_str(), &actions, nullptr, argv.data(),
+                  environ) != 0) {
+    pid = -1;
+  }
+  posix_spawn_file_actions_destroy(&actions);
+  return pid;
+}
+
+void StopAndReap(pid_t pid) {
+  if (pid <= 0) return;
+  ::kill(pid, SIGTERM);
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+}
+
 // A momentum-server process with its own state folder, stopped (SIGTERM)
 // and reaped by the destructor.
 class ServerProcess {
  public:
   ServerProcess(const std::string& dir, int slots) : dir_(dir) {
-    const std::string server = BinaryDir() + "/server/momentum-server";
-    std::vector<std::string> args = {
-        server,
-        "--listen=127.0.0.1:0",
-        "--metrics-listen=127.0.0.1:0",
-        "--state-dir=" + dir + "/state",
-        "--slots=" + std::to_string(slots),
-        "--worker=" + BinaryDir() + "/worker/momentum-worker",
-        "--grace-seconds=5",
-        "--ready-file=" + dir + "/ready.json"};
-    std::vector<char*> argv;
-    for (auto& a : args) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    posix_spawn_file_actions_t actions;
-    posix_spawn_file_actions_init(&actions);
-    const std::string log = dir + "/server.log";
-    posix_spawn_file_actions_addopen(&actions, 1, log.c_str(),
-                                     O_WRONLY | O_CREAT | O_APPEND, 0644);
-    posix_spawn_file_actions_adddup2(&actions, 1, 2);
-    if (posix_spawn(&pid_, server.c_str(), &actions, nullptr, argv.data(),
-                    environ) != 0) {
-      pid_ = -1;
-    }
-    posix_spawn_file_actions_destroy(&actions);
+    pid_ = SpawnLogged(
+        {BinaryDir() + "/server/momentum-server", "--listen=127.0.0.1:0",
+         "--metrics-listen=127.0.0.1:0", "--state-dir=" + dir + "/state",
+         "--slots=" + std::to_string(slots),
+         "--worker=" + BinaryDir() + "/worker/momentum-worker",
+         "--grace-seconds=5", "--ready-file=" + dir + "/ready.json"},
+        dir + "/server.log");
     const auto deadline = Clock::now() + seconds(30);
     while (pid_ > 0 && Clock::now() < deadline) {
       if (fs::exists(dir + "/ready.json")) {
@@ -88,10 +97,7 @@ class ServerProcess {
   ~ServerProcess() { Stop(); }
 
   void Stop() {
-    if (pid_ <= 0) return;
-    ::kill(pid_, SIGTERM);
-    int status = 0;
-    ::waitpid(pid_, &status, 0);
+    StopAndReap(pid_);
     pid_ = -1;
   }
 
@@ -377,6 +383,47 @@ TEST_F(ServiceTest, FailingRankFailsTheJobNamingIt) {
   EXPECT_NE(failed.state_reason().find("nowhere"), std::string::npos)
       << failed.state_reason();
   EXPECT_TRUE(NoRanksWithin(seconds(20)));
+}
+
+// A coordinator without slots of its own and two node agents of one slot
+// each: a 2-rank job runs with one rank on each agent and succeeds; its
+// output comes back through the agents.
+TEST_F(ServiceTest, JobSpansTwoAgents) {
+  StartServer(0);
+  std::vector<pid_t> agents;
+  for (const char* name : {"left", "right"}) {
+    agents.push_back(
+        SpawnLogged({BinaryDir() + "/server/momentum-agent",
+                     "--server=" + server_->address(), "--slots=1",
+                     std::string("--name=") + name, "--advertise=127.0.0.1",
+                     "--work-dir=" + dir_ + "/" + name,
+                     "--worker=" + BinaryDir() + "/worker/momentum-worker"},
+                    dir_ + "/" + name + ".log"));
+    ASSERT_GT(agents.back(), 0);
+  }
+  v1::Job job = Submit(Spec("spread", 2));
+  ASSERT_TRUE(WaitFor(job.id(), v1::JOB_STATE_SUCCEEDED)) << server_->log();
+  const v1::Job done = Get(job.id());
+  EXPECT_GE(done.progress().knn_top1(), 0.0);
+  EXPECT_EQ(done.progress().step(), 12);
+
+  // Both agents ran a rank (each wrote the spec it was given), and the
+  // ranks' output came back through them.
+  grpc::ClientContext logs_ctx;
+  v1::GetJobLogsRequest logs;
+  logs.set_job_id(job.id());
+  logs.set_rank(0);
+  auto log_reader = server_->stub().GetJobLogs(&logs_ctx, logs);
+  v1::LogLine line;
+  int lines = 0;
+  while (log_reader->Read(&line)) ++lines;
+  EXPECT_GT(lines, 5);
+  for (const char* name : {"left", "right"}) {
+    EXPECT_TRUE(
+        fs::exists(dir_ + "/" + name + "/" + job.id() + "/attempt-1/spec.yaml"))
+        << name;
+  }
+  for (pid_t a : agents) StopAndReap(a);
 }
 
 }  // namespace

@@ -1,0 +1,56 @@
+// The coordinator's side of a node agent: a Launcher whose ranks run on the
+// agent's machine. Launch and stop commands go into a queue that the agent's
+// session (InternalService.AgentSession) writes to the agent's stream.
+#ifndef MOMENTUM_SERVER_AGENT_LAUNCHER_H_
+#define MOMENTUM_SERVER_AGENT_LAUNCHER_H_
+
+#include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <mutex>
+#include <string>
+
+#include "momentum/v1/internal.pb.h"
+#include "server/launcher.h"
+
+namespace momentum::server {
+
+class AgentLauncher : public Launcher {
+ public:
+  AgentLauncher(std::string agent_id, std::string hostname, std::string address,
+                int64_t slots)
+      : agent_id_(std::move(agent_id)),
+        hostname_(std::move(hostname)),
+        address_(std::move(address)),
+        slots_(slots) {}
+
+  std::string Name() const override {
+    return "agent " + agent_id_ + " (" + hostname_ + ")";
+  }
+  std::string Address() const override { return address_; }
+  int64_t Slots() const override;
+  absl::Status Launch(const LaunchRequest& request) override;
+  void Stop(const std::string& job_id, int64_t attempt,
+            double grace_seconds) override;
+
+  // The next command for the agent; false after `wait` with none, or when
+  // closed.
+  bool NextCommand(v1::AgentCommand* command, std::chrono::milliseconds wait);
+  // The agent is gone: no slots, no more commands.
+  void Close();
+  bool closed() const;
+
+ private:
+  void Push(v1::AgentCommand command);
+
+  const std::string agent_id_, hostname_, address_;
+  const int64_t slots_;
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<v1::AgentCommand> commands_;
+  bool closed_ = false;
+};
+
+}  // namespace momentum::server
+
+#endif  // MOMENTUM_SERVER_AGENT_LAUNCHER_H_

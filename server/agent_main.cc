@@ -1,0 +1,235 @@
+// momentum-agent: offers one machine's worker slots to a coordinator and
+// runs the ranks it is given there, as local processes (the same launcher
+// the coordinator uses for its own slots). It connects to the coordinator
+// (agents need no open port), says hello with its slots and the address
+// other machines reach it at, then follows launch and stop commands and
+// streams back its ranks' output and exits. When the coordinator goes away
+// it stops its ranks and connects again, with back-off.
+//
+//   momentum-agent --server 10.0.0.1:50051 --slots 8 --advertise 10.0.0.2
+#include <grpcpp/grpcpp.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <atomic>
+#include <chrono>
+#include <filesystem>
+#include <iostream>
+#include <mutex>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "momentum/v1/internal.grpc.pb.h"
+#include "server/launcher.h"
+#include "server/local_launcher.h"
+
+namespace {
+
+namespace fs = std::filesystem;
+namespace v1 = momentum::v1;
+using momentum::server::LaunchRequest;
+using momentum::server::LocalLauncher;
+
+std::atomic<bool> g_stop{false};
+
+std::string DefaultWorker() {
+  std::error_code ec;
+  const fs::path self = fs::read_symlink("/proc/self/exe", ec);
+  if (!ec) {
+    for (const fs::path& candidate :
+         {self.parent_path() / "momentum-worker",
+          self.parent_path().parent_path() / "worker" / "momentum-worker"}) {
+      if (::access(candidate.c_str(), X_OK) == 0) return candidate.string();
+    }
+  }
+  return "momentum-worker";
+}
+
+std::string Hostname() {
+  char buf[256] = {};
+  ::gethostname(buf, sizeof(buf) - 1);
+  return buf;
+}
+
+// Writes to the session's stream from the launcher's threads and the
+// heartbeat thread, one at a time.
+class Session : public momentum::server::LaunchEvents {
+ public:
+  explicit Session(
+      grpc::ClientReaderWriter<v1::AgentMessage, v1::AgentCommand>* stream)
+      : stream_(stream) {}
+
+  bool Write(const v1::AgentMessage& message) {
+    std::lock_guard<std::mutex> lock(mu_);
+    return stream_->Write(message);
+  }
+  void OnRankOutput(const std::string& job_id, int64_t attempt, int64_t rank,
+                    const std::string& line) override {
+    v1::AgentMessage m;
+    v1::RankOutput* out = m.mutable_output();
+    out->set_job_id(job_id);
+    out->set_attempt(static_cast<int32_t>(attempt));
+    out->set_rank(static_cast<int32_t>(rank));
+    out->add_lines(line);
+    Write(m);
+  }
+  void OnRankExited(const std::string& job_id, int64_t attempt, int64_t rank,
+                    int exit_code, int signal,
+                    const std::string& description) override {
+    v1::AgentMessage m;
+    v1::RankExited* e = m.mutable_exited();
+    e->set_job_id(job_id);
+    e->set_attempt(static_cast<int32_t>(attempt));
+    e->set_rank(static_cast<int32_t>(rank));
+    e->set_exit_code(exit_code);
+    e->set_signal(signal);
+    e->set_tail(description);
+    Write(m);
+  }
+
+ private:
+  std::mutex mu_;
+  grpc::ClientReaderWriter<v1::AgentMessage, v1::AgentCommand>* stream_;
+};
+
+// One session with the coordinator; returns when it ends.
+void RunSession(v1::InternalService::Stub& stub, const v1::AgentHello& hello,
+                const std::string& worker, const std::string& work_dir) {
+  grpc::ClientContext context;
+  auto stream = stub.AgentSession(&context);
+  Session session(stream.get());
+  v1::AgentMessage first;
+  *first.mutable_hello() = hello;
+  if (!session.Write(first)) return;
+  v1::AgentCommand command;
+  if (!stream->Read(&command) || command.welcome_agent_id().empty()) {
+    std::cerr << "momentum-agent: the coordinator did not welcome us: "
+              << stream->Finish().error_message() << "\n";
+    return;
+  }
+  std::cerr << "momentum-agent: registered as " << command.welcome_agent_id()
+            << " with " << hello.slots() << " slots\n";
+  {
+    LocalLauncher launcher(worker, hello.slots(), work_dir, &session);
+    std::atomic<bool> done{false};
+    std::thread heartbeat([&] {
+      while (!done && !g_stop) {
+        std::this_thread::sleep_for(std::chrono::seconds(2));
+        v1::AgentMessage beat;
+        const auto now = std::chrono::system_clock::now().time_since_epoch();
+        beat.mutable_heartbeat()->set_seconds(
+            std::chrono::duration_cast<std::chrono::seconds>(now).count());
+        if (!done && !session.Write(beat)) break;
+      }
+    });
+    std::thread watcher([&] {
+      while (!done) {
+        if (g_stop) context.TryCancel();
+        std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      }
+    });
+    while (stream->Read(&command)) {
+      if (command.has_launch()) {
+        const v1::LaunchRank& l = command.launch();
+        LaunchRequest request;
+        request.job_id = l.job_id();
+        request.attempt = l.attempt();
+        request.world_size = l.world_size();
+        request.ranks = {l.rank()};
+        request.spec_yaml = l.spec_yaml();
+        request.master_addr = l.master_addr();
+        request.master_port = l.master_port();
+        request.env.assign(l.env().begin(), l.env().end());
+        request.env.push_back(absl::StrCat("LOCAL_RANK=", l.local_rank()));
+        request.env.push_back(
+            absl::StrCat("LOCAL_WORLD_SIZE=", l.local_world_size()));
+        absl::Status s = launcher.Launch(request);
+        if (!s.ok()) {
+          session.OnRankExited(l.job_id(), l.attempt(), l.rank(), 1, 0,
+                               std::string(s.message()));
+        }
+      } else if (command.has_stop()) {
+        launcher.Stop(command.stop().job_id(), command.stop().attempt(),
+                      command.stop().grace_seconds());
+      }
+    }
+    done = true;
+    heartbeat.join();
+    watcher.join();
+    // The launcher's destructor kills the ranks that still run: without a
+    // coordinator nobody would supervise them.
+  }
+  grpc::Status status = stream->Finish();
+  if (!g_stop) {
+    std::cerr << "momentum-agent: session ended: "
+              << (status.ok() ? "closed by the coordinator"
+                              : status.error_message())
+              << "\n";
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"momentum-agent: runs a coordinator's ranks on this machine"};
+  std::string server, advertise = "127.0.0.1", name, work_dir;
+  std::string worker = DefaultWorker();
+  int64_t slots = std::max(1u, std::thread::hardware_concurrency());
+  app.add_option("--server", server, "the coordinator (host:port)")->required();
+  app.add_option("--slots", slots, "ranks this machine runs at once")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  app.add_option("--advertise", advertise,
+                 "address other machines reach this one at (for the c10d "
+                 "store when rank 0 runs here)")
+      ->capture_default_str();
+  app.add_option("--name", name, "this agent's id (default: assigned)");
+  app.add_option("--work-dir", work_dir,
+                 "where ranks run (default: /tmp/momentum-agent-<pid>)");
+  app.add_option("--worker", worker, "the momentum-worker binary")
+      ->capture_default_str();
+  CLI11_PARSE(app, argc, argv);
+  if (work_dir.empty()) {
+    work_dir = (fs::temp_directory_path() /
+                absl::StrCat("momentum-agent-", ::getpid()))
+                   .string();
+  }
+  std::error_code ec;
+  fs::create_directories(work_dir, ec);
+  if (ec) {
+    std::cerr << "momentum-agent: cannot create --work-dir " << work_dir << ": "
+              << ec.message() << "\n";
+    return 1;
+  }
+  struct sigaction action = {};
+  action.sa_handler = [](int) { g_stop = true; };
+  sigaction(SIGINT, &action, nullptr);
+  sigaction(SIGTERM, &action, nullptr);
+  signal(SIGPIPE, SIG_IGN);
+
+  v1::AgentHello hello;
+  hello.set_hostname(Hostname());
+  hello.set_advertise_address(advertise);
+  hello.set_slots(static_cast<int32_t>(slots));
+  hello.set_agent_id(name);
+  auto channel =
+      grpc::CreateChannel(server, grpc::InsecureChannelCredentials());
+  auto stub = v1::InternalService::NewStub(channel);
+  auto backoff = std::chrono::milliseconds(200);
+  while (!g_stop) {
+    const auto started = std::chrono::steady_clock::now();
+    RunSession(*stub, hello, worker, work_dir);
+    if (g_stop) break;
+    if (std::chrono::steady_clock::now() - started > std::chrono::seconds(10)) {
+      backoff = std::chrono::milliseconds(200);
+    }
+    for (auto waited = std::chrono::milliseconds(0);
+         waited < backoff && !g_stop;
+         waited += std::chrono::milliseconds(100)) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+    backoff = std::min(backoff * 2, std::chrono::milliseconds(5000));
+  }
+  return 0;
+}
