@@ -1,0 +1,342 @@
+#include "client/format.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_replace.h"
+#include "absl/strings/strip.h"
+#include "google/protobuf/util/json_util.h"
+
+namespace momentum::client {
+namespace {
+
+struct StateEntry {
+  v1::JobState state;
+  const char* name;
+};
+
+// The states a user can name, in lifecycle order.
+constexpr StateEntry kStates[] = {
+    {v1::JOB_STATE_PENDING, "PENDING"},
+    {v1::JOB_STATE_RUNNING, "RUNNING"},
+    {v1::JOB_STATE_RESTARTING, "RESTARTING"},
+    {v1::JOB_STATE_SUCCEEDED, "SUCCEEDED"},
+    {v1::JOB_STATE_FAILED, "FAILED"},
+    {v1::JOB_STATE_CANCELLED, "CANCELLED"},
+};
+
+// Width of a cell in terminal columns: UTF-8 code points, so that a job
+// name with accents does not shift the columns after it.
+size_t DisplayWidth(absl::string_view text) {
+  size_t width = 0;
+  for (char c : text) {
+    if ((static_cast<unsigned char>(c) & 0xC0) != 0x80) ++width;
+  }
+  return width;
+}
+
+void StripTrailingSpaces(std::string& line) {
+  while (!line.empty() && line.back() == ' ') line.pop_back();
+}
+
+// Rounds down to one decimal, so that "epoch 3.9" is not shown as "4.0"
+// before the fourth epoch is done.
+double FloorTenth(double value) {
+  // The epsilon keeps 0.3 * 10 = 2.9999999999999996 at 3.
+  return std::floor(value * 10.0 + 1e-9) / 10.0;
+}
+
+bool HasReport(const v1::JobProgress& progress) {
+  return progress.step() != 0 || progress.epoch() != 0.0;
+}
+
+std::string OrDash(const std::string& text) {
+  return text.empty() ? "-" : text;
+}
+
+}  // namespace
+
+std::string StateName(v1::JobState state) {
+  for (const StateEntry& entry : kStates) {
+    if (entry.state == state) return entry.name;
+  }
+  return "UNSPECIFIED";
+}
+
+std::optional<v1::JobState> ParseState(absl::string_view text) {
+  std::string upper = absl::AsciiStrToUpper(absl::StripAsciiWhitespace(text));
+  absl::string_view name = upper;
+  absl::ConsumePrefix(&name, "JOB_STATE_");
+  if (name == "CANCELED") return v1::JOB_STATE_CANCELLED;
+  for (const StateEntry& entry : kStates) {
+    if (name == entry.name) return entry.state;
+  }
+  return std::nullopt;
+}
+
+std::string StateNamesForHelp() {
+  std::vector<std::string> names;
+  for (const StateEntry& entry : kStates) {
+    names.push_back(absl::AsciiStrToLower(entry.name));
+  }
+  return absl::StrJoin(names, ", ");
+}
+
+bool IsFinalState(v1::JobState state) {
+  return state == v1::JOB_STATE_SUCCEEDED || state == v1::JOB_STATE_FAILED ||
+         state == v1::JOB_STATE_CANCELLED;
+}
+
+std::string FormatDuration(double seconds) {
+  if (!std::isfinite(seconds) || seconds < 0) return "-";
+  // Past about 30 000 years the int64 below would overflow; no job runs
+  // that long, so such a value is as good as unknown.
+  if (seconds > 1e12) return "-";
+  const int64_t total = static_cast<int64_t>(std::floor(seconds));
+  constexpr int64_t kMinute = 60;
+  constexpr int64_t kHour = 60 * kMinute;
+  constexpr int64_t kDay = 24 * kHour;
+  if (total < kMinute) return absl::StrFormat("%ds", total);
+  if (total < kHour) {
+    return absl::StrFormat("%dm%02ds", total / kMinute, total % kMinute);
+  }
+  if (total < kDay) {
+    return absl::StrFormat("%dh%02dm", total / kHour, total % kHour / kMinute);
+  }
+  return absl::StrFormat("%dd%02dh", total / kDay, total % kDay / kHour);
+}
+
+std::string FormatPercent(double fraction) {
+  if (!std::isfinite(fraction) || fraction < 0) return "-";
+  return absl::StrFormat("%.1f%%", fraction * 100.0);
+}
+
+std::optional<absl::Time> ToTime(const google::protobuf::Timestamp& time) {
+  if (time.seconds() == 0 && time.nanos() == 0) return std::nullopt;
+  return absl::FromUnixSeconds(time.seconds()) +
+         absl::Nanoseconds(time.nanos());
+}
+
+std::string FormatTimestamp(const google::protobuf::Timestamp& time) {
+  std::optional<absl::Time> t = ToTime(time);
+  if (!t) return "-";
+  return absl::FormatTime("%Y-%m-%dT%H:%M:%SZ", *t, absl::UTCTimeZone());
+}
+
+std::string FormatProgress(const v1::JobProgress& progress) {
+  if (!HasReport(progress)) return "-";
+  return absl::StrFormat("epoch %.1f step %d loss %.2f",
+                         FloorTenth(progress.epoch()), progress.step(),
+                         progress.loss());
+}
+
+std::string FormatProgressLine(const v1::Job& job) {
+  const v1::JobProgress& progress = job.progress();
+  std::vector<std::string> parts;
+  if (!HasReport(progress)) {
+    parts.push_back(StateName(job.state()));
+    if (job.state() == v1::JOB_STATE_PENDING && job.queue_position() > 0) {
+      parts.push_back(absl::StrCat("queue position ", job.queue_position()));
+    } else if (job.state() == v1::JOB_STATE_RUNNING ||
+               job.state() == v1::JOB_STATE_RESTARTING) {
+      parts.push_back("waiting for the first report");
+    }
+    return absl::StrJoin(parts, "  ");
+  }
+  const double fraction = std::clamp(progress.fraction(), 0.0, 1.0);
+  // Whole percent, rounded down (100% only when done); the epsilon keeps
+  // 0.29 * 100 = 28.999999999999996 at 29.
+  const int percent = static_cast<int>(std::floor(fraction * 100.0 + 1e-9));
+  parts.push_back(absl::StrFormat("%s %d%%", StateName(job.state()), percent));
+  parts.push_back(FormatProgress(progress));
+  if (progress.images_per_second() > 0) {
+    parts.push_back(
+        absl::StrFormat("%.0f img/s", progress.images_per_second()));
+  }
+  if (progress.eta_seconds() >= 0 && !IsFinalState(job.state())) {
+    parts.push_back(
+        absl::StrCat("ETA ", FormatDuration(progress.eta_seconds())));
+  }
+  if (progress.knn_top1() >= 0) {
+    parts.push_back(absl::StrCat("kNN ", FormatPercent(progress.knn_top1())));
+  }
+  return absl::StrJoin(parts, "  ");
+}
+
+std::string FormatAgeOrDuration(const v1::Job& job, absl::Time now) {
+  std::optional<absl::Time> submit = ToTime(job.submit_time());
+  if (IsFinalState(job.state())) return FormatWallTime(job);
+  if (!submit) return "-";
+  // A client clock behind the server's would give a negative age.
+  return FormatDuration(
+      absl::ToDoubleSeconds(std::max(now - *submit, absl::ZeroDuration())));
+}
+
+std::string FormatWallTime(const v1::Job& job) {
+  std::optional<absl::Time> end = ToTime(job.end_time());
+  std::optional<absl::Time> begin = ToTime(job.start_time());
+  if (!begin) begin = ToTime(job.submit_time());
+  if (!end || !begin) return "-";
+  return FormatDuration(
+      absl::ToDoubleSeconds(std::max(*end - *begin, absl::ZeroDuration())));
+}
+
+std::vector<std::string> JobTableHeader() {
+  return {"ID",    "NAME",     "STATE", "PRIORITY",    "RANKS",
+          "QUEUE", "PROGRESS", "KNN",   "AGE/DURATION"};
+}
+
+std::vector<std::string> JobRow(const v1::Job& job, absl::Time now) {
+  return {
+      job.id(),
+      OrDash(job.name()),
+      StateName(job.state()),
+      absl::StrCat(job.priority()),
+      absl::StrCat(job.world_size()),
+      job.queue_position() > 0 ? absl::StrCat(job.queue_position()) : "-",
+      FormatProgress(job.progress()),
+      FormatPercent(job.progress().knn_top1()),
+      FormatAgeOrDuration(job, now),
+  };
+}
+
+std::string RenderTable(const std::vector<std::string>& header,
+                        const std::vector<std::vector<std::string>>& rows) {
+  std::vector<size_t> widths(header.size(), 0);
+  auto measure = [&widths](const std::vector<std::string>& row) {
+    if (row.size() > widths.size()) widths.resize(row.size(), 0);
+    for (size_t i = 0; i < row.size(); ++i) {
+      widths[i] = std::max(widths[i], DisplayWidth(row[i]));
+    }
+  };
+  measure(header);
+  for (const auto& row : rows) measure(row);
+
+  std::string out;
+  auto render = [&widths, &out](const std::vector<std::string>& row) {
+    std::string line;
+    for (size_t i = 0; i < widths.size(); ++i) {
+      const std::string cell = i < row.size() ? row[i] : "";
+      if (i > 0) line += "  ";
+      line += cell;
+      line.append(widths[i] - DisplayWidth(cell), ' ');
+    }
+    StripTrailingSpaces(line);
+    out += line;
+    out += '\n';
+  };
+  render(header);
+  for (const auto& row : rows) render(row);
+  return out;
+}
+
+std::string RenderKeyValues(const KeyValues& fields, absl::string_view indent) {
+  size_t width = 0;
+  for (const auto& [key, value] : fields) {
+    width = std::max(width, DisplayWidth(key));
+  }
+  std::string out;
+  for (const auto& [key, value] : fields) {
+    std::string line = absl::StrCat(indent, key, ":");
+    line.append(width - DisplayWidth(key) + 1, ' ');
+    line += value;
+    StripTrailingSpaces(line);
+    out += line;
+    out += '\n';
+  }
+  return out;
+}
+
+KeyValues JobFields(const v1::Job& job) {
+  const v1::JobProgress& p = job.progress();
+  return {
+      {"id", job.id()},
+      {"name", OrDash(job.name())},
+      {"state", StateName(job.state())},
+      {"state_reason", OrDash(OneLine(job.state_reason()))},
+      {"priority", absl::StrCat(job.priority())},
+      {"world_size", absl::StrCat(job.world_size())},
+      {"queue_position",
+       job.queue_position() > 0 ? absl::StrCat(job.queue_position()) : "-"},
+      {"output_dir", OrDash(job.output_dir())},
+      {"submit_time", FormatTimestamp(job.submit_time())},
+      {"start_time", FormatTimestamp(job.start_time())},
+      {"end_time", FormatTimestamp(job.end_time())},
+      {"restarts", absl::StrCat(job.restarts())},
+      {"progress.epoch", absl::StrFormat("%.2f", p.epoch())},
+      {"progress.step", absl::StrCat(p.step())},
+      {"progress.fraction", FormatPercent(p.fraction())},
+      {"progress.loss", absl::StrFormat("%.4f", p.loss())},
+      {"progress.learning_rate", absl::StrFormat("%g", p.learning_rate())},
+      {"progress.images_per_second",
+       absl::StrFormat("%.1f", p.images_per_second())},
+      {"progress.eta_seconds", FormatDuration(p.eta_seconds())},
+      {"progress.knn_top1", FormatPercent(p.knn_top1())},
+      {"export_path", OrDash(job.export_path())},
+  };
+}
+
+std::string FormatSubmitted(const v1::Job& job) {
+  std::string out = absl::StrCat("submitted ", job.id());
+  if (!job.name().empty()) absl::StrAppend(&out, " (", job.name(), ")");
+  absl::StrAppend(&out, ", ", StateName(job.state()));
+  if (job.queue_position() > 0) {
+    absl::StrAppend(&out, ", queue position ", job.queue_position());
+  }
+  return out;
+}
+
+std::string FormatStateLine(const v1::Job& job) {
+  std::string out = absl::StrCat(job.id(), " ", StateName(job.state()));
+  std::string reason = OneLine(job.state_reason());
+  if (!reason.empty()) absl::StrAppend(&out, ": ", reason);
+  return out;
+}
+
+std::string FormatSummary(const v1::Job& job) {
+  KeyValues fields = {
+      {"steps", absl::StrCat(job.progress().step())},
+      {"kNN top-1", FormatPercent(job.progress().knn_top1())},
+      {"export", OrDash(job.export_path())},
+      {"wall time", FormatWallTime(job)},
+  };
+  if (job.restarts() > 0) {
+    fields.emplace_back("restarts", absl::StrCat(job.restarts()));
+  }
+  return RenderKeyValues(fields, "  ");
+}
+
+std::string ToJson(const google::protobuf::Message& message) {
+  google::protobuf::util::JsonPrintOptions options;
+  options.add_whitespace = false;
+  options.always_print_primitive_fields = true;
+  options.preserve_proto_field_names = true;
+  std::string json;
+  const auto status =
+      google::protobuf::util::MessageToJsonString(message, &json, options);
+  // Fails only for a message that is not well formed, which cannot come out
+  // of a parsed RPC.
+  if (!status.ok()) {
+    std::fprintf(stderr, "momentum: cannot write %s as JSON: %s\n",
+                 message.GetTypeName().c_str(), status.ToString().c_str());
+    std::abort();
+  }
+  return json;
+}
+
+std::string OneLine(absl::string_view text) {
+  std::string out =
+      absl::StrReplaceAll(absl::StripAsciiWhitespace(text),
+                          {{"\r\n", "; "}, {"\n", "; "}, {"\r", "; "}});
+  return out;
+}
+
+}  // namespace momentum::client
