@@ -190,11 +190,15 @@ int main(int argc, char** argv) {
   app.add_option("--worker", worker, "the momentum-worker binary")
       ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
+  if (worker.find('/') != std::string::npos) {
+    worker = fs::absolute(worker).lexically_normal().string();
+  }
   if (work_dir.empty()) {
     work_dir = (fs::temp_directory_path() /
                 absl::StrCat("momentum-agent-", ::getpid()))
                    .string();
   }
+  work_dir = fs::absolute(work_dir).lexically_normal().string();
   std::error_code ec;
   fs::create_directories(work_dir, ec);
   if (ec) {

@@ -94,6 +94,12 @@ int main(int argc, char** argv) {
                  "once serving, write the bound gRPC and /metrics addresses "
                  "here as JSON");
   CLI11_PARSE(app, argc, argv);
+  // Ranks run in folders of their own: every path they are given is
+  // absolute.
+  state_dir = fs::absolute(state_dir).lexically_normal().string();
+  if (worker.find('/') != std::string::npos) {
+    worker = fs::absolute(worker).lexically_normal().string();
+  }
 
   // Shutdown on SIGINT/SIGTERM, handled on a thread of its own.
   sigset_t stop_signals;
