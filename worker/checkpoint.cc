@@ -150,6 +150,9 @@ absl::StatusOr<std::string> SaveCheckpoint(const std::string& dir, Moco& model,
   root.insert("encoder_k", ToDict(StateOf(*model.encoder_k())));
   root.insert("queue", model.queue());
   root.insert("queue_ptr", model.queue_ptr());
+  root.insert(
+      "queue_steps",
+      at::tensor(at::ArrayRef<int64_t>(model.queue_slot_steps()), at::kLong));
   c10::impl::GenericList buffers(c10::TensorType::get());
   for (const at::Tensor& b : sgd.momentum_buffers()) {
     // An empty tensor marks a parameter that has not stepped yet.
@@ -274,6 +277,23 @@ absl::StatusOr<CheckpointState> LoadCheckpoint(const std::string& path,
     state.shuffle_rng_state = get("shuffle_rng")->toTensor();
     at::Tensor torch_rng = get("torch_rng")->toTensor();
     if (torch_rng.numel() > 0) state.torch_rng_state = torch_rng;
+    // The step that wrote each queue slot. Checkpoints written before it
+    // was kept have it rebuilt: every step enqueued the global batch
+    // (images_seen / global_step keys).
+    const int64_t steps = state.position.global_step;
+    if (auto it = root.find("queue_steps"); it != root.end()) {
+      at::Tensor t = it->value().toTensor().to(at::kLong).contiguous();
+      model.RestoreQueueAges(
+          steps, std::vector<int64_t>(t.data_ptr<int64_t>(),
+                                      t.data_ptr<int64_t>() + t.numel()));
+    } else {
+      const int64_t per_step =
+          steps > 0 ? std::max<int64_t>(state.position.images_seen / steps, 1)
+                    : 1;
+      model.RestoreQueueAges(
+          steps, QueueSlotSteps(steps, per_step, model.options().queue_size,
+                                model.queue_ptr()));
+    }
     at::Tensor knn = get("knn_history")->toTensor();
     for (int64_t i = 0; i < knn.size(0); ++i) {
       state.knn_history.push_back(

@@ -1,11 +1,11 @@
 // Checkpoints of a MoCo run, written atomically (temporary file, fsync,
 // rename, fsync of the folder) as LibTorch pickles that Python's torch.load
 // also reads. A checkpoint holds both encoders (parameters and buffers), the
-// queue and its pointer, the SGD momentum buffers, the position in the run
-// (epoch, step in epoch, global step, training seconds, images seen), the
-// state of every random generator the run draws from, the kNN history and
-// the job spec as YAML. Data order and augmentation are pure functions of
-// (seed, epoch, index), so the position is all they need.
+// queue, its pointer and the step that wrote each slot, the SGD momentum
+// buffers, the position in the run (epoch, step in epoch, global step, training
+// seconds, images seen), the state of every random generator the run draws
+// from, the kNN history and the job spec as YAML. Data order and augmentation
+// are pure functions of (seed, epoch, index), so the position is all they need.
 //
 // Files are <dir>/checkpoint-<global step, 9 digits>.pt; the newest N are
 // kept.

@@ -9,6 +9,9 @@
 //       SIGINT/SIGTERM to them and, when one fails, stops the others and
 //       exits non-zero naming the rank. resources.nproc > 1 in the spec does
 //       the same.
+// When the coordinator launches a rank it sets MOMENTUM_COORDINATOR
+// (host:port), MOMENTUM_JOB_ID and MOMENTUM_ATTEMPT; the rank then streams
+// heartbeats and its training series there (worker/reporter.h).
 //
 // Exit codes: 0 trained to the end, 1 failed, 2 bad flags or spec,
 // 143 stopped by SIGTERM/SIGINT after writing a checkpoint.
@@ -19,11 +22,13 @@
 #include <csignal>
 #include <cstdlib>
 #include <iostream>
+#include <memory>
 
 #include "common/job_spec.h"
 #include "worker/launcher.h"
 #include "worker/malloc_tuning.h"
 #include "worker/process_group.h"
+#include "worker/reporter.h"
 #include "worker/trainer.h"
 
 namespace {
@@ -132,6 +137,19 @@ int main(int argc, char** argv) {
   std::signal(SIGINT, OnSignal);
   std::signal(SIGTERM, OnSignal);
 
+  // Started before the trainer, so that heartbeats flow while the group
+  // forms and the data loads.
+  auto reporter_options = mw::MetricsReporterOptionsFromEnv(dist.rank);
+  if (!reporter_options.ok()) {
+    std::cerr << "momentum-worker: " << reporter_options.status().message()
+              << "\n";
+    return 2;
+  }
+  std::unique_ptr<mw::MetricsReporter> reporter;
+  if (reporter_options->has_value()) {
+    reporter = std::make_unique<mw::MetricsReporter>(**reporter_options);
+  }
+
   auto trainer = mw::Trainer::Create(*spec, dist);
   if (!trainer.ok()) {
     std::cerr << "momentum-worker: rank " << dist.rank << ": "
@@ -139,7 +157,16 @@ int main(int argc, char** argv) {
     return trainer.status().code() == absl::StatusCode::kInvalidArgument ? 2
                                                                          : 1;
   }
+  if (reporter != nullptr) {
+    (*trainer)->SetReportCallback(
+        [r = reporter.get()](const mw::StepReport& report) {
+          r->Report(report);
+        });
+  }
   auto summary = (*trainer)->Run(&g_stop);
+  // Flushes the last reports (a few seconds at most) before the exit code
+  // tells the coordinator the rank is done.
+  if (reporter != nullptr) reporter->Close();
   if (!summary.ok()) {
     std::cerr << "momentum-worker: rank " << dist.rank << ": "
               << summary.status().message() << "\n";

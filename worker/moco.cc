@@ -4,6 +4,7 @@
 #include <torch/nn/functional/normalization.h>
 #include <torch/nn/utils/convert_parameters.h>
 
+#include <algorithm>
 #include <future>
 
 #include "worker/process_group.h"
@@ -38,7 +39,7 @@ MocoOptions MocoOptionsFromSpec(const JobSpec& spec, int64_t world_size) {
 }
 
 Moco::Moco(const MocoOptions& options, at::Generator generator)
-    : options_(options) {
+    : options_(options), queue_slot_steps_(options.queue_size, 0) {
   encoder_q_ = ResNet(options.encoder);
   encoder_k_ = ResNet(options.encoder);
   {
@@ -178,6 +179,8 @@ Moco::Output Moco::Forward(const at::Tensor& x_q, const at::Tensor& x_k,
   if (!out.all_keys.defined()) out.all_keys = out.keys;
   out.logits = ContrastiveLogits(q, out.keys, queue_, options_.temperature);
   out.loss = InfoNceLoss(out.logits);
+  out.queries = q;
+  out.health = BatchHealthOf(q, out.logits, queue_, options_.temperature);
   return out;
 }
 
@@ -190,7 +193,28 @@ void Moco::Enqueue(const at::Tensor& keys) {
   const int64_t skip = n > k ? n - k : 0;
   at::Tensor idx = (at::arange(skip, n, at::kLong) + queue_ptr_).remainder_(k);
   queue_.index_copy_(1, idx, keys.slice(0, skip).t().to(queue_.dtype()));
+  ++enqueued_steps_;
+  for (int64_t i = skip; i < n; ++i) {
+    queue_slot_steps_[(queue_ptr_ + i) % k] = enqueued_steps_;
+  }
   queue_ptr_ = (queue_ptr_ + n) % k;
+}
+
+int64_t Moco::QueueStaleness() const {
+  return enqueued_steps_ -
+         *std::min_element(queue_slot_steps_.begin(), queue_slot_steps_.end());
+}
+
+void Moco::RestoreQueueAges(int64_t steps, std::vector<int64_t> slot_steps) {
+  TORCH_CHECK(static_cast<int64_t>(slot_steps.size()) == options_.queue_size,
+              "queue ages for ", slot_steps.size(), " slots, the queue has ",
+              options_.queue_size);
+  for (int64_t s : slot_steps) {
+    TORCH_CHECK(s >= 0 && s <= steps, "queue slot written at step ", s, " of ",
+                steps);
+  }
+  enqueued_steps_ = steps;
+  queue_slot_steps_ = std::move(slot_steps);
 }
 
 at::Tensor ContrastiveLogits(const at::Tensor& q, const at::Tensor& k,
@@ -204,6 +228,45 @@ at::Tensor InfoNceLoss(const at::Tensor& logits) {
   at::Tensor labels =
       at::zeros({logits.size(0)}, logits.options().dtype(at::kLong));
   return torch::nn::functional::cross_entropy(logits, labels);
+}
+
+at::Tensor BatchHealthOf(const at::Tensor& q, const at::Tensor& logits,
+                         const at::Tensor& queue, double temperature) {
+  at::NoGradGuard no_grad;
+  const at::Tensor qd = q.detach();
+  at::Tensor positive = logits.detach().select(1, 0).mean() * temperature;
+  // The mean of q·queue over all N×K pairs is the dot product of the mean
+  // query and the mean key: one pass over the queue instead of over the
+  // N×K logits.
+  at::Tensor negative = qd.mean(0).dot(queue.mean(1).to(qd.scalar_type()));
+  at::Tensor spread = qd.std(0, /*unbiased=*/false);
+  return at::stack({positive, negative, spread.mean(), spread.min()})
+      .to(at::kDouble);
+}
+
+BatchHealth ReadBatchHealth(const at::Tensor& health) {
+  TORCH_CHECK(health.numel() == 4, "batch health has ", health.numel(),
+              " values, want 4");
+  at::Tensor h = health.to(at::kCPU, at::kDouble).contiguous();
+  const double* v = h.data_ptr<double>();
+  return {v[0], v[1], v[2], v[3]};
+}
+
+std::vector<int64_t> QueueSlotSteps(int64_t steps, int64_t keys_per_step,
+                                    int64_t queue_size, int64_t queue_ptr) {
+  TORCH_CHECK(steps >= 0 && keys_per_step > 0 && queue_size > 0 &&
+                  queue_ptr >= 0 && queue_ptr < queue_size,
+              "QueueSlotSteps(", steps, ", ", keys_per_step, ", ", queue_size,
+              ", ", queue_ptr, ")");
+  const int64_t total = steps * keys_per_step;
+  std::vector<int64_t> out(queue_size, 0);
+  for (int64_t slot = 0; slot < queue_size; ++slot) {
+    const int64_t back = ((queue_ptr - 1 - slot) % queue_size + queue_size) %
+                         queue_size;  // keys written after this slot's
+    const int64_t i = total - 1 - back;
+    out[slot] = i >= 0 ? i / keys_per_step + 1 : 0;
+  }
+  return out;
 }
 
 }  // namespace momentum::worker

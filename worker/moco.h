@@ -6,6 +6,9 @@
 //   - logits = [q·k, q·queue] / T with the positive at index 0, InfoNCE loss;
 //     the queue used is the one before this step's Enqueue();
 //   - Enqueue() writes the keys at the pointer, wrapping around for any K.
+// Beside the training it keeps the health series of worker/step_report.h:
+// Forward() summarises its batch (BatchHealth) and Enqueue() records which
+// step wrote each queue slot (QueueStaleness()).
 // Shuffled BatchNorm is emulated in one process: the key batch is permuted,
 // split into G groups that the key encoder normalises separately, and the
 // keys are un-permuted so that each returns to its query.
@@ -24,6 +27,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "common/job_spec.h"
@@ -56,6 +60,17 @@ struct MocoOptions {
 
 MocoOptions MocoOptionsFromSpec(const JobSpec& spec, int64_t world_size);
 
+// Health of one step's batch on one rank (worker/step_report.h): mean
+// positive and negative logits as cosine similarities (before the
+// temperature) and the standard deviation across the batch of each dimension
+// of the normalised queries, averaged over the dimensions and its minimum.
+struct BatchHealth {
+  double positive_logit_mean = 0;
+  double negative_logit_mean = 0;
+  double feature_std_mean = 0;
+  double feature_std_min = 0;
+};
+
 class Moco {
  public:
   // Initialises the query encoder from the global LibTorch generator (seed it
@@ -70,6 +85,14 @@ class Moco {
     // The keys of the whole group's batch in rank order, [world * N, dim]:
     // what Enqueue() takes. `keys` itself with one rank.
     at::Tensor all_keys;
+    // This rank's normalised queries [N, dim], with grad: the tensor the
+    // logits were computed from.
+    at::Tensor queries;
+    // BatchHealth as a [4] double tensor without grad, on the model's
+    // device: read it with ReadBatchHealth() after the step (with the loss,
+    // as the trainer does), so that the forward pass never waits for the
+    // device.
+    at::Tensor health;
   };
 
   // Makes this model one rank of `group` (not owned; may be null for one
@@ -103,8 +126,24 @@ class Moco {
   Output Forward(const at::Tensor& x_q, const at::Tensor& x_k,
                  const at::Tensor& perm);
   // Writes keys [N, dim] into the queue at the pointer (wrapping around) and
-  // advances it by N modulo K.
+  // advances it by N modulo K. Counts as one step of the queue's age
+  // bookkeeping: the slots written get step enqueued_steps() + 1 (a
+  // trainer calls it once per global step, so that is the global step).
   void Enqueue(const at::Tensor& keys);
+
+  // Enqueue() calls so far (the group's global step after the last one).
+  int64_t enqueued_steps() const { return enqueued_steps_; }
+  // The step that wrote each queue slot, K entries; 0 for the initial random
+  // keys.
+  const std::vector<int64_t>& queue_slot_steps() const {
+    return queue_slot_steps_;
+  }
+  // Age in steps of the oldest key in the queue: enqueued_steps() minus the
+  // oldest slot's step.
+  int64_t QueueStaleness() const;
+  // Restores the age bookkeeping (from a checkpoint): `slot_steps` must have
+  // K entries, each in [0, steps].
+  void RestoreQueueAges(int64_t steps, std::vector<int64_t> slot_steps);
 
   ResNet& encoder_q() { return encoder_q_; }
   ResNet& encoder_k() { return encoder_k_; }
@@ -119,6 +158,8 @@ class Moco {
   ResNet encoder_k_{nullptr};
   at::Tensor queue_;  // [dim, K]
   int64_t queue_ptr_ = 0;
+  int64_t enqueued_steps_ = 0;
+  std::vector<int64_t> queue_slot_steps_;  // K entries
   std::vector<at::Tensor> params_q_, params_k_;
   ProcessGroup* group_ = nullptr;
 };
@@ -128,6 +169,23 @@ class Moco {
 at::Tensor ContrastiveLogits(const at::Tensor& q, const at::Tensor& k,
                              const at::Tensor& queue, double temperature);
 at::Tensor InfoNceLoss(const at::Tensor& logits);
+
+// BatchHealth of queries q [N, dim] (normalised), their logits [N, 1+K]
+// (divided by `temperature`) and the queue [dim, K] the logits used, as a
+// [4] double tensor without grad, in BatchHealth's field order.
+at::Tensor BatchHealthOf(const at::Tensor& q, const at::Tensor& logits,
+                         const at::Tensor& queue, double temperature);
+// Reads a tensor of BatchHealthOf() (a device sync on CUDA).
+BatchHealth ReadBatchHealth(const at::Tensor& health);
+
+// The step that wrote each of `queue_size` slots after `steps` steps of
+// `keys_per_step` keys each, the pointer now at `queue_ptr` (0: the initial
+// key survives). The newest key lies just before the pointer; the key d
+// places before it is key i = steps * keys_per_step - 1 - d of all those
+// ever enqueued and came from step i / keys_per_step + 1. Rebuilds Moco's
+// age bookkeeping from checkpoints written before it was saved.
+std::vector<int64_t> QueueSlotSteps(int64_t steps, int64_t keys_per_step,
+                                    int64_t queue_size, int64_t queue_ptr);
 
 }  // namespace momentum::worker
 

@@ -217,6 +217,18 @@ absl::Status Trainer::Evaluate(CheckpointState* state,
                         static_cast<double>(steps_per_epoch_);
   state->knn_history.push_back({epochs, pos.global_step, top1});
   *last_eval_step = pos.global_step;
+  // Every rank reports the evaluation, with the series of its last step.
+  StepReport report = last_report_;
+  report.step = pos.global_step;
+  report.epoch = epochs;
+  Progress progress;
+  progress.step = pos.global_step;
+  progress.steps_per_epoch = steps_per_epoch_;
+  progress.train_seconds = pos.train_seconds;
+  report.fraction = RunFraction(spec_.optim, progress, /*end=*/false);
+  report.queue_staleness_steps = model_->QueueStaleness();
+  report.knn_top1 = top1;
+  Report(report);
   if (!lead()) return absl::OkStatus();
   spdlog::info("kNN top-1 {:.2f}% after {:.2f} epochs, step {} ({:.1f} s)",
                100 * top1, epochs, pos.global_step,
@@ -290,6 +302,8 @@ absl::StatusOr<TrainSummary> Trainer::Run(const std::atomic<bool>* stop,
   // Every rank starts from rank 0's model, as DistributedDataParallel does.
   if (absl::Status s = BroadcastModel(); !s.ok()) return s;
   RunPosition& pos = state.position;
+  last_report_ = StepReport();
+  last_report_.rank = dist_.rank;
   const OptimSpec& optim = spec_.optim;
   const int64_t batch = optim.batch_size;
   const bool shuffle = model_->options().bn_groups > 0;
@@ -381,6 +395,7 @@ absl::StatusOr<TrainSummary> Trainer::Run(const std::atomic<bool>* stop,
     const double lr = LearningRate(optim, progress);
 
     double loss_value = 0;
+    BatchHealth health;
     try {
       model_->MomentumUpdate();
       momentum_done = Clock::now();
@@ -409,6 +424,7 @@ absl::StatusOr<TrainSummary> Trainer::Run(const std::atomic<bool>* stop,
       sgd_->Step(lr);
       model_->Enqueue(out.all_keys);
       loss_value = out.loss.item<double>();
+      health = ReadBatchHealth(out.health);
     } catch (const c10::Error& e) {
       return absl::InternalError("training step " +
                                  std::to_string(pos.global_step) + ": " +
@@ -444,9 +460,21 @@ absl::StatusOr<TrainSummary> Trainer::Run(const std::atomic<bool>* stop,
     window_images += batch;
     window_loss += loss_value;
     ++window_steps;
+    // The series of the last step (worker/step_report.h); the window's
+    // fields follow when the window closes.
+    last_report_.step = pos.global_step;
+    last_report_.epoch =
+        pos.epoch + static_cast<double>(pos.step_in_epoch) / steps_per_epoch_;
+    last_report_.learning_rate = lr;
+    last_report_.positive_logit_mean = health.positive_logit_mean;
+    last_report_.negative_logit_mean = health.negative_logit_mean;
+    last_report_.feature_std_mean = health.feature_std_mean;
+    last_report_.feature_std_min = health.feature_std_min;
+    last_report_.queue_staleness_steps = model_->QueueStaleness();
 
     if (pos.global_step % spec_.logging.every_steps == 0) {
-      double step_loss = loss_value, mean_loss = window_loss / window_steps;
+      const double rank_loss = window_loss / window_steps;
+      double step_loss = loss_value, mean_loss = rank_loss;
       if (group_ != nullptr) {
         // The group's loss: the mean over the ranks' shards.
         std::vector<at::Tensor> shared = {
@@ -462,6 +490,18 @@ absl::StatusOr<TrainSummary> Trainer::Run(const std::atomic<bool>* stop,
       const double fraction = RunFraction(optim, progress, /*end=*/false);
       const double eta =
           fraction > 0 ? pos.train_seconds * (1 - fraction) / fraction : NAN;
+      const StepPhases mean_phases = window_phases / window_steps;
+      StepReport& report = last_report_;
+      report.fraction = fraction;
+      report.loss = rank_loss;
+      report.images_per_second = ips;
+      report.data_seconds = mean_phases.data;
+      report.forward_seconds = mean_phases.forward;
+      report.backward_seconds = mean_phases.backward;
+      report.communication_seconds = mean_phases.communication;
+      report.optimizer_seconds = mean_phases.optimizer;
+      report.eta_seconds = std::isfinite(eta) ? eta : -1;
+      report.knn_top1 = -1;
       if (lead()) {
         spdlog::info(
             "epoch {} step {}/{} ({}) loss {:.4f} lr {:.4g} {:.0f} img/s ETA "
@@ -474,13 +514,21 @@ absl::StatusOr<TrainSummary> Trainer::Run(const std::atomic<bool>* stop,
                                   {"loss_mean", mean_loss},
                                   {"lr", lr},
                                   {"images_per_s", ips},
-                                  {"step_ms",
-                                   PhasesMs(window_phases / window_steps)},
-                                  {"train_seconds", pos.train_seconds}}
+                                  {"step_ms", PhasesMs(mean_phases)},
+                                  {"train_seconds", pos.train_seconds},
+                                  {"positive_logit_mean",
+                                   report.positive_logit_mean},
+                                  {"negative_logit_mean",
+                                   report.negative_logit_mean},
+                                  {"feature_std_mean", report.feature_std_mean},
+                                  {"feature_std_min", report.feature_std_min},
+                                  {"queue_staleness_steps",
+                                   report.queue_staleness_steps}}
                        .dump()
                 << "\n";
         metrics.flush();
       }
+      Report(report);
       window_seconds = 0;
       window_images = 0;
       window_loss = 0;

@@ -8,11 +8,13 @@
 // Usage:
 //   auto trainer = Trainer::Create(spec);
 //   if (!trainer.ok()) ...;
+//   (*trainer)->SetReportCallback([](const StepReport& r) { ... });
 //   absl::StatusOr<TrainSummary> summary = (*trainer)->Run();
 #ifndef MOMENTUM_WORKER_TRAINER_H_
 #define MOMENTUM_WORKER_TRAINER_H_
 
 #include <atomic>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -24,6 +26,7 @@
 #include "worker/moco.h"
 #include "worker/optim.h"
 #include "worker/process_group.h"
+#include "worker/step_report.h"
 
 namespace momentum::worker {
 
@@ -74,6 +77,18 @@ class Trainer {
   absl::StatusOr<TrainSummary> Run(const std::atomic<bool>* stop = nullptr,
                                    int64_t max_steps_this_call = 0);
 
+  // Called on the thread that runs Run(), on every rank: after each logging
+  // window (this rank's window loss, the group's images per second, the
+  // health of this rank's last batch), and after each kNN evaluation with
+  // knn_top1 set and the other fields as of the last step (health, loss and
+  // rates stay 0 when no step ran since this Run() began). Training waits
+  // for it, so it should only queue the report (worker/reporter.h). Set it
+  // before Run().
+  using ReportCallback = std::function<void(const StepReport&)>;
+  void SetReportCallback(ReportCallback callback) {
+    report_callback_ = std::move(callback);
+  }
+
   Moco& model() { return *model_; }
   const JobSpec& spec() const { return spec_; }
   int64_t steps_per_epoch() const { return steps_per_epoch_; }
@@ -85,6 +100,9 @@ class Trainer {
   absl::Status BroadcastModel();
   absl::Status Init();
   absl::Status Evaluate(CheckpointState* state, int64_t* last_eval_step);
+  void Report(const StepReport& report) {
+    if (report_callback_) report_callback_(report);
+  }
   absl::StatusOr<std::string> Checkpoint(CheckpointState* state);
 
   JobSpec spec_;
@@ -99,6 +117,9 @@ class Trainer {
   at::Generator shuffle_rng_;
   int64_t steps_per_epoch_ = 0;
   int64_t threads_ = 1;
+  ReportCallback report_callback_;
+  // The series as of the last step of this Run(), for the reports.
+  StepReport last_report_;
 };
 
 }  // namespace momentum::worker

@@ -6,6 +6,8 @@
 
 #include <filesystem>
 #include <fstream>
+#include <iterator>
+#include <vector>
 
 #include "tests/worker/test_data.h"
 
@@ -77,6 +79,8 @@ TEST(CheckpointTest, RoundTripRestoresEverything) {
   ExpectSameState(*model.encoder_k(), *other.encoder_k());
   EXPECT_TRUE(at::equal(model.queue(), other.queue()));
   EXPECT_EQ(model.queue_ptr(), other.queue_ptr());
+  EXPECT_EQ(other.queue_slot_steps(), model.queue_slot_steps());
+  EXPECT_EQ(other.enqueued_steps(), 17);  // the position's global step
   for (size_t i = 0; i < sgd.momentum_buffers().size(); ++i) {
     EXPECT_TRUE(
         at::equal(sgd.momentum_buffers()[i], other_sgd.momentum_buffers()[i]));
@@ -158,6 +162,40 @@ TEST(CheckpointTest, OtherArchitectureIsRejected) {
   EXPECT_EQ(loaded.status().code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_NE(loaded.status().message().find("conv1.weight"), std::string::npos)
       << loaded.status();
+  fs::remove_all(dir);
+}
+
+// Checkpoints written before the queue's ages were kept still load; the ages
+// are rebuilt from the position and the pointer.
+TEST(CheckpointTest, CheckpointWithoutQueueAgesRebuildsThem) {
+  const std::string dir = testing::TempDir("ckpt-ages");
+  torch::manual_seed(3);
+  Moco model(Small(), Gen(1));  // K 12
+  Sgd sgd(model.encoder_q()->parameters(), 0.9, 1e-4);
+  for (int i = 0; i < 5; ++i) TrainOneStep(model, sgd);  // 20 keys of 4
+  CheckpointState state;
+  state.position = {0, 5, 5, 5 * 4, 1.0};
+  state.shuffle_rng_state = Gen(1).get_state();
+  auto path = SaveCheckpoint(dir, model, sgd, state, 2);
+  ASSERT_TRUE(path.ok()) << path.status();
+  {
+    std::ifstream in(*path, std::ios::binary);
+    std::vector<char> bytes((std::istreambuf_iterator<char>(in)),
+                            std::istreambuf_iterator<char>());
+    auto root = torch::pickle_load(bytes).toGenericDict();
+    ASSERT_EQ(root.erase("queue_steps"), 1u);
+    std::vector<char> old = torch::pickle_save(c10::IValue(root));
+    std::ofstream(*path, std::ios::binary | std::ios::trunc)
+        .write(old.data(), static_cast<std::streamsize>(old.size()));
+  }
+  Moco other(Small(), Gen(2));
+  Sgd other_sgd(other.encoder_q()->parameters(), 0.9, 1e-4);
+  auto loaded = LoadCheckpoint(*path, other, other_sgd);
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  EXPECT_EQ(other.enqueued_steps(), 5);
+  EXPECT_EQ(other.queue_slot_steps(), model.queue_slot_steps());
+  // Keys 8..19 survive; key 8 came from step 3, two steps ago.
+  EXPECT_EQ(other.QueueStaleness(), 2);
   fs::remove_all(dir);
 }
 

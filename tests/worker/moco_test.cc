@@ -4,7 +4,9 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "worker/optim.h"
 
@@ -202,6 +204,113 @@ TEST(MocoTest, OnlyTheQueryEncoderGetsGradients) {
   }
   for (const auto& p : model.encoder_k()->parameters()) {
     EXPECT_FALSE(p.grad().defined());
+  }
+}
+
+// A reference copy of `source` (parameters and buffers), in training mode.
+ResNet CopyOf(ResNet& source, const ResNetOptions& options) {
+  ResNet copy(options);
+  at::NoGradGuard g;
+  auto src = StateOf(*source);
+  auto dst = StateOf(*copy);
+  for (size_t i = 0; i < src.size(); ++i) dst[i].second.copy_(src[i].second);
+  copy->train();
+  return copy;
+}
+
+// The health of a step recomputed from an explicit forward pass of the query
+// encoder, with plain tensor ops: cosine similarities q·k and q·queue, and
+// the population standard deviation of each feature over the batch.
+TEST(MocoTest, ForwardReportsTheHealthOfItsBatch) {
+  MocoOptions o = Small(24, 2);
+  torch::manual_seed(21);
+  Moco model(o, Gen(21));
+  ResNet reference = CopyOf(model.encoder_q(), o.encoder);
+  at::Tensor queue = model.queue().clone();
+  at::Tensor xq = at::randn({8, 1, 12, 12}), xk = at::randn({8, 1, 12, 12});
+  auto out = model.Forward(xq, xk, at::randperm(8, Gen(22), at::kLong));
+
+  at::NoGradGuard g;
+  at::Tensor f = reference->forward(xq);
+  at::Tensor q = f / f.norm(2, 1, /*keepdim=*/true);
+  ASSERT_TRUE(at::allclose(out.queries, q, 1e-5, 1e-6));
+  EXPECT_TRUE(out.queries.requires_grad());
+  const double positive = (q * out.keys).sum(1).mean().item<double>();
+  const double negative = q.mm(queue).mean().item<double>();
+  at::Tensor centred = q - q.mean(0, /*keepdim=*/true);
+  at::Tensor per_dim = (centred * centred).mean(0).sqrt();
+  const double std_mean = per_dim.mean().item<double>();
+  const double std_min = per_dim.min().item<double>();
+
+  BatchHealth h = ReadBatchHealth(out.health);
+  EXPECT_FALSE(out.health.requires_grad());
+  EXPECT_NEAR(h.positive_logit_mean, positive, 1e-5);
+  EXPECT_NEAR(h.negative_logit_mean, negative, 1e-5);
+  EXPECT_NEAR(h.feature_std_mean, std_mean, 1e-5);
+  EXPECT_NEAR(h.feature_std_min, std_min, 1e-5);
+  // The same as the logits' columns times the temperature.
+  at::Tensor l = out.logits * o.temperature;
+  EXPECT_NEAR(h.positive_logit_mean, l.select(1, 0).mean().item<double>(),
+              1e-5);
+  EXPECT_NEAR(h.negative_logit_mean, l.slice(1, 1).mean().item<double>(), 1e-5);
+  // Sane ranges: cosines in [-1, 1], per-dimension spreads of unit vectors.
+  EXPECT_GT(h.feature_std_min, 0.0);
+  EXPECT_LE(h.feature_std_min, h.feature_std_mean);
+  EXPECT_LE(h.feature_std_mean, 1.0);
+}
+
+TEST(MocoTest, IdenticalQueriesHaveNoFeatureSpread) {
+  Moco model(Small(16, 2), Gen(23));
+  at::Tensor one = at::randn({1, 1, 12, 12});
+  auto out = model.Forward(one.expand({4, 1, 12, 12}).contiguous(),
+                           at::randn({4, 1, 12, 12}), at::Tensor());
+  BatchHealth h = ReadBatchHealth(out.health);
+  EXPECT_NEAR(h.feature_std_mean, 0.0, 1e-6);
+  EXPECT_NEAR(h.feature_std_min, 0.0, 1e-6);
+}
+
+// Age of the oldest key after s steps of b keys into a queue of k slots,
+// from the definition: the initial keys (step 0) survive while fewer than k
+// keys were enqueued; then the oldest surviving key is key n - k of the
+// n = s * b enqueued, written by step (n - k) / b + 1.
+int64_t ExpectedStaleness(int64_t s, int64_t b, int64_t k) {
+  const int64_t n = s * b;
+  if (n < k) return s;
+  return s - ((n - k) / b + 1);
+}
+
+TEST(MocoTest, QueueStalenessFollowsTheClosedForm) {
+  // K not a multiple of the batch; the last case has more keys than slots.
+  for (auto [k, b] : std::vector<std::pair<int64_t, int64_t>>{
+           {10, 4}, {40, 16}, {7, 3}, {3, 5}}) {
+    Moco model(Small(k, 2), Gen(24));
+    EXPECT_EQ(model.QueueStaleness(), 0);
+    for (int64_t s = 1; s <= 12; ++s) {
+      model.Enqueue(at::randn({b, 8}));
+      EXPECT_EQ(model.enqueued_steps(), s);
+      EXPECT_EQ(model.QueueStaleness(), ExpectedStaleness(s, b, k))
+          << "K " << k << " batch " << b << " step " << s;
+    }
+  }
+}
+
+TEST(MocoTest, QueueSlotStepsRebuildTheBookkeepingOfEnqueue) {
+  for (auto [k, b] : std::vector<std::pair<int64_t, int64_t>>{
+           {10, 4}, {12, 4}, {7, 3}, {3, 5}}) {
+    Moco model(Small(k, 2), Gen(25));
+    for (int64_t s = 0; s <= 9; ++s) {
+      if (s > 0) model.Enqueue(at::randn({b, 8}));
+      EXPECT_EQ(QueueSlotSteps(s, b, k, model.queue_ptr()),
+                model.queue_slot_steps())
+          << "K " << k << " batch " << b << " step " << s;
+    }
+    Moco restored(Small(k, 2), Gen(26));
+    restored.set_queue_ptr(model.queue_ptr());
+    restored.RestoreQueueAges(9, QueueSlotSteps(9, b, k, model.queue_ptr()));
+    EXPECT_EQ(restored.QueueStaleness(), model.QueueStaleness());
+    restored.Enqueue(at::randn({b, 8}));
+    model.Enqueue(at::randn({b, 8}));
+    EXPECT_EQ(restored.queue_slot_steps(), model.queue_slot_steps());
   }
 }
 

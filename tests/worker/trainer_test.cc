@@ -6,6 +6,8 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
 
 #include "tests/worker/test_data.h"
 
@@ -161,6 +163,143 @@ TEST_P(TrainerResumeTest, ResumedRunEqualsUninterruptedRun) {
 
 INSTANTIATE_TEST_SUITE_P(StopPoints, TrainerResumeTest,
                          ::testing::Values(1, 6, 7, 17));
+
+// Age of the oldest key after s steps of b keys into a queue of k slots,
+// from the definition (worker/step_report.h): the initial keys (step 0)
+// survive while fewer than k keys were enqueued; then the oldest surviving
+// key is key n - k of the n = s * b enqueued, written by step (n - k) / b + 1.
+int64_t ExpectedStaleness(int64_t s, int64_t b, int64_t k) {
+  const int64_t n = s * b;
+  if (n < k) return s;
+  return s - ((n - k) / b + 1);
+}
+
+std::vector<StepReport> Windows(const std::vector<StepReport>& reports) {
+  std::vector<StepReport> out;
+  for (const auto& r : reports) {
+    if (r.knn_top1 < 0) out.push_back(r);
+  }
+  return out;
+}
+
+// The callback sees every logging window and every evaluation, with the
+// series defined in worker/step_report.h; metrics.jsonl lists the same
+// health values.
+TEST_F(TrainerTest, ReportsEveryWindowAndEvaluationToItsCallback) {
+  const std::string out = testing::TempDir("trainer-reports");
+  JobSpec spec = Spec(out);
+  spec.logging.every_steps = 1;  // 18 steps, evaluations after 6, 12, 18
+  auto trainer = Trainer::Create(spec);
+  ASSERT_TRUE(trainer.ok()) << trainer.status();
+  std::vector<StepReport> reports;
+  (*trainer)->SetReportCallback(
+      [&](const StepReport& r) { reports.push_back(r); });
+  auto summary = (*trainer)->Run();
+  ASSERT_TRUE(summary.ok()) << summary.status();
+  ASSERT_EQ(reports.size(), 18u + 3u);
+
+  const int64_t b = spec.optim.batch_size, k = spec.moco.queue_size;
+  int64_t step = 0;
+  for (size_t i = 0; i < reports.size(); ++i) {
+    const StepReport& r = reports[i];
+    SCOPED_TRACE("report " + std::to_string(i) + " at step " +
+                 std::to_string(r.step));
+    EXPECT_EQ(r.rank, 0);
+    EXPECT_EQ(r.queue_staleness_steps, ExpectedStaleness(r.step, b, k));
+    EXPECT_DOUBLE_EQ(r.epoch, r.step / 6.0);
+    EXPECT_GT(r.fraction, 0.0);
+    EXPECT_LE(r.fraction, 1.0);
+    if (r.knn_top1 >= 0) {
+      // After the window of the same step, with its series.
+      ASSERT_GT(i, 0u);
+      const StepReport& w = reports[i - 1];
+      EXPECT_EQ(r.step % 6, 0);
+      EXPECT_EQ(r.step, w.step);
+      EXPECT_LE(r.knn_top1, 1.0);
+      EXPECT_DOUBLE_EQ(r.loss, w.loss);
+      EXPECT_DOUBLE_EQ(r.positive_logit_mean, w.positive_logit_mean);
+      EXPECT_DOUBLE_EQ(r.feature_std_min, w.feature_std_min);
+      EXPECT_DOUBLE_EQ(r.learning_rate, w.learning_rate);
+      continue;
+    }
+    EXPECT_EQ(r.step, ++step);
+    EXPECT_TRUE(std::isfinite(r.loss) && r.loss > 0);
+    EXPECT_GT(r.learning_rate, 0.0);
+    EXPECT_GT(r.images_per_second, 0.0);
+    EXPECT_GT(r.forward_seconds, 0.0);
+    EXPECT_GT(r.backward_seconds, 0.0);
+    EXPECT_GE(r.data_seconds, 0.0);
+    EXPECT_EQ(r.communication_seconds, 0.0);  // one rank
+    EXPECT_GE(r.optimizer_seconds, 0.0);
+    EXPECT_GE(r.positive_logit_mean, -1.0);
+    EXPECT_LE(r.positive_logit_mean, 1.0);
+    EXPECT_GE(r.negative_logit_mean, -1.0);
+    EXPECT_LE(r.negative_logit_mean, 1.0);
+    EXPECT_GT(r.feature_std_min, 0.0);
+    EXPECT_LE(r.feature_std_min, r.feature_std_mean);
+    EXPECT_LE(r.feature_std_mean, 1.0);
+  }
+  EXPECT_DOUBLE_EQ(reports.back().knn_top1, summary->knn_top1);
+
+  // metrics.jsonl: one line per window with the same values.
+  std::ifstream metrics(out + "/metrics.jsonl");
+  std::string line;
+  std::vector<StepReport> windows = Windows(reports);
+  size_t matched = 0;
+  while (std::getline(metrics, line)) {
+    auto j = nlohmann::json::parse(line);
+    if (!j.contains("loss")) continue;
+    const int64_t s = j["step"].get<int64_t>();
+    ASSERT_GE(s, 1);
+    ASSERT_LE(s, 18);
+    const StepReport& r = windows[s - 1];
+    EXPECT_DOUBLE_EQ(j["positive_logit_mean"].get<double>(),
+                     r.positive_logit_mean);
+    EXPECT_DOUBLE_EQ(j["negative_logit_mean"].get<double>(),
+                     r.negative_logit_mean);
+    EXPECT_DOUBLE_EQ(j["feature_std_mean"].get<double>(), r.feature_std_mean);
+    EXPECT_DOUBLE_EQ(j["feature_std_min"].get<double>(), r.feature_std_min);
+    EXPECT_EQ(j["queue_staleness_steps"].get<int64_t>(),
+              r.queue_staleness_steps);
+    // One rank: its window loss is the group's.
+    EXPECT_DOUBLE_EQ(j["loss_mean"].get<double>(), r.loss);
+    ++matched;
+  }
+  EXPECT_EQ(matched, 18u);
+  fs::remove_all(out);
+}
+
+// The queue's age survives a stop and resume: the reports of three Run()
+// calls on one output folder follow the closed form of one run.
+TEST_F(TrainerTest, QueueStalenessFollowsTheClosedFormAcrossResumes) {
+  const std::string out = testing::TempDir("trainer-staleness");
+  JobSpec spec = Spec(out);
+  spec.optim.batch_size = 8;  // 12 steps per epoch
+  spec.moco.queue_size = 36;  // not a multiple of the batch
+  spec.optim.epochs = 1;
+  spec.logging.every_steps = 1;
+  std::vector<StepReport> reports;
+  auto collect = [&](const StepReport& r) { reports.push_back(r); };
+  for (int64_t limit : {2, 3, 0}) {  // steps 1-2, 3-5, 6-12 and evaluation
+    auto trainer = Trainer::Create(spec);
+    ASSERT_TRUE(trainer.ok()) << trainer.status();
+    (*trainer)->SetReportCallback(collect);
+    auto summary = (*trainer)->Run(nullptr, limit);
+    ASSERT_TRUE(summary.ok()) << summary.status();
+    EXPECT_EQ(summary->resumed, limit != 2);
+  }
+  ASSERT_EQ(reports.size(), 12u + 1u);  // every step, then the evaluation
+  for (size_t i = 0; i < 12; ++i) {
+    EXPECT_EQ(reports[i].step, static_cast<int64_t>(i) + 1);
+    EXPECT_EQ(reports[i].queue_staleness_steps,
+              ExpectedStaleness(reports[i].step, 8, 36))
+        << "step " << reports[i].step;
+  }
+  EXPECT_GE(reports.back().knn_top1, 0.0);
+  EXPECT_EQ(reports.back().step, 12);
+  EXPECT_EQ(reports.back().queue_staleness_steps, ExpectedStaleness(12, 8, 36));
+  fs::remove_all(out);
+}
 
 TEST_F(TrainerTest, StopFlagCheckpointsAndReturns) {
   const std::string out = testing::TempDir("trainer-stop");
