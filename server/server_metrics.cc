@@ -152,7 +152,7 @@ void ServerMetrics::OnSample(const std::string& job_id,
         name, "|", rank, "|", labels.count("phase") ? labels["phase"] : "");
     auto it = series.by_key.find(key);
     if (it == series.by_key.end()) {
-      labels["job"] = job_id;
+      labels["job_id"] = job_id;
       Gauge* g = &family->Add(labels);
       series.gauges.emplace_back(family, g);
       it = series.by_key.emplace(key, g).first;
