@@ -10,11 +10,11 @@ namespace momentum::worker {
 
 struct StepReport {
   int64_t rank = 0;
-  int64_t step = 0;            // optimiser steps done by the group
-  double epoch = 0;            // epochs completed + fraction of the current
-  double fraction = 0;         // of the run, in [0, 1]
-  double loss = 0;             // this rank's mean loss over the window
-  double learning_rate = 0;    // of the last step
+  int64_t step = 0;              // optimiser steps done by the group
+  double epoch = 0;              // epochs completed + fraction of the current
+  double fraction = 0;           // of the run, in [0, 1]
+  double loss = 0;               // this rank's mean loss over the window
+  double learning_rate = 0;      // of the last step
   double images_per_second = 0;  // of the group, by this rank's clock
   // Mean seconds per step over the window, by phase (worker/trainer.h).
   double data_seconds = 0;
@@ -35,7 +35,7 @@ struct StepReport {
   // enqueued at step s have age (step - s); the random initial keys count
   // as enqueued at step 0.
   int64_t queue_staleness_steps = 0;
-  double knn_top1 = -1;   // after an evaluation, in [0, 1]; else -1
+  double knn_top1 = -1;     // after an evaluation, in [0, 1]; else -1
   double eta_seconds = -1;  // of training left; -1 when unknown
 };
 
