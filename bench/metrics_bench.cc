@@ -4,10 +4,6 @@
 // ServerMetrics::OnSample (19 series per job and rank); the scrapes are plain
 // HTTP GETs over loopback, as Prometheus makes them.
 //   metrics_bench [--series 1000] [--scrapes 200]
-#include <arpa/inet.h>
-#include <netinet/in.h>
-#include <sys/socket.h>
-#include <unistd.h>
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
@@ -18,6 +14,7 @@
 #include <vector>
 
 #include "server/server_metrics.h"
+#include "tests/http_get.h"
 
 namespace {
 
@@ -25,31 +22,9 @@ using Clock = std::chrono::steady_clock;
 
 // One GET /metrics; returns the body size, or -1.
 int64_t Scrape(int port) {
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr = {};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(static_cast<uint16_t>(port));
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
-    ::close(fd);
-    return -1;
-  }
-  const std::string request =
-      "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
-  if (::write(fd, request.data(), request.size()) !=
-      static_cast<ssize_t>(request.size())) {
-    ::close(fd);
-    return -1;
-  }
-  std::string response;
-  char buf[65536];
-  ssize_t n;
-  while ((n = ::read(fd, buf, sizeof(buf))) > 0) response.append(buf, n);
-  ::close(fd);
-  const size_t body = response.find("\r\n\r\n");
-  return body == std::string::npos
-             ? -1
-             : static_cast<int64_t>(response.size() - body - 4);
+  std::optional<std::string> body =
+      momentum::testing::HttpGet(port, "/metrics");
+  return body ? static_cast<int64_t>(body->size()) : -1;
 }
 
 struct Timing {

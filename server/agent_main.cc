@@ -144,6 +144,9 @@ void RunSession(v1::InternalService::Stub& stub, const v1::AgentHello& hello,
         request.env.push_back(absl::StrCat("LOCAL_RANK=", l.local_rank()));
         request.env.push_back(
             absl::StrCat("LOCAL_WORLD_SIZE=", l.local_world_size()));
+        // Peers on other machines reach this rank at the agent's address.
+        request.env.push_back("MOMENTUM_LOCAL_ADDR=" +
+                              hello.advertise_address());
         absl::Status s = launcher.Launch(request);
         if (!s.ok()) {
           session.OnRankExited(l.job_id(), l.attempt(), l.rank(), 1, 0,

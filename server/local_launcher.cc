@@ -92,14 +92,18 @@ absl::Status LocalLauncher::Launch(const LaunchRequest& request) {
     const int64_t rank = request.ranks[i];
     SpawnOptions options;
     options.argv = {worker_binary_, "--config", spec_path.string()};
-    options.env = EnvironmentWithout(kRankVariables);
+    // The request's variables come first: getenv() takes the first of a
+    // name, so an agent that launches a machine's ranks one by one can give
+    // their LOCAL_RANK and LOCAL_WORLD_SIZE.
+    options.env = request.env;
+    const std::vector<std::string> ours = EnvironmentWithout(kRankVariables);
+    options.env.insert(options.env.end(), ours.begin(), ours.end());
     options.env.push_back(absl::StrCat("RANK=", rank));
     options.env.push_back(absl::StrCat("LOCAL_RANK=", i));
     options.env.push_back(absl::StrCat("WORLD_SIZE=", request.world_size));
     options.env.push_back(absl::StrCat("LOCAL_WORLD_SIZE=", local_world));
     options.env.push_back(absl::StrCat("MASTER_ADDR=", request.master_addr));
     options.env.push_back(absl::StrCat("MASTER_PORT=", request.master_port));
-    for (const std::string& e : request.env) options.env.push_back(e);
     options.cwd = dir.string();
     options.new_process_group = true;
 

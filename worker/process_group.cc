@@ -130,7 +130,9 @@ c10::intrusive_ptr<CollectiveBackend> MakeBackend(
   // that is loopback; otherwise the address the hostname resolves to, as
   // torch.distributed does by default.
   gloo->devices.push_back(
-      IsLoopback(host)
+      !options.local_addr.empty()
+          ? c10d::ProcessGroupGloo::createDeviceForHostname(options.local_addr)
+      : IsLoopback(host)
           ? c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1")
           : c10d::ProcessGroupGloo::createDefaultDevice());
   return c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, size, gloo);
@@ -206,6 +208,9 @@ absl::StatusOr<DistOptions> DistOptionsFromEnv() {
           "MASTER_ADDR must be a host name or address, got \"", addr, "\""));
     }
     options.master_addr = std::string(absl::StripAsciiWhitespace(addr));
+  }
+  if (const char* local = std::getenv("MOMENTUM_LOCAL_ADDR")) {
+    options.local_addr = std::string(absl::StripAsciiWhitespace(local));
   }
   const char* port = std::getenv("MASTER_PORT");
   if (port == nullptr && !alone) {

@@ -45,10 +45,16 @@ struct DistOptions {
   // Bounds the rendezvous and every collective.
   std::chrono::milliseconds timeout{300000};
   std::string backend = "gloo";  // "gloo", or "nccl" with MOMENTUM_WITH_CUDA
+  // The address this rank's Gloo connections bind and its peers reach it at
+  // (MOMENTUM_LOCAL_ADDR; a node agent sets its advertised address). Empty:
+  // loopback when the store is on loopback, else the address the hostname
+  // resolves to, as torch.distributed does.
+  std::string local_addr;
 };
 
 // Reads the variables torchrun sets: RANK, WORLD_SIZE, MASTER_ADDR,
-// MASTER_PORT and, optionally, LOCAL_RANK (default 0). MASTER_ADDR and
+// MASTER_PORT and, optionally, LOCAL_RANK (default 0); and, optionally,
+// MOMENTUM_LOCAL_ADDR. MASTER_ADDR and
 // MASTER_PORT are required only when WORLD_SIZE > 1. Returns NOT_FOUND naming
 // the first required variable that is unset, INVALID_ARGUMENT naming the
 // variable and its rule when one is malformed, e.g.

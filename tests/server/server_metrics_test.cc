@@ -1,0 +1,71 @@
+// The coordinator's /metrics: series per job and rank from samples, and the
+// removal of a finished job's series after the retention period.
+#include "server/server_metrics.h"
+
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <thread>
+
+#include "tests/http_get.h"
+
+namespace momentum::server {
+namespace {
+
+using ::momentum::testing::HttpGet;
+
+v1::MetricSample Sample(int rank, double loss) {
+  v1::MetricSample s;
+  s.set_rank(rank);
+  s.set_step(7);
+  s.set_loss(loss);
+  s.set_forward_seconds(0.25);
+  s.set_knn_top1(-1);
+  s.set_eta_seconds(-1);
+  return s;
+}
+
+std::string Scrape(const ServerMetrics& m) {
+  auto body = HttpGet(m.port(), "/metrics");
+  EXPECT_TRUE(body.has_value());
+  return body.value_or("");
+}
+
+TEST(ServerMetricsTest, SeriesPerJobAndRankWithTheSampledValues) {
+  auto m = ServerMetrics::Create("127.0.0.1:0", std::chrono::seconds(300));
+  ASSERT_TRUE(m.ok()) << m.status();
+  (*m)->OnSample("job-1", Sample(0, 4.5));
+  (*m)->OnSample("job-1", Sample(1, 3.25));
+  const std::string text = Scrape(**m);
+  EXPECT_NE(text.find("momentum_train_loss{job_id=\"job-1\",rank=\"0\"} 4.5"),
+            std::string::npos)
+      << text;
+  EXPECT_NE(text.find("momentum_train_loss{job_id=\"job-1\",rank=\"1\"} 3.25"),
+            std::string::npos);
+  EXPECT_NE(text.find("momentum_train_step_phase_seconds{job_id=\"job-1\","
+                      "phase=\"forward\",rank=\"1\"} 0.25"),
+            std::string::npos)
+      << text;
+  // No kNN value yet (negative means none) and no ETA: no series.
+  EXPECT_EQ(text.find("momentum_train_knn_top1_ratio{"), std::string::npos);
+  EXPECT_EQ(text.find("momentum_train_eta_seconds{"), std::string::npos);
+}
+
+TEST(ServerMetricsTest, FinishedJobsSeriesGoAfterTheRetention) {
+  auto m = ServerMetrics::Create("127.0.0.1:0", std::chrono::seconds(1));
+  ASSERT_TRUE(m.ok()) << m.status();
+  (*m)->OnSample("job-1", Sample(0, 4.5));
+  (*m)->OnSample("job-2", Sample(0, 2.0));
+  (*m)->JobEnded("job-1");
+  EXPECT_NE(Scrape(**m).find("job_id=\"job-1\""), std::string::npos);
+  std::this_thread::sleep_for(std::chrono::milliseconds(1100));
+  (*m)->SetSlots(0, 2);  // any update expires what is due
+  const std::string text = Scrape(**m);
+  EXPECT_EQ(text.find("job_id=\"job-1\""), std::string::npos) << text;
+  EXPECT_NE(text.find("momentum_train_loss{job_id=\"job-2\",rank=\"0\"} 2"),
+            std::string::npos)
+      << text;
+}
+
+}  // namespace
+}  // namespace momentum::server
