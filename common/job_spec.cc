@@ -114,6 +114,8 @@ constexpr Field kFields[] = {
     MOMENTUM_SPEC_FIELD(resources.device),
     MOMENTUM_SPEC_FIELD(resources.timeout_s),
     MOMENTUM_SPEC_FIELD(scheduling.priority),
+    MOMENTUM_SPEC_FIELD(scheduling.max_restarts),
+    MOMENTUM_SPEC_FIELD(scheduling.restart_backoff_s),
 };
 
 #undef MOMENTUM_SPEC_FIELD
@@ -679,6 +681,9 @@ void CheckFields(const JobSpec& spec, RuleChecker& check) {
   check.InRange("scheduling.priority",
                 static_cast<double>(spec.scheduling.priority), -1000, false,
                 1000, false);
+  check.AtLeast("scheduling.max_restarts", spec.scheduling.max_restarts, 0);
+  check.InRange("scheduling.restart_backoff_s",
+                spec.scheduling.restart_backoff_s, 0, false, 3600, false);
 }
 
 // Rules across fields; they assume every field passed CheckFields (no

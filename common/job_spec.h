@@ -128,6 +128,10 @@ struct ResourcesSpec {
 struct SchedulingSpec {
   // Higher runs first; equal priorities run in submission order.
   int64_t priority = 0;
+  // Gang relaunches after a rank fails before the job fails.
+  int64_t max_restarts = 3;
+  // Wait before the first relaunch; doubles with each, up to 60 s.
+  double restart_backoff_s = 1;
 };
 
 struct JobSpec {

@@ -3,6 +3,7 @@
 #include <signal.h>
 
 #include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -64,6 +65,14 @@ void Subscription::Push(v1::WatchJobEvent event) {
     std::lock_guard<std::mutex> lock(mu_);
     if (closed_) return;
     if (events_.size() >= kMaxBacklog && event.has_metric()) return;
+    // A change committed between subscribing and reading the first snapshot
+    // is already in it.
+    if (event.has_state_change()) {
+      if (event.state_change().to() == last_state_) return;
+      last_state_ = event.state_change().to();
+    } else if (event.has_job()) {
+      last_state_ = event.job().state();
+    }
     events_.push_back(std::move(event));
   }
   cv_.notify_all();
@@ -488,7 +497,13 @@ void Coordinator::Schedule() {
     }
   }
   queue.insert(queue.end(), pending->begin(), pending->end());
+  const auto now = std::chrono::steady_clock::now();
   for (const JobRecord& job : queue) {
+    auto wait = not_before_.find(job.id);
+    if (wait != not_before_.end()) {
+      if (now < wait->second) continue;  // backing off; the queue moves on
+      not_before_.erase(wait);
+    }
     if (Place(job.world_size).empty()) break;
     LaunchLocked(job);
   }
@@ -511,7 +526,6 @@ void Coordinator::LaunchLocked(const JobRecord& queued) {
     absl::StatusOr<JobRecord> after =
         store_->Transition(queued.id, v1::JOB_STATE_FAILED, failure, NowMs());
     if (after.ok()) PublishChange(queued, *after);
-    if (after.ok()) CloseSubscriptions(queued.id);
     return;
   }
   spec->output_dir = OutputDirOf(queued);
@@ -540,6 +554,8 @@ void Coordinator::LaunchLocked(const JobRecord& queued) {
   run = RunningJob();
   run.attempt = job.attempt;
   run.world_size = job.world_size;
+  run.max_restarts = spec->scheduling.max_restarts;
+  run.restart_backoff_s = spec->scheduling.restart_backoff_s;
   const std::string master_addr = placement.front().first->Address();
   for (const auto& [launcher, ranks] : placement) {
     used_slots_[launcher] += static_cast<int64_t>(ranks.size());
@@ -605,13 +621,29 @@ void Coordinator::HandleExit(const Exit& exit) {
     const std::string tail = LastLines(exit.job_id, exit.rank, 1);
     if (!tail.empty()) absl::StrAppend(&reason, ": ", tail);
     run.first_failure = reason;
-    absl::StatusOr<JobRecord> after =
-        store_->Transition(exit.job_id, v1::JOB_STATE_FAILED, reason, NowMs());
-    StopRanksLocked(exit.job_id, run);
-    if (after.ok()) {
-      PublishChange(*before, *after);
-      CloseSubscriptions(exit.job_id);
+    // The whole gang goes; it comes back from the newest checkpoint while
+    // restarts are left, after a back-off that doubles each time.
+    const int64_t done = before->restarts;
+    JobState to = v1::JOB_STATE_FAILED;
+    if (done < run.max_restarts) {
+      to = v1::JOB_STATE_RESTARTING;
+      absl::StrAppend(&reason, "; restart ", done + 1, " of ", run.max_restarts,
+                      " from the newest checkpoint");
+      const double backoff =
+          std::min(60.0, run.restart_backoff_s * std::pow(2.0, done));
+      not_before_[exit.job_id] =
+          std::chrono::steady_clock::now() +
+          std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+              std::chrono::duration<double>(backoff));
+      if (metrics_ != nullptr) metrics_->AddRestart(reason);
+    } else if (run.max_restarts > 0) {
+      absl::StrAppend(&reason, " (no restarts left of ", run.max_restarts, ")");
     }
+    // Committed before the ranks are stopped.
+    absl::StatusOr<JobRecord> after =
+        store_->Transition(exit.job_id, to, reason, NowMs());
+    StopRanksLocked(exit.job_id, run);
+    if (after.ok()) PublishChange(*before, *after);
   }
   if (exit.exit_code != 0) all_zero = false;
   if (!all_ended) return;
@@ -651,10 +683,7 @@ void Coordinator::HandleExit(const Exit& exit) {
     (void)store_->UpdateRun(job);
     absl::StatusOr<JobRecord> after =
         store_->Transition(job.id, v1::JOB_STATE_SUCCEEDED, reason, NowMs());
-    if (after.ok()) {
-      PublishChange(*now, *after);
-      CloseSubscriptions(job.id);
-    }
+    if (after.ok()) PublishChange(*now, *after);
   }
   running_.erase(it);
   wake_ = true;
@@ -723,6 +752,8 @@ void Coordinator::PublishChange(const JobRecord& before,
     v1::WatchJobEvent snapshot = NowEvent();
     *snapshot.mutable_job() = ToProto(after);
     Publish(after.id, snapshot);
+    // The streams end after a final state and the last snapshot.
+    CloseSubscriptions(after.id);
   }
 }
 

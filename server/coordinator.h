@@ -69,6 +69,7 @@ class Subscription {
   std::condition_variable cv_;
   std::deque<v1::WatchJobEvent> events_;
   bool closed_ = false;
+  v1::JobState last_state_ = v1::JOB_STATE_UNSPECIFIED;
   // Bounds a slow reader's backlog: past it, metric samples are dropped.
   static constexpr size_t kMaxBacklog = 10000;
 };
@@ -150,6 +151,8 @@ class Coordinator : public LaunchEvents {
     std::map<int64_t, RankSlot> ranks;
     bool stopping = false;  // failed or cancelled: waiting for the ranks
     std::string first_failure;
+    int64_t max_restarts = 0;
+    double restart_backoff_s = 0;
   };
   struct Exit {
     std::string job_id;
@@ -194,6 +197,8 @@ class Coordinator : public LaunchEvents {
   std::map<const Launcher*, int64_t> used_slots_;
   std::map<std::string, RunningJob> running_;
   std::deque<Exit> exits_;
+  // A restarting job is relaunched no sooner than this.
+  std::map<std::string, std::chrono::steady_clock::time_point> not_before_;
   std::thread loop_;
 
   // Rank 0's last reported progress per job.

@@ -31,6 +31,18 @@ inline std::vector<pid_t> ChildrenOf(pid_t parent) {
   return out;
 }
 
+// The child of `parent` whose environment says RANK=`rank`; 0 if none.
+inline pid_t RankChild(pid_t parent, int rank) {
+  for (pid_t pid : ChildrenOf(parent)) {
+    std::ifstream env("/proc/" + std::to_string(pid) + "/environ");
+    std::string var;
+    while (std::getline(env, var, '\0')) {
+      if (var == "RANK=" + std::to_string(rank)) return pid;
+    }
+  }
+  return 0;
+}
+
 }  // namespace momentum::testing
 
 #endif  // MOMENTUM_TESTS_PROC_UTIL_H_

@@ -375,7 +375,8 @@ TEST_F(ServiceTest, GangAdmissionByPriorityThenSubmission) {
 // A rank that fails fails the job, with the rank and its last words.
 TEST_F(ServiceTest, FailingRankFailsTheJobNamingIt) {
   StartServer(2);
-  v1::Job job = Submit(Spec("broken", 2), {"data.path=" + dir_ + "/nowhere"});
+  v1::Job job = Submit(Spec("broken", 2), {"data.path=" + dir_ + "/nowhere",
+                                           "scheduling.max_restarts=0"});
   ASSERT_TRUE(WaitFor(job.id(), v1::JOB_STATE_FAILED)) << server_->log();
   const v1::Job failed = Get(job.id());
   EXPECT_NE(failed.state_reason().find("rank "), std::string::npos)
@@ -424,6 +425,153 @@ TEST_F(ServiceTest, JobSpansTwoAgents) {
         << name;
   }
   for (pid_t a : agents) StopAndReap(a);
+}
+
+// SIGKILL one rank mid-run: the coordinator stops the gang and relaunches it
+// from the newest checkpoint; the job succeeds with one restart, resumed.
+TEST_F(ServiceTest, KilledRankRestartsTheGangFromItsCheckpoint) {
+  StartServer(2);
+  v1::Job job =
+      Submit(Spec("restart", 2, "epochs: 16"),
+             {"checkpoint.every_steps=8", "scheduling.restart_backoff_s=0.2"});
+  ASSERT_TRUE(WaitFor(job.id(), v1::JOB_STATE_RUNNING));
+  const auto deadline = Clock::now() + seconds(120);
+  while (Clock::now() < deadline && Get(job.id()).progress().step() < 20) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  const pid_t victim = testing::RankChild(server_->pid(), 1);
+  ASSERT_GT(victim, 0);
+  ::kill(victim, SIGKILL);
+
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + seconds(300));
+  v1::WatchJobRequest watch;
+  watch.set_job_id(job.id());
+  auto reader = server_->stub().WatchJob(&ctx, watch);
+  v1::WatchJobEvent event;
+  std::vector<std::string> reasons;
+  while (reader->Read(&event)) {
+    if (event.has_state_change()) {
+      reasons.push_back(event.state_change().reason());
+    }
+  }
+  const v1::Job done = Get(job.id());
+  ASSERT_EQ(done.state(), v1::JOB_STATE_SUCCEEDED) << done.state_reason();
+  EXPECT_EQ(done.restarts(), 1);
+  ASSERT_FALSE(reasons.empty());
+  EXPECT_NE(reasons.front().find("rank 1 was killed by signal 9"),
+            std::string::npos)
+      << reasons.front();
+  EXPECT_NE(reasons.front().find("restart 1 of 3"), std::string::npos);
+  auto summary =
+      nlohmann::json::parse(ReadFile(done.output_dir() + "/summary.json"));
+  EXPECT_TRUE(summary["resumed"].get<bool>());
+  EXPECT_EQ(summary["steps"].get<int>(), 16 * 6);
+  EXPECT_TRUE(NoRanksWithin(seconds(10)));
+}
+
+// A rank that fails every time: the job fails after its restarts, naming
+// the rank.
+TEST_F(ServiceTest, RankThatAlwaysFailsFailsTheJobAfterItsRestarts) {
+  StartServer(2);
+  v1::Job job = Submit(Spec("doomed", 2), {"data.path=" + dir_ + "/nowhere",
+                                           "scheduling.max_restarts=2",
+                                           "scheduling.restart_backoff_s=0"});
+  ASSERT_TRUE(WaitFor(job.id(), v1::JOB_STATE_FAILED)) << server_->log();
+  const v1::Job failed = Get(job.id());
+  EXPECT_EQ(failed.restarts(), 2);
+  EXPECT_NE(failed.state_reason().find("rank "), std::string::npos);
+  EXPECT_NE(failed.state_reason().find("no restarts left of 2"),
+            std::string::npos)
+      << failed.state_reason();
+  EXPECT_TRUE(NoRanksWithin(seconds(20)));
+}
+
+struct CliRun {
+  int exit_code = -1;
+  std::string output;
+};
+
+// The momentum client against the real server, output captured.
+CliRun RunCli(const std::string& address, const std::string& args,
+              const std::string& dir) {
+  const std::string out = dir + "/cli.out";
+  const std::string cmd = "timeout -k 5 300 " + BinaryDir() +
+                          "/client/momentum --server " + address + " " + args +
+                          " > " + out + " 2>&1";
+  const int status = std::system(cmd.c_str());
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, ReadFile(out)};
+}
+
+TEST_F(ServiceTest, ClientCommandsAgainstTheRealServer) {
+  StartServer(2);
+  const std::string& addr = server_->address();
+  std::ofstream(dir_ + "/job.yaml") << Spec("cli", 2);
+
+  CliRun submit = RunCli(addr, "submit " + dir_ + "/job.yaml --wait", dir_);
+  EXPECT_EQ(submit.exit_code, 0) << submit.output;
+  EXPECT_NE(submit.output.find("SUCCEEDED"), std::string::npos)
+      << submit.output;
+
+  CliRun list = RunCli(addr, "list --output json", dir_);
+  ASSERT_EQ(list.exit_code, 0) << list.output;
+  auto listed = nlohmann::json::parse(list.output);
+  ASSERT_EQ(listed["jobs"].size(), 1u);
+  EXPECT_EQ(listed["jobs"][0]["state"], "JOB_STATE_SUCCEEDED");
+
+  CliRun get = RunCli(addr, "get job-1", dir_);
+  EXPECT_EQ(get.exit_code, 0);
+  EXPECT_NE(get.output.find("SUCCEEDED"), std::string::npos) << get.output;
+
+  CliRun logs = RunCli(addr, "logs job-1 --rank 0", dir_);
+  EXPECT_EQ(logs.exit_code, 0);
+  EXPECT_NE(logs.output.find("kNN top-1"), std::string::npos) << logs.output;
+
+  // Refused specs and unknown jobs: non-zero with a one-line reason.
+  CliRun invalid = RunCli(
+      addr, "submit " + dir_ + "/job.yaml --set moco.temperature=-1", dir_);
+  EXPECT_EQ(invalid.exit_code, 1);
+  EXPECT_NE(invalid.output.find("INVALID_ARGUMENT"), std::string::npos);
+  EXPECT_NE(invalid.output.find("moco.temperature"), std::string::npos)
+      << invalid.output;
+  CliRun missing = RunCli(addr, "cancel job-9", dir_);
+  EXPECT_EQ(missing.exit_code, 1);
+  EXPECT_NE(missing.output.find("NOT_FOUND"), std::string::npos)
+      << missing.output;
+
+  // A job that fails makes --wait exit non-zero with the reason.
+  CliRun failed =
+      RunCli(addr,
+             "submit " + dir_ + "/job.yaml --set data.path=" + dir_ +
+                 "/nowhere --set scheduling.max_restarts=0 "
+                 "--wait",
+             dir_);
+  EXPECT_EQ(failed.exit_code, 1) << failed.output;
+  EXPECT_NE(failed.output.find("FAILED"), std::string::npos) << failed.output;
+  EXPECT_NE(failed.output.find("nowhere"), std::string::npos) << failed.output;
+
+  // logs -f follows a running job and ends when it is cancelled.
+  std::ofstream(dir_ + "/long.yaml") << Spec("long", 2, "time_budget_s: 600");
+  CliRun long_job = RunCli(addr, "submit " + dir_ + "/long.yaml", dir_);
+  ASSERT_EQ(long_job.exit_code, 0) << long_job.output;
+  ASSERT_TRUE(WaitFor("job-3", v1::JOB_STATE_RUNNING));
+  const pid_t follower = SpawnLogged({BinaryDir() + "/client/momentum",
+                                      "--server", addr, "logs", "job-3", "-f"},
+                                     dir_ + "/follow.out");
+  const auto deadline = Clock::now() + seconds(60);
+  while (Clock::now() < deadline &&
+         ReadFile(dir_ + "/follow.out").find("loss") == std::string::npos) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  EXPECT_NE(ReadFile(dir_ + "/follow.out").find("loss"), std::string::npos);
+  CliRun cancel = RunCli(addr, "cancel job-3", dir_);
+  EXPECT_EQ(cancel.exit_code, 0) << cancel.output;
+  EXPECT_NE(cancel.output.find("CANCELLED"), std::string::npos)
+      << cancel.output;
+  int status = 0;
+  ASSERT_EQ(::waitpid(follower, &status, 0), follower);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  EXPECT_TRUE(NoRanksWithin(seconds(20)));
 }
 
 }  // namespace

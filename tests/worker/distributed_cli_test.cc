@@ -171,18 +171,6 @@ pid_t SpawnLauncher(const std::string& config, const std::string& log,
   return rc == 0 ? pid : -1;
 }
 
-// The launched rank `rank` of `launcher`, found by its RANK variable.
-pid_t RankPid(pid_t launcher, int rank) {
-  for (pid_t pid : ChildrenOf(launcher)) {
-    std::ifstream env("/proc/" + std::to_string(pid) + "/environ");
-    std::string var;
-    while (std::getline(env, var, '\0')) {
-      if (var == "RANK=" + std::to_string(rank)) return pid;
-    }
-  }
-  return 0;
-}
-
 // Waits for `pid` until `deadline`; kills it then. Returns the wait status,
 // or -1 when it had to be killed.
 int WaitUntil(pid_t pid, std::chrono::steady_clock::time_point deadline) {
@@ -231,7 +219,7 @@ class DistributedFaultTest : public DistributedCliTest {
 // other rank and exits non-zero naming the rank.
 TEST_F(DistributedFaultTest, KilledRankStopsTheGroupAndIsNamed) {
   StartTraining();
-  const pid_t rank1 = RankPid(launcher_, 1);
+  const pid_t rank1 = momentum::testing::RankChild(launcher_, 1);
   ASSERT_GT(rank1, 0);
   ASSERT_EQ(kill(rank1, SIGKILL), 0);
   const int status = WaitUntil(launcher_, deadline_);
@@ -248,7 +236,7 @@ TEST_F(DistributedFaultTest, KilledRankStopsTheGroupAndIsNamed) {
 // then ends the hung rank and exits non-zero.
 TEST_F(DistributedFaultTest, HungRankTimesOutTheGroup) {
   StartTraining();
-  const pid_t rank1 = RankPid(launcher_, 1);
+  const pid_t rank1 = momentum::testing::RankChild(launcher_, 1);
   ASSERT_GT(rank1, 0);
   ASSERT_EQ(kill(rank1, SIGSTOP), 0);
   const int status = WaitUntil(launcher_, deadline_);
