@@ -11,6 +11,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <filesystem>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -109,6 +110,21 @@ std::vector<std::string> EnvironmentWithout(
     if (!dropped) env.emplace_back(var);
   }
   return env;
+}
+
+std::string FindSiblingBinary(const std::string& name,
+                              const std::string& build_subdir) {
+  std::error_code ec;
+  const std::filesystem::path self =
+      std::filesystem::read_symlink("/proc/self/exe", ec);
+  if (!ec) {
+    for (const std::filesystem::path& candidate :
+         {self.parent_path() / name,
+          self.parent_path().parent_path() / build_subdir / name}) {
+      if (::access(candidate.c_str(), X_OK) == 0) return candidate.string();
+    }
+  }
+  return name;
 }
 
 std::string DescribeWaitStatus(int status) {

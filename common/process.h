@@ -41,6 +41,12 @@ absl::StatusOr<pid_t> Spawn(const SpawnOptions& options);
 std::vector<std::string> EnvironmentWithout(
     const std::vector<std::string>& drop);
 
+// The program `name` installed next to this one, or in the build tree's
+// `build_subdir` beside this binary's folder (e.g. server/ -> worker/);
+// else `name` itself, for PATH to find.
+std::string FindSiblingBinary(const std::string& name,
+                              const std::string& build_subdir);
+
 // "exited with code 3", "was killed by signal 9 (SIGKILL)".
 std::string DescribeWaitStatus(int status);
 

@@ -20,6 +20,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "common/process.h"
 #include "momentum/v1/internal.grpc.pb.h"
 #include "server/launcher.h"
 #include "server/local_launcher.h"
@@ -32,19 +33,6 @@ using momentum::server::LaunchRequest;
 using momentum::server::LocalLauncher;
 
 std::atomic<bool> g_stop{false};
-
-std::string DefaultWorker() {
-  std::error_code ec;
-  const fs::path self = fs::read_symlink("/proc/self/exe", ec);
-  if (!ec) {
-    for (const fs::path& candidate :
-         {self.parent_path() / "momentum-worker",
-          self.parent_path().parent_path() / "worker" / "momentum-worker"}) {
-      if (::access(candidate.c_str(), X_OK) == 0) return candidate.string();
-    }
-  }
-  return "momentum-worker";
-}
 
 std::string Hostname() {
   char buf[256] = {};
@@ -177,7 +165,7 @@ void RunSession(v1::InternalService::Stub& stub, const v1::AgentHello& hello,
 int main(int argc, char** argv) {
   CLI::App app{"momentum-agent: runs a coordinator's ranks on this machine"};
   std::string server, advertise = "127.0.0.1", name, work_dir;
-  std::string worker = DefaultWorker();
+  std::string worker = momentum::FindSiblingBinary("momentum-worker", "worker");
   int64_t slots = std::max(1u, std::thread::hardware_concurrency());
   app.add_option("--server", server, "the coordinator (host:port)")->required();
   app.add_option("--slots", slots, "ranks this machine runs at once")

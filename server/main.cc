@@ -16,6 +16,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "common/process.h"
 #include "server/coordinator.h"
 #include "server/server_metrics.h"
 #include "server/services.h"
@@ -34,21 +35,6 @@ std::string DefaultStateDir() {
   return "momentum-state";
 }
 
-// momentum-worker next to this binary (installed) or in the build tree's
-// worker/ folder; else whatever PATH finds.
-std::string DefaultWorker() {
-  std::error_code ec;
-  const fs::path self = fs::read_symlink("/proc/self/exe", ec);
-  if (!ec) {
-    for (const fs::path& candidate :
-         {self.parent_path() / "momentum-worker",
-          self.parent_path().parent_path() / "worker" / "momentum-worker"}) {
-      if (::access(candidate.c_str(), X_OK) == 0) return candidate.string();
-    }
-  }
-  return "momentum-worker";
-}
-
 // The host part of host:port.
 std::string HostOf(const std::string& address) {
   const size_t colon = address.rfind(':');
@@ -62,7 +48,7 @@ int main(int argc, char** argv) {
   std::string listen = "127.0.0.1:50051";
   std::string metrics_listen = "127.0.0.1:9464";
   std::string state_dir = DefaultStateDir();
-  std::string worker = DefaultWorker();
+  std::string worker = momentum::FindSiblingBinary("momentum-worker", "worker");
   std::string ready_file;
   int64_t slots = std::max(1u, std::thread::hardware_concurrency());
   double grace = 10;

@@ -2,13 +2,19 @@
 #ifndef MOMENTUM_TESTS_PROC_UTIL_H_
 #define MOMENTUM_TESTS_PROC_UTIL_H_
 
+#include <fcntl.h>
+#include <signal.h>
+#include <spawn.h>
 #include <sys/types.h>
+#include <sys/wait.h>
 
 #include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <string>
 #include <vector>
+
+extern char** environ;
 
 namespace momentum::testing {
 
@@ -41,6 +47,33 @@ inline pid_t RankChild(pid_t parent, int rank) {
     }
   }
   return 0;
+}
+
+// Starts args[0] with its stdout and stderr appended to `log`; -1 on error.
+inline pid_t SpawnLogged(std::vector<std::string> args,
+                         const std::string& log) {
+  std::vector<char*> argv;
+  for (auto& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_addopen(&actions, 1, log.c_str(),
+                                   O_WRONLY | O_CREAT | O_APPEND, 0644);
+  posix_spawn_file_actions_adddup2(&actions, 1, 2);
+  pid_t pid = -1;
+  if (posix_spawn(&pid, args[0].c_str(), &actions, nullptr, argv.data(),
+                  environ) != 0) {
+    pid = -1;
+  }
+  posix_spawn_file_actions_destroy(&actions);
+  return pid;
+}
+
+inline void StopAndReap(pid_t pid) {
+  if (pid <= 0) return;
+  ::kill(pid, SIGTERM);
+  int status = 0;
+  ::waitpid(pid, &status, 0);
 }
 
 }  // namespace momentum::testing

@@ -21,6 +21,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/string_view.h"
+#include "common/process.h"
 
 extern char** environ;
 
@@ -94,28 +95,6 @@ class ScopedSignalCapture {
 };
 
 const char* SignalName(int sig) { return sig == SIGINT ? "SIGINT" : "SIGTERM"; }
-
-absl::StatusOr<int64_t> PickFreePort() {
-  const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (fd < 0) {
-    return absl::UnavailableError(absl::StrCat(
-        "cannot pick a free port: socket: ", std::strerror(errno)));
-  }
-  sockaddr_in addr = {};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  addr.sin_port = 0;
-  socklen_t len = sizeof(addr);
-  if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
-      ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
-    const int err = errno;
-    ::close(fd);
-    return absl::UnavailableError(
-        absl::StrCat("cannot pick a free port: ", std::strerror(err)));
-  }
-  ::close(fd);
-  return int64_t{ntohs(addr.sin_port)};
-}
 
 std::vector<std::string> RankEnvironment(const LaunchOptions& options,
                                          int64_t port, int64_t rank) {
@@ -334,7 +313,7 @@ absl::StatusOr<LaunchResult> LaunchLocal(const LaunchOptions& options) {
 
   int64_t port = options.master_port;
   if (port == 0) {
-    absl::StatusOr<int64_t> picked = PickFreePort();
+    absl::StatusOr<int64_t> picked = momentum::PickFreePort();
     if (!picked.ok()) return picked.status();
     port = *picked;
   }

@@ -156,19 +156,8 @@ pid_t SpawnLauncher(const std::string& config, const std::string& log,
       std::string(bin ? bin : ".") + "/worker/momentum-worker";
   std::vector<std::string> args = {worker, "--nproc", "2", "--config", config};
   args.insert(args.end(), extra.begin(), extra.end());
-  std::vector<char*> argv;
-  for (auto& a : args) argv.push_back(a.data());
-  argv.push_back(nullptr);
-  posix_spawn_file_actions_t actions;
-  posix_spawn_file_actions_init(&actions);
-  posix_spawn_file_actions_addopen(&actions, 1, log.c_str(),
-                                   O_WRONLY | O_CREAT | O_TRUNC, 0644);
-  posix_spawn_file_actions_adddup2(&actions, 1, 2);
-  pid_t pid = 0;
-  const int rc = posix_spawn(&pid, worker.c_str(), &actions, nullptr,
-                             argv.data(), environ);
-  posix_spawn_file_actions_destroy(&actions);
-  return rc == 0 ? pid : -1;
+  fs::remove(log);
+  return momentum::testing::SpawnLogged(args, log);
 }
 
 // Waits for `pid` until `deadline`; kills it then. Returns the wait status,
