@@ -116,6 +116,7 @@ constexpr Field kFields[] = {
     MOMENTUM_SPEC_FIELD(scheduling.priority),
     MOMENTUM_SPEC_FIELD(scheduling.max_restarts),
     MOMENTUM_SPEC_FIELD(scheduling.restart_backoff_s),
+    MOMENTUM_SPEC_FIELD(scheduling.hang_timeout_s),
 };
 
 #undef MOMENTUM_SPEC_FIELD
@@ -684,6 +685,8 @@ void CheckFields(const JobSpec& spec, RuleChecker& check) {
   check.AtLeast("scheduling.max_restarts", spec.scheduling.max_restarts, 0);
   check.InRange("scheduling.restart_backoff_s",
                 spec.scheduling.restart_backoff_s, 0, false, 3600, false);
+  check.AtLeast("scheduling.hang_timeout_s", spec.scheduling.hang_timeout_s,
+                0.0);
 }
 
 // Rules across fields; they assume every field passed CheckFields (no

@@ -132,6 +132,9 @@ struct SchedulingSpec {
   int64_t max_restarts = 3;
   // Wait before the first relaunch; doubles with each, up to 60 s.
   double restart_backoff_s = 1;
+  // A rank that reported before and then sends nothing, or stays at one
+  // step, for this long is hung: the gang is restarted. 0: no detection.
+  double hang_timeout_s = 300;
 };
 
 struct JobSpec {

@@ -367,6 +367,13 @@ void Coordinator::OnMetric(const std::string& job_id, int64_t attempt,
     std::lock_guard<std::mutex> lock(mu_);
     auto it = running_.find(job_id);
     if (it == running_.end() || it->second.attempt != attempt) return;
+    auto [h, added] = it->second.health.try_emplace(sample.rank());
+    const auto now = std::chrono::steady_clock::now();
+    h->second.last_report = now;
+    if (added || sample.step() != h->second.step) {
+      h->second.step = sample.step();
+      h->second.step_changed = now;
+    }
   }
   if (sample.rank() == 0) {
     std::lock_guard<std::mutex> lock(progress_mu_);
@@ -437,6 +444,7 @@ void Coordinator::Loop() {
       exits_.pop_front();
       HandleExit(exit);
     }
+    CheckHangsLocked();
     Schedule();
     UpdateMetricsLocked();
   }
@@ -556,6 +564,7 @@ void Coordinator::LaunchLocked(const JobRecord& queued) {
   run.world_size = job.world_size;
   run.max_restarts = spec->scheduling.max_restarts;
   run.restart_backoff_s = spec->scheduling.restart_backoff_s;
+  run.hang_timeout_s = spec->scheduling.hang_timeout_s;
   const std::string master_addr = placement.front().first->Address();
   for (const auto& [launcher, ranks] : placement) {
     used_slots_[launcher] += static_cast<int64_t>(ranks.size());
@@ -600,6 +609,80 @@ void Coordinator::StopRanksLocked(const std::string& job_id, RunningJob& run) {
   }
 }
 
+void Coordinator::FailGangLocked(const JobRecord& before, RunningJob& run,
+                                 std::string reason) {
+  run.first_failure = reason;
+  // The whole gang goes; it comes back from the newest checkpoint while
+  // restarts are left, after a back-off that doubles each time.
+  const int64_t done = before.restarts;
+  JobState to = v1::JOB_STATE_FAILED;
+  if (done < run.max_restarts) {
+    to = v1::JOB_STATE_RESTARTING;
+    absl::StrAppend(&reason, "; restart ", done + 1, " of ", run.max_restarts,
+                    " from the newest checkpoint");
+    const double backoff =
+        std::min(60.0, run.restart_backoff_s * std::pow(2.0, done));
+    not_before_[before.id] =
+        std::chrono::steady_clock::now() +
+        std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+            std::chrono::duration<double>(backoff));
+    if (metrics_ != nullptr) metrics_->AddRestart(reason);
+  } else if (run.max_restarts > 0) {
+    absl::StrAppend(&reason, " (no restarts left of ", run.max_restarts, ")");
+  }
+  // Committed before the ranks are stopped.
+  absl::StatusOr<JobRecord> after =
+      store_->Transition(before.id, to, reason, NowMs());
+  StopRanksLocked(before.id, run);
+  if (after.ok()) PublishChange(before, *after);
+}
+
+void Coordinator::CheckHangsLocked() {
+  const auto now = std::chrono::steady_clock::now();
+  for (auto& [id, run] : running_) {
+    if (run.stopping || run.hang_timeout_s <= 0) continue;
+    const auto limit =
+        std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+            std::chrono::duration<double>(run.hang_timeout_s));
+    // A silent rank first: the ranks waiting for it in a collective still
+    // report, stuck at one step, and are not the cause.
+    std::string why;
+    for (const auto& [rank, health] : run.health) {
+      if (!run.ranks.count(rank) || !run.ranks.at(rank).running) continue;
+      if (now - health.last_report > limit) {
+        why = absl::StrFormat("rank %d is hung: no report for %.0f s", rank,
+                              run.hang_timeout_s);
+        break;
+      }
+    }
+    for (const auto& [rank, health] : run.health) {
+      if (!why.empty()) break;
+      if (!run.ranks.count(rank) || !run.ranks.at(rank).running) continue;
+      if (now - health.step_changed > limit) {
+        why =
+            absl::StrFormat("rank %d is hung: its step stayed at %d for %.0f s",
+                            rank, health.step, run.hang_timeout_s);
+      }
+    }
+    if (why.empty()) continue;
+    absl::StatusOr<JobRecord> before = store_->Get(id);
+    if (before.ok() && !IsFinal(before->state)) {
+      FailGangLocked(*before, run, why);
+    }
+  }
+}
+
+void Coordinator::OnHeartbeat(const std::string& job_id, int64_t attempt,
+                              int64_t rank) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = running_.find(job_id);
+  if (it == running_.end() || it->second.attempt != attempt) return;
+  auto [h, added] = it->second.health.try_emplace(rank);
+  const auto now = std::chrono::steady_clock::now();
+  h->second.last_report = now;
+  if (added) h->second.step_changed = now;
+}
+
 void Coordinator::HandleExit(const Exit& exit) {
   auto it = running_.find(exit.job_id);
   if (it == running_.end() || it->second.attempt != exit.attempt) return;
@@ -620,30 +703,7 @@ void Coordinator::HandleExit(const Exit& exit) {
         absl::StrCat("rank ", exit.rank, " ", exit.description);
     const std::string tail = LastLines(exit.job_id, exit.rank, 1);
     if (!tail.empty()) absl::StrAppend(&reason, ": ", tail);
-    run.first_failure = reason;
-    // The whole gang goes; it comes back from the newest checkpoint while
-    // restarts are left, after a back-off that doubles each time.
-    const int64_t done = before->restarts;
-    JobState to = v1::JOB_STATE_FAILED;
-    if (done < run.max_restarts) {
-      to = v1::JOB_STATE_RESTARTING;
-      absl::StrAppend(&reason, "; restart ", done + 1, " of ", run.max_restarts,
-                      " from the newest checkpoint");
-      const double backoff =
-          std::min(60.0, run.restart_backoff_s * std::pow(2.0, done));
-      not_before_[exit.job_id] =
-          std::chrono::steady_clock::now() +
-          std::chrono::duration_cast<std::chrono::steady_clock::duration>(
-              std::chrono::duration<double>(backoff));
-      if (metrics_ != nullptr) metrics_->AddRestart(reason);
-    } else if (run.max_restarts > 0) {
-      absl::StrAppend(&reason, " (no restarts left of ", run.max_restarts, ")");
-    }
-    // Committed before the ranks are stopped.
-    absl::StatusOr<JobRecord> after =
-        store_->Transition(exit.job_id, to, reason, NowMs());
-    StopRanksLocked(exit.job_id, run);
-    if (after.ok()) PublishChange(*before, *after);
+    FailGangLocked(*before, run, reason);
   }
   if (exit.exit_code != 0) all_zero = false;
   if (!all_ended) return;

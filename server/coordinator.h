@@ -119,6 +119,8 @@ class Coordinator : public LaunchEvents {
   // older attempts are ignored).
   void OnMetric(const std::string& job_id, int64_t attempt,
                 const v1::MetricSample& sample);
+  // A rank's heartbeat: it lives, whether or not it makes progress.
+  void OnHeartbeat(const std::string& job_id, int64_t attempt, int64_t rank);
 
   // Launchers: the local one is added by Create(); agents come and go.
   void AddLauncher(std::shared_ptr<Launcher> launcher);
@@ -153,6 +155,13 @@ class Coordinator : public LaunchEvents {
     std::string first_failure;
     int64_t max_restarts = 0;
     double restart_backoff_s = 0;
+    double hang_timeout_s = 0;
+    // What each rank last reported, from its first report on.
+    struct Health {
+      std::chrono::steady_clock::time_point last_report, step_changed;
+      int64_t step = -1;
+    };
+    std::map<int64_t, Health> health;
   };
   struct Exit {
     std::string job_id;
@@ -165,6 +174,13 @@ class Coordinator : public LaunchEvents {
 
   void Loop();
   void HandleExit(const Exit& exit);
+  // Stops the gang for `reason` and commits RESTARTING (restarts left) or
+  // FAILED first.
+  void FailGangLocked(const JobRecord& before, RunningJob& run,
+                      std::string reason);
+  // A rank that has reported before and has now been silent, or stuck at
+  // one step, for the spec's scheduling.hang_timeout_s is hung.
+  void CheckHangsLocked();
   void Schedule();
   // Places `world_size` ranks on launchers with free slots; empty when they
   // do not all fit now.

@@ -177,6 +177,8 @@ grpc::Status InternalServiceImpl::ReportMetrics(
       v1::MetricSample sample = report.metric();
       sample.set_rank(hello.rank());
       coordinator_->OnMetric(hello.job_id(), hello.attempt(), sample);
+    } else if (report.has_heartbeat()) {
+      coordinator_->OnHeartbeat(hello.job_id(), hello.attempt(), hello.rank());
     }
   }
   return rpc.Done(grpc::Status::OK);

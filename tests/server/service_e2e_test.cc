@@ -42,31 +42,8 @@ std::string ReadFile(const std::string& path) {
   return ss.str();
 }
 
-// Starts args[0] with its stdout and stderr appended to `log`; -1 on error.
-pid_t SpawnLogged(std::vector<std::string> args, const std::string& log) {
-  std::vector<char*> argv;
-  for (auto& a : args) argv.push_back(a.data());
-  argv.push_back(nullptr);
-  posix_spawn_file_actions_t actions;
-  posix_spawn_file_actions_init(&actions);
-  posix_spawn_file_actions_addopen(&actions, 1, log.c_str(),
-                                   O_WRONLY | O_CREAT | O_APPEND, 0644);
-  posix_spawn_file_actions_adddup2(&actions, 1, 2);
-  pid_t pid = -1;
-  if (posix_spawn(&pid, args[0].c_str(), &actions, nullptr, argv.data(),
-                  environ) != 0) {
-    pid = -1;
-  }
-  posix_spawn_file_actions_destroy(&actions);
-  return pid;
-}
-
-void StopAndReap(pid_t pid) {
-  if (pid <= 0) return;
-  ::kill(pid, SIGTERM);
-  int status = 0;
-  ::waitpid(pid, &status, 0);
-}
+using ::momentum::testing::SpawnLogged;
+using ::momentum::testing::StopAndReap;
 
 // A momentum-server process with its own state folder, stopped (SIGTERM)
 // and reaped by the destructor.
@@ -467,6 +444,35 @@ TEST_F(ServiceTest, KilledRankRestartsTheGangFromItsCheckpoint) {
       nlohmann::json::parse(ReadFile(done.output_dir() + "/summary.json"));
   EXPECT_TRUE(summary["resumed"].get<bool>());
   EXPECT_EQ(summary["steps"].get<int>(), 16 * 6);
+  EXPECT_TRUE(NoRanksWithin(seconds(10)));
+}
+
+// SIGSTOP one rank: it stops reporting, is declared hung and named within
+// the spec's hang timeout (long before the collectives' own timeout), and
+// the gang is restarted from its checkpoint and finishes.
+TEST_F(ServiceTest, StoppedRankIsDeclaredHungAndTheGangRestarted) {
+  StartServer(2);
+  v1::Job job =
+      Submit(Spec("hang", 2, "epochs: 30"),
+             {"checkpoint.every_steps=8", "scheduling.hang_timeout_s=3",
+              "scheduling.restart_backoff_s=0.2"});
+  ASSERT_TRUE(WaitFor(job.id(), v1::JOB_STATE_RUNNING));
+  const auto deadline = Clock::now() + seconds(120);
+  while (Clock::now() < deadline && Get(job.id()).progress().step() < 20) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  const pid_t victim = testing::RankChild(server_->pid(), 1);
+  ASSERT_GT(victim, 0);
+  ::kill(victim, SIGSTOP);
+  // Well within resources.timeout_s (60 s), after which rank 0's collective
+  // would fail by itself and name the operation, not the rank.
+  ASSERT_TRUE(WaitFor(job.id(), v1::JOB_STATE_RESTARTING, seconds(30)));
+  const v1::Job restarting = Get(job.id());
+  EXPECT_NE(restarting.state_reason().find("rank 1 is hung"), std::string::npos)
+      << restarting.state_reason();
+  ASSERT_TRUE(WaitFor(job.id(), v1::JOB_STATE_SUCCEEDED, seconds(180)))
+      << Get(job.id()).state_reason();
+  EXPECT_EQ(Get(job.id()).restarts(), 1);
   EXPECT_TRUE(NoRanksWithin(seconds(10)));
 }
 
