@@ -6,6 +6,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <iostream>
 #include <sstream>
 
 #include "absl/strings/match.h"
@@ -111,6 +112,19 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Create(
   // them from their checkpoints.
   MOMENTUM_ASSIGN_OR_RETURN(std::vector<JobRecord> active, c->store_->Active());
   for (const JobRecord& job : active) {
+    // Ranks it started here may outlive it: stop them first, so that the
+    // job never runs twice.
+    if (job.attempt > 0) {
+      const int stopped = LocalLauncher::StopLeftoverRanks(
+          (fs::path(c->JobDirOf(job.id)) /
+           absl::StrCat("attempt-", job.attempt))
+              .string(),
+          options.grace_seconds);
+      if (stopped > 0) {
+        std::cerr << "momentum-server: stopped " << stopped << " rank(s) of "
+                  << job.id << " left running by the previous coordinator\n";
+      }
+    }
     if (job.state == v1::JOB_STATE_RUNNING) {
       MOMENTUM_RETURN_IF_ERROR(
           c->store_

@@ -10,6 +10,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 
 #include "absl/strings/str_cat.h"
 #include "common/process.h"
@@ -18,6 +19,28 @@ namespace momentum::server {
 namespace {
 
 namespace fs = std::filesystem;
+
+// Field 22 of /proc/<pid>/stat: when the process started, in clock ticks
+// since boot; 0 when there is no such process.
+uint64_t StartTime(pid_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
+  std::string line;
+  if (!std::getline(in, line)) return 0;
+  const size_t close = line.rfind(')');
+  if (close == std::string::npos) return 0;
+  std::istringstream rest(line.substr(close + 2));
+  std::string field;
+  // Fields 3..21 precede the start time.
+  for (int i = 3; i <= 21 && rest >> field; ++i) {
+  }
+  uint64_t start = 0;
+  rest >> start;
+  return start;
+}
+
+std::string PidFile(const fs::path& dir, int64_t rank) {
+  return (dir / absl::StrCat("rank-", rank, ".pid")).string();
+}
 
 const std::vector<std::string> kRankVariables = {
     "RANK",        "LOCAL_RANK",  "WORLD_SIZE", "LOCAL_WORLD_SIZE",
@@ -124,7 +147,10 @@ absl::Status LocalLauncher::Launch(const LaunchRequest& request) {
           absl::StrCat("could not be started: ", pid.status().message()));
       continue;
     }
+    // Who runs, for a coordinator that comes after a crash of this one.
+    std::ofstream(PidFile(dir, rank)) << *pid << " " << StartTime(*pid) << "\n";
     auto process = std::make_shared<Process>();
+    process->pid_file = PidFile(dir, rank);
     process->job_id = request.job_id;
     process->attempt = request.attempt;
     process->rank = rank;
@@ -170,6 +196,8 @@ void LocalLauncher::Supervise(std::shared_ptr<Process> process, int read_fd) {
     std::lock_guard<std::mutex> lock(mu_);
     process->running = false;
   }
+  std::error_code ec;
+  fs::remove(process->pid_file, ec);
   if (got < 0) {
     events_->OnRankExited(process->job_id, process->attempt, process->rank, 1,
                           0, "ended, but its exit status was lost");
@@ -224,6 +252,48 @@ void LocalLauncher::KillAfter(std::string job_id, int64_t attempt,
       ::kill(-p->pid, SIGKILL);
     }
   }
+}
+
+int LocalLauncher::StopLeftoverRanks(const std::string& attempt_dir,
+                                     double grace_seconds) {
+  std::vector<std::pair<pid_t, uint64_t>> alive;
+  std::error_code ec;
+  for (const auto& entry : fs::directory_iterator(attempt_dir, ec)) {
+    const std::string name = entry.path().filename().string();
+    if (name.rfind("rank-", 0) != 0 || entry.path().extension() != ".pid") {
+      continue;
+    }
+    std::ifstream in(entry.path());
+    pid_t pid = 0;
+    uint64_t start = 0;
+    if (in >> pid >> start && pid > 0 && start != 0 &&
+        StartTime(pid) == start) {
+      alive.emplace_back(pid, start);
+      ::kill(-pid, SIGTERM);
+    }
+  }
+  auto gone = [&] {
+    for (const auto& [pid, start] : alive) {
+      if (StartTime(pid) == start) return false;
+    }
+    return true;
+  };
+  const auto deadline =
+      std::chrono::steady_clock::now() +
+      std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+          std::chrono::duration<double>(grace_seconds));
+  while (!gone() && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  for (const auto& [pid, start] : alive) {
+    if (StartTime(pid) == start) ::kill(-pid, SIGKILL);
+  }
+  // A killed orphan is reaped by init at once; a zombie still counts as
+  // present in /proc until then.
+  for (int i = 0; i < 100 && !gone(); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  return static_cast<int>(alive.size());
 }
 
 std::vector<pid_t> LocalLauncher::RunningPids() const {

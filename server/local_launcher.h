@@ -41,8 +41,17 @@ class LocalLauncher : public Launcher {
   // Process ids of the ranks still running, for tests and diagnostics.
   std::vector<pid_t> RunningPids() const;
 
+  // Ranks a previous coordinator started in `attempt_dir` and that still
+  // run (it died without stopping them): SIGTERM to each one's process
+  // group, SIGKILL after `grace_seconds`, and returns once they are gone,
+  // with how many there were. Each rank's pid and start time are in
+  // rank-<r>.pid there while it runs, so a reused pid is left alone.
+  static int StopLeftoverRanks(const std::string& attempt_dir,
+                               double grace_seconds);
+
  private:
   struct Process {
+    std::string pid_file;
     std::string job_id;
     int64_t attempt = 0;
     int64_t rank = 0;

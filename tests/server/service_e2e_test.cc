@@ -77,6 +77,14 @@ class ServerProcess {
     StopAndReap(pid_);
     pid_ = -1;
   }
+  // SIGKILL: the server dies without stopping anything.
+  void Crash() {
+    if (pid_ <= 0) return;
+    ::kill(pid_, SIGKILL);
+    int status = 0;
+    ::waitpid(pid_, &status, 0);
+    pid_ = -1;
+  }
 
   bool ok() const { return pid_ > 0 && !address_.empty(); }
   pid_t pid() const { return pid_; }
@@ -106,6 +114,7 @@ class ServiceTest : public ::testing::Test {
   }
 
   void StartServer(int slots) {
+    fs::remove(dir_ + "/ready.json");
     server_ = std::make_unique<ServerProcess>(dir_, slots);
     ASSERT_TRUE(server_->ok()) << server_->log();
   }
@@ -474,6 +483,41 @@ TEST_F(ServiceTest, StoppedRankIsDeclaredHungAndTheGangRestarted) {
       << Get(job.id()).state_reason();
   EXPECT_EQ(Get(job.id()).restarts(), 1);
   EXPECT_TRUE(NoRanksWithin(seconds(10)));
+}
+
+// SIGKILL the coordinator while a job trains: its ranks outlive it. The next
+// coordinator on the same store stops them before anything else (the job
+// never runs twice), relaunches the job from its checkpoint, and it
+// finishes.
+TEST_F(ServiceTest, CoordinatorCrashNeverRunsAJobTwice) {
+  StartServer(2);
+  v1::Job job =
+      Submit(Spec("survivor", 2, "epochs: 40"), {"checkpoint.every_steps=8"});
+  ASSERT_TRUE(WaitFor(job.id(), v1::JOB_STATE_RUNNING));
+  const auto deadline = Clock::now() + seconds(120);
+  while (Clock::now() < deadline && Get(job.id()).progress().step() < 20) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  const std::vector<pid_t> old_ranks = testing::ChildrenOf(server_->pid());
+  ASSERT_EQ(old_ranks.size(), 2u);
+  server_->Crash();
+  for (pid_t p : old_ranks) EXPECT_EQ(::kill(p, 0), 0) << "rank died early";
+
+  StartServer(2);
+  // By the time the new coordinator serves, the old ranks are gone.
+  for (pid_t p : old_ranks) {
+    EXPECT_NE(::kill(p, 0), 0) << "old rank " << p << " still runs";
+  }
+  ASSERT_TRUE(WaitFor(job.id(), v1::JOB_STATE_SUCCEEDED, seconds(180)))
+      << Get(job.id()).state_reason() << server_->log();
+  const v1::Job done = Get(job.id());
+  EXPECT_EQ(done.restarts(), 1);
+  auto summary =
+      nlohmann::json::parse(ReadFile(done.output_dir() + "/summary.json"));
+  EXPECT_TRUE(summary["resumed"].get<bool>());
+  EXPECT_EQ(summary["steps"].get<int>(), 40 * 6);
+  EXPECT_NE(server_->log().find("left running by the previous coordinator"),
+            std::string::npos);
 }
 
 // A rank that fails every time: the job fails after its restarts, naming
