@@ -201,6 +201,14 @@ std::optional<std::string> LatestCheckpoint(const std::string& dir) {
   return all.back().second;
 }
 
+std::vector<std::string> CheckpointsNewestFirst(const std::string& dir) {
+  std::vector<std::string> out;
+  auto all = ListCheckpoints(dir);
+  for (auto it = all.rbegin(); it != all.rend(); ++it)
+    out.push_back(it->second);
+  return out;
+}
+
 absl::StatusOr<CheckpointState> LoadCheckpoint(const std::string& path,
                                                Moco& model, Sgd& sgd) {
   std::ifstream in(path, std::ios::binary);

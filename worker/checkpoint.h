@@ -66,6 +66,9 @@ absl::StatusOr<std::string> SaveCheckpoint(const std::string& dir, Moco& model,
 // The newest checkpoint in `dir`, or std::nullopt when there is none.
 std::optional<std::string> LatestCheckpoint(const std::string& dir);
 
+// Every checkpoint in `dir`, newest first.
+std::vector<std::string> CheckpointsNewestFirst(const std::string& dir);
+
 // Restores model and optimiser in place and returns the rest. A file that is
 // unreadable, corrupt or of another model gives DATA_LOSS or
 // FAILED_PRECONDITION naming the file; on error the model may be partially

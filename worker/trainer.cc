@@ -271,10 +271,32 @@ absl::StatusOr<TrainSummary> Trainer::Run(const std::atomic<bool>* stop,
   CheckpointState state;
   state.spec_yaml = spec_yaml_;
   state.world_size = dist_.world_size;
-  if (auto latest = LatestCheckpoint(ckpt_dir);
-      latest && spec_.checkpoint.resume) {
-    auto restored = LoadCheckpoint(*latest, *model_, *sgd_);
-    if (!restored.ok()) return restored.status();
+  // The newest checkpoint that loads: a corrupt or truncated one (a crash
+  // during a copy, a full disk) is skipped for the one before, with the
+  // reason logged. A checkpoint of another model is an error, not skipped.
+  std::optional<std::string> latest;
+  absl::StatusOr<CheckpointState> restored =
+      absl::NotFoundError("no checkpoint");
+  if (spec_.checkpoint.resume) {
+    for (const std::string& path : CheckpointsNewestFirst(ckpt_dir)) {
+      restored = LoadCheckpoint(path, *model_, *sgd_);
+      if (restored.ok()) {
+        latest = path;
+        break;
+      }
+      if (restored.status().code() != absl::StatusCode::kDataLoss) {
+        return restored.status();
+      }
+      spdlog::warn("skipping checkpoint {}: {}", path,
+                   std::string(restored.status().message()));
+    }
+    if (!latest && !restored.ok() &&
+        restored.status().code() == absl::StatusCode::kDataLoss) {
+      // Every checkpoint was corrupt, and the model may be half overwritten.
+      return restored.status();
+    }
+  }
+  if (latest) {
     state.position = restored->position;
     state.knn_history = restored->knn_history;
     shuffle_rng_.set_state(restored->shuffle_rng_state);

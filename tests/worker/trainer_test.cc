@@ -161,6 +161,44 @@ TEST_P(TrainerResumeTest, ResumedRunEqualsUninterruptedRun) {
   fs::remove_all(broken);
 }
 
+// A truncated newest checkpoint is skipped for the one before it; the run
+// resumes there and still ends bit for bit where an uninterrupted run does.
+TEST_F(TrainerTest, CorruptNewestCheckpointIsSkippedForThePreviousOne) {
+  const std::string straight = testing::TempDir("corrupt-straight");
+  const std::string broken = testing::TempDir("corrupt-broken");
+  auto a = Trainer::Create(Spec(straight));
+  ASSERT_TRUE(a.ok()) << a.status();
+  ASSERT_TRUE((*a)->Run().ok());
+  {
+    auto b = Trainer::Create(Spec(broken));
+    ASSERT_TRUE(b.ok());
+    ASSERT_TRUE((*b)->Run(nullptr, 8).ok());
+  }
+  const auto checkpoints = CheckpointsNewestFirst(broken + "/checkpoints");
+  ASSERT_EQ(checkpoints.size(), 2u);  // steps 8 and 7
+  fs::resize_file(checkpoints[0], fs::file_size(checkpoints[0]) / 2);
+  auto c = Trainer::Create(Spec(broken));
+  ASSERT_TRUE(c.ok());
+  auto sc = (*c)->Run();
+  ASSERT_TRUE(sc.ok()) << sc.status();
+  EXPECT_TRUE(sc->resumed);
+  ExpectSameModel((*a)->model(), (*c)->model());
+  // Every checkpoint corrupt: an error naming a file, not a fresh start.
+  for (const std::string& path :
+       CheckpointsNewestFirst(broken + "/checkpoints")) {
+    fs::resize_file(path, 10);
+  }
+  auto d = Trainer::Create(Spec(broken));
+  ASSERT_TRUE(d.ok());
+  auto sd = (*d)->Run();
+  ASSERT_FALSE(sd.ok());
+  EXPECT_EQ(sd.status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_NE(sd.status().message().find("checkpoint-"), std::string::npos)
+      << sd.status();
+  fs::remove_all(straight);
+  fs::remove_all(broken);
+}
+
 INSTANTIATE_TEST_SUITE_P(StopPoints, TrainerResumeTest,
                          ::testing::Values(1, 6, 7, 17));
 
