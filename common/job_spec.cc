@@ -117,6 +117,9 @@ constexpr Field kFields[] = {
     MOMENTUM_SPEC_FIELD(scheduling.max_restarts),
     MOMENTUM_SPEC_FIELD(scheduling.restart_backoff_s),
     MOMENTUM_SPEC_FIELD(scheduling.hang_timeout_s),
+    MOMENTUM_SPEC_FIELD(faults.on_nonfinite),
+    MOMENTUM_SPEC_FIELD(faults.rollback_lr_factor),
+    MOMENTUM_SPEC_FIELD(faults.max_rollbacks),
 };
 
 #undef MOMENTUM_SPEC_FIELD
@@ -687,6 +690,11 @@ void CheckFields(const JobSpec& spec, RuleChecker& check) {
                 spec.scheduling.restart_backoff_s, 0, false, 3600, false);
   check.AtLeast("scheduling.hang_timeout_s", spec.scheduling.hang_timeout_s,
                 0.0);
+  check.OneOf("faults.on_nonfinite", spec.faults.on_nonfinite,
+              {"rollback", "fail"});
+  check.InRange("faults.rollback_lr_factor", spec.faults.rollback_lr_factor, 0,
+                true, 1, false);
+  check.AtLeast("faults.max_rollbacks", spec.faults.max_rollbacks, 0);
 }
 
 // Rules across fields; they assume every field passed CheckFields (no

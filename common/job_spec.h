@@ -137,6 +137,16 @@ struct SchedulingSpec {
   double hang_timeout_s = 300;
 };
 
+// What a rank does when training goes wrong.
+struct FaultsSpec {
+  // A step whose averaged gradients are not finite (a NaN or infinite loss
+  // on any rank): "rollback" to the newest checkpoint with the learning rate
+  // scaled by rollback_lr_factor, or "fail".
+  std::string on_nonfinite = "rollback";
+  double rollback_lr_factor = 0.5;
+  int64_t max_rollbacks = 3;
+};
+
 struct JobSpec {
   std::string name = "momentum-job";
   uint64_t seed = 0;
@@ -150,6 +160,7 @@ struct JobSpec {
   LoggingSpec logging;
   ResourcesSpec resources;
   SchedulingSpec scheduling;
+  FaultsSpec faults;
 };
 
 // Parses and validates YAML text. `overrides` are "dotted.key=value" strings

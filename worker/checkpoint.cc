@@ -166,6 +166,8 @@ absl::StatusOr<std::string> SaveCheckpoint(const std::string& dir, Moco& model,
   root.insert("images_seen", pos.images_seen);
   root.insert("train_seconds", pos.train_seconds);
   root.insert("world_size", state.world_size);
+  root.insert("lr_scale", state.lr_scale);
+  root.insert("rollbacks", state.rollbacks);
   root.insert("shuffle_rng", state.shuffle_rng_state);
   root.insert("torch_rng", state.torch_rng_state.defined()
                                ? state.torch_rng_state
@@ -276,6 +278,12 @@ absl::StatusOr<CheckpointState> LoadCheckpoint(const std::string& path,
     // Absent from checkpoints of one-process runs written before it existed.
     if (auto it = root.find("world_size"); it != root.end()) {
       state.world_size = it->value().toInt();
+    }
+    if (auto it = root.find("lr_scale"); it != root.end()) {
+      state.lr_scale = it->value().toDouble();
+    }
+    if (auto it = root.find("rollbacks"); it != root.end()) {
+      state.rollbacks = it->value().toInt();
     }
     state.position.epoch = get("epoch")->toInt();
     state.position.step_in_epoch = get("step_in_epoch")->toInt();

@@ -49,6 +49,9 @@ struct CheckpointState {
   std::vector<KnnRecord> knn_history;
   std::string spec_yaml;
   int64_t world_size = 1;  // ranks of the run that wrote it
+  // The learning rate's factor after roll-backs, and how many there were.
+  double lr_scale = 1;
+  int64_t rollbacks = 0;
 };
 
 // Writes `bytes` to `path` atomically: a temporary file beside it, fsync,

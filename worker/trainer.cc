@@ -9,10 +9,12 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <nlohmann/json.hpp>
 #include <sstream>
 #include <thread>
 
+#include "absl/strings/str_cat.h"
 #include "worker/export.h"
 #include "worker/knn.h"
 
@@ -106,6 +108,9 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(
         spec.resources.device);
   }
   std::unique_ptr<Trainer> trainer(new Trainer(spec, dist));
+  if (const char* step = std::getenv("MOMENTUM_FAULT_NAN_STEP")) {
+    trainer->inject_nan_step_ = std::atoll(step);
+  }
   absl::Status status = trainer->Init();
   if (!status.ok()) return status;
   return trainer;
@@ -253,6 +258,41 @@ absl::StatusOr<std::string> Trainer::Checkpoint(CheckpointState* state) {
                         *model_, *sgd_, *state, spec_.checkpoint.keep);
 }
 
+absl::StatusOr<std::optional<std::string>> Trainer::RestoreNewest(
+    const std::string& dir, CheckpointState* state, int64_t* written_by) {
+  // A corrupt or truncated checkpoint (a crash during a copy, a full disk)
+  // is skipped for the one before. A checkpoint of another model is an
+  // error, and so is a folder of corrupt ones only: the model may be half
+  // overwritten by then.
+  absl::Status last = absl::OkStatus();
+  for (const std::string& path : CheckpointsNewestFirst(dir)) {
+    absl::StatusOr<CheckpointState> restored =
+        LoadCheckpoint(path, *model_, *sgd_);
+    if (!restored.ok()) {
+      if (restored.status().code() != absl::StatusCode::kDataLoss) {
+        return restored.status();
+      }
+      spdlog::warn("skipping checkpoint {}: {}", path,
+                   std::string(restored.status().message()));
+      last = restored.status();
+      continue;
+    }
+    state->position = restored->position;
+    state->knn_history = restored->knn_history;
+    state->lr_scale = restored->lr_scale;
+    state->rollbacks = restored->rollbacks;
+    *written_by = restored->world_size;
+    shuffle_rng_.set_state(restored->shuffle_rng_state);
+    if (restored->torch_rng_state.defined()) {
+      at::Generator global = at::detail::getDefaultCPUGenerator();
+      global.set_state(restored->torch_rng_state);
+    }
+    return std::optional<std::string>(path);
+  }
+  if (!last.ok()) return last;
+  return std::optional<std::string>();
+}
+
 absl::StatusOr<TrainSummary> Trainer::Run(const std::atomic<bool>* stop,
                                           int64_t max_steps_this_call) {
   const auto wall_start = Clock::now();
@@ -271,50 +311,25 @@ absl::StatusOr<TrainSummary> Trainer::Run(const std::atomic<bool>* stop,
   CheckpointState state;
   state.spec_yaml = spec_yaml_;
   state.world_size = dist_.world_size;
-  // The newest checkpoint that loads: a corrupt or truncated one (a crash
-  // during a copy, a full disk) is skipped for the one before, with the
-  // reason logged. A checkpoint of another model is an error, not skipped.
   std::optional<std::string> latest;
-  absl::StatusOr<CheckpointState> restored =
-      absl::NotFoundError("no checkpoint");
+  int64_t written_by = dist_.world_size;
   if (spec_.checkpoint.resume) {
-    for (const std::string& path : CheckpointsNewestFirst(ckpt_dir)) {
-      restored = LoadCheckpoint(path, *model_, *sgd_);
-      if (restored.ok()) {
-        latest = path;
-        break;
-      }
-      if (restored.status().code() != absl::StatusCode::kDataLoss) {
-        return restored.status();
-      }
-      spdlog::warn("skipping checkpoint {}: {}", path,
-                   std::string(restored.status().message()));
-    }
-    if (!latest && !restored.ok() &&
-        restored.status().code() == absl::StatusCode::kDataLoss) {
-      // Every checkpoint was corrupt, and the model may be half overwritten.
-      return restored.status();
-    }
+    auto restored = RestoreNewest(ckpt_dir, &state, &written_by);
+    if (!restored.ok()) return restored.status();
+    latest = *restored;
   }
   if (latest) {
-    state.position = restored->position;
-    state.knn_history = restored->knn_history;
-    shuffle_rng_.set_state(restored->shuffle_rng_state);
-    if (restored->torch_rng_state.defined()) {
-      at::Generator global = at::detail::getDefaultCPUGenerator();
-      global.set_state(restored->torch_rng_state);
-    }
     summary.resumed = true;
     summary.checkpoint = *latest;
     if (lead()) {
       TruncateMetrics(metrics_path, state.position.global_step);
       spdlog::info("resuming from {} at epoch {} step {}", *latest,
                    state.position.epoch, state.position.global_step);
-      if (restored->world_size != dist_.world_size) {
+      if (written_by != dist_.world_size) {
         spdlog::warn(
             "the checkpoint was written by {} ranks, this run has {}: the "
             "global batch stays {} ({} per rank)",
-            restored->world_size, dist_.world_size, spec_.optim.batch_size,
+            written_by, dist_.world_size, spec_.optim.batch_size,
             spec_.optim.batch_size / dist_.world_size);
       }
     }
@@ -414,9 +429,10 @@ absl::StatusOr<TrainSummary> Trainer::Run(const std::atomic<bool>* stop,
     progress.steps_per_epoch = steps_per_epoch_;
     progress.train_seconds = pos.train_seconds;
     progress.step_seconds = last_step_seconds;
-    const double lr = LearningRate(optim, progress);
+    const double lr = LearningRate(optim, progress) * state.lr_scale;
 
     double loss_value = 0;
+    bool grads_finite = true;
     BatchHealth health;
     try {
       model_->MomentumUpdate();
@@ -437,22 +453,83 @@ absl::StatusOr<TrainSummary> Trainer::Run(const std::atomic<bool>* stop,
       Moco::Output out = model_->Forward(b.query, b.key, perm);
       forward_done = Clock::now();
       comm_after_forward = comm_seconds();
+      if (pos.global_step == inject_nan_step_ && state.rollbacks == 0 &&
+          dist_.rank == 0) {
+        out.loss = out.loss * std::numeric_limits<double>::quiet_NaN();
+      }
       sgd_->ZeroGrad();
       out.loss.backward();
       backward_done = Clock::now();
       absl::Status averaged = model_->AverageGradients();
       if (!averaged.ok()) return averaged;
       averaged_done = Clock::now();
-      sgd_->Step(lr);
-      model_->Enqueue(out.all_keys);
       loss_value = out.loss.item<double>();
-      health = ReadBatchHealth(out.health);
+      // Every rank holds the same averaged gradients: one test, one decision
+      // on all ranks, before anything is updated.
+      at::Tensor total = at::zeros({}, at::kDouble);
+      for (const at::Tensor& p : model_->encoder_q()->parameters()) {
+        if (p.grad().defined()) total += p.grad().sum(at::kDouble);
+      }
+      grads_finite = std::isfinite(total.item<double>());
+      if (grads_finite) {
+        sgd_->Step(lr);
+        model_->Enqueue(out.all_keys);
+        health = ReadBatchHealth(out.health);
+      }
     } catch (const c10::Error& e) {
       return absl::InternalError("training step " +
                                  std::to_string(pos.global_step) + ": " +
                                  e.what_without_backtrace());
     }
     const auto step_done = Clock::now();
+    if (!grads_finite) {
+      const std::string what = absl::StrCat(
+          "the gradients of step ", pos.global_step,
+          " are not finite (loss on rank ", dist_.rank, ": ", loss_value, ")");
+      if (spec_.faults.on_nonfinite == "fail") {
+        return absl::InternalError(what + "; learning rate too high?");
+      }
+      if (state.rollbacks >= spec_.faults.max_rollbacks) {
+        return absl::InternalError(
+            absl::StrCat(what, "; rolled back ", state.rollbacks,
+                         " times already (faults.max_rollbacks)"));
+      }
+      const int64_t bad_step = pos.global_step;
+      int64_t written_by = 0;
+      auto back = RestoreNewest(ckpt_dir, &state, &written_by);
+      if (!back.ok()) return back.status();
+      if (!back->has_value()) {
+        return absl::InternalError(what + "; no checkpoint to roll back to");
+      }
+      state.lr_scale *= spec_.faults.rollback_lr_factor;
+      state.rollbacks += 1;
+      last_eval_step =
+          state.knn_history.empty() ? -1 : state.knn_history.back().step;
+      last_ckpt_step = pos.global_step;
+      window_seconds = 0;
+      window_images = 0;
+      window_loss = 0;
+      window_steps = 0;
+      window_phases = StepPhases();
+      if (lead()) {
+        TruncateMetrics(metrics_path, pos.global_step);
+        metrics << nlohmann::json{{"event", "rollback"},
+                                  {"reason", what},
+                                  {"from_step", bad_step},
+                                  {"to_step", pos.global_step},
+                                  {"checkpoint", **back},
+                                  {"lr_scale", state.lr_scale},
+                                  {"rollbacks", state.rollbacks}}
+                       .dump()
+                << "\n";
+        metrics.flush();
+        spdlog::warn(
+            "{}: rolled back to {} (step {}); the learning rate is now x{}",
+            what, **back, pos.global_step, state.lr_scale);
+      }
+      loader_->StartEpoch(pos.epoch, pos.step_in_epoch);
+      continue;
+    }
     if (!std::isfinite(loss_value)) {
       return absl::InternalError("loss is " + std::to_string(loss_value) +
                                  " at step " + std::to_string(pos.global_step) +

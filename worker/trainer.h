@@ -16,6 +16,7 @@
 #include <atomic>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "absl/status/statusor.h"
@@ -104,6 +105,12 @@ class Trainer {
     if (report_callback_) report_callback_(report);
   }
   absl::StatusOr<std::string> Checkpoint(CheckpointState* state);
+  // Loads the newest checkpoint in `dir` that loads (corrupt ones are
+  // skipped with a warning) into the model, the optimiser, the generators
+  // and `state` (all but its world_size; `written_by` gets the ranks that
+  // wrote it). Its path, or nullopt when there is none.
+  absl::StatusOr<std::optional<std::string>> RestoreNewest(
+      const std::string& dir, CheckpointState* state, int64_t* written_by);
 
   JobSpec spec_;
   DistOptions dist_;
@@ -120,6 +127,9 @@ class Trainer {
   ReportCallback report_callback_;
   // The series as of the last step of this Run(), for the reports.
   StepReport last_report_;
+  // MOMENTUM_FAULT_NAN_STEP: a fault-injection hook for tests. Rank 0 makes
+  // the loss of this global step NaN, once per run (before any roll-back).
+  int64_t inject_nan_step_ = -1;
 };
 
 }  // namespace momentum::worker

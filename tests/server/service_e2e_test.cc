@@ -520,6 +520,36 @@ TEST_F(ServiceTest, CoordinatorCrashNeverRunsAJobTwice) {
             std::string::npos);
 }
 
+// A NaN loss injected at one step of a 2-rank job (both ranks see the same
+// averaged gradients): the ranks roll back together to the newest
+// checkpoint with a lower learning rate and the job succeeds without a
+// restart; the event is in the job's log and in metrics.jsonl.
+TEST_F(ServiceTest, InjectedNanIsRolledBackAndTheJobFinishes) {
+  ::setenv("MOMENTUM_FAULT_NAN_STEP", "9", 1);
+  StartServer(2);
+  ::unsetenv("MOMENTUM_FAULT_NAN_STEP");
+  v1::Job job = Submit(Spec("nan", 2), {"checkpoint.every_steps=4"});
+  ASSERT_TRUE(WaitFor(job.id(), v1::JOB_STATE_SUCCEEDED)) << server_->log();
+  const v1::Job done = Get(job.id());
+  EXPECT_EQ(done.restarts(), 0);
+  grpc::ClientContext ctx;
+  v1::GetJobLogsRequest logs;
+  logs.set_job_id(job.id());
+  logs.set_rank(0);
+  auto reader = server_->stub().GetJobLogs(&ctx, logs);
+  v1::LogLine line;
+  bool rolled_back = false;
+  while (reader->Read(&line)) {
+    rolled_back =
+        rolled_back || line.text().find("rolled back to") != std::string::npos;
+  }
+  EXPECT_TRUE(rolled_back);
+  const std::string metrics = ReadFile(done.output_dir() + "/metrics.jsonl");
+  EXPECT_NE(metrics.find("\"event\":\"rollback\""), std::string::npos);
+  EXPECT_NE(metrics.find("\"from_step\":9"), std::string::npos);
+  EXPECT_NE(metrics.find("\"to_step\":8"), std::string::npos);
+}
+
 // A rank that fails every time: the job fails after its restarts, naming
 // the rank.
 TEST_F(ServiceTest, RankThatAlwaysFailsFailsTheJobAfterItsRestarts) {

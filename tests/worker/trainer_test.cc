@@ -199,6 +199,67 @@ TEST_F(TrainerTest, CorruptNewestCheckpointIsSkippedForThePreviousOne) {
   fs::remove_all(broken);
 }
 
+// The lr of the metrics line logged at `step`.
+double LrAtStep(const std::string& out, int64_t step) {
+  std::ifstream in(out + "/metrics.jsonl");
+  std::string line;
+  while (std::getline(in, line)) {
+    auto j = nlohmann::json::parse(line);
+    if (j.contains("lr") && j["step"].get<int64_t>() == step) {
+      return j["lr"].get<double>();
+    }
+  }
+  return -1;
+}
+
+// A NaN loss (injected at step 5): the update is skipped, the run rolls
+// back to the newest checkpoint with half the learning rate, records the
+// event and finishes; with faults.on_nonfinite "fail" it ends with an error.
+TEST_F(TrainerTest, NonFiniteStepRollsBackWithALowerLearningRate) {
+  const std::string straight = testing::TempDir("nan-straight");
+  const std::string rolled = testing::TempDir("nan-rolled");
+  auto a = Trainer::Create(Spec(straight));
+  ASSERT_TRUE(a.ok());
+  ASSERT_TRUE((*a)->Run().ok());
+
+  ::setenv("MOMENTUM_FAULT_NAN_STEP", "5", 1);
+  auto b = Trainer::Create(Spec(rolled));
+  ASSERT_TRUE(b.ok());
+  auto sb = (*b)->Run();
+  ASSERT_TRUE(sb.ok()) << sb.status();
+  EXPECT_EQ(sb->steps, 18);
+  std::ifstream in(rolled + "/metrics.jsonl");
+  std::string line;
+  int rollbacks = 0;
+  while (std::getline(in, line)) {
+    auto j = nlohmann::json::parse(line);
+    if (j.value("event", "") != "rollback") continue;
+    ++rollbacks;
+    EXPECT_EQ(j["from_step"].get<int64_t>(), 5);
+    EXPECT_EQ(j["to_step"].get<int64_t>(), 5);
+    EXPECT_DOUBLE_EQ(j["lr_scale"].get<double>(), 0.5);
+    EXPECT_NE(j["reason"].get<std::string>().find("not finite"),
+              std::string::npos);
+  }
+  EXPECT_EQ(rollbacks, 1);
+  EXPECT_DOUBLE_EQ(LrAtStep(rolled, 6), 0.5 * LrAtStep(straight, 6));
+  EXPECT_DOUBLE_EQ(LrAtStep(rolled, 4), LrAtStep(straight, 4));
+
+  JobSpec failing = Spec(testing::TempDir("nan-fail"));
+  failing.faults.on_nonfinite = "fail";
+  auto c = Trainer::Create(failing);
+  ASSERT_TRUE(c.ok());
+  auto sc = (*c)->Run();
+  ::unsetenv("MOMENTUM_FAULT_NAN_STEP");
+  ASSERT_FALSE(sc.ok());
+  EXPECT_NE(sc.status().message().find("gradients of step 5 are not finite"),
+            std::string::npos)
+      << sc.status();
+  fs::remove_all(straight);
+  fs::remove_all(rolled);
+  fs::remove_all(failing.output_dir);
+}
+
 INSTANTIATE_TEST_SUITE_P(StopPoints, TrainerResumeTest,
                          ::testing::Values(1, 6, 7, 17));
 
