@@ -254,8 +254,42 @@ absl::StatusOr<std::string> Trainer::Checkpoint(CheckpointState* state) {
   if (!lead()) return std::string();  // rank 0 writes for the group
   state->shuffle_rng_state = shuffle_rng_.get_state();
   state->torch_rng_state = at::detail::getDefaultCPUGenerator().get_state();
-  return SaveCheckpoint((fs::path(spec_.output_dir) / "checkpoints").string(),
-                        *model_, *sgd_, *state, spec_.checkpoint.keep);
+  const fs::path dir = fs::path(spec_.output_dir) / "checkpoints";
+  absl::StatusOr<std::string> path = SaveCheckpoint(
+      dir.string(), *model_, *sgd_, *state, spec_.checkpoint.keep);
+  if (!path.ok()) return path;
+  // The best by kNN stays as checkpoints/best.pt (a hard link, so pruning
+  // the newest N does not take it) with best.json saying what it is.
+  const std::vector<KnnRecord>& h = state->knn_history;
+  if (!h.empty() && h.back().step == state->position.global_step) {
+    bool best = true;
+    for (size_t i = 0; i + 1 < h.size(); ++i) {
+      best = best && h[i].top1 < h.back().top1;
+    }
+    if (best) {
+      const fs::path tmp = dir / "best.pt.tmp";
+      std::error_code ec;
+      fs::remove(tmp, ec);
+      fs::create_hard_link(*path, tmp, ec);
+      if (!ec) fs::rename(tmp, dir / "best.pt", ec);
+      if (ec) {
+        return absl::InternalError("keeping the best checkpoint as " +
+                                   (dir / "best.pt").string() + ": " +
+                                   ec.message());
+      }
+      const std::string text = nlohmann::json{{"checkpoint", *path},
+                                              {"step", h.back().step},
+                                              {"epochs", h.back().epochs},
+                                              {"knn_top1", h.back().top1}}
+                                   .dump(2) +
+                               "\n";
+      absl::Status written =
+          WriteFileAtomically((dir / "best.json").string(),
+                              std::vector<char>(text.begin(), text.end()));
+      if (!written.ok()) return written;
+    }
+  }
+  return path;
 }
 
 absl::StatusOr<std::optional<std::string>> Trainer::RestoreNewest(

@@ -122,7 +122,27 @@ TEST_F(TrainerTest, WritesMetricsSummaryCheckpointsAndExport) {
     (void)e;
     ++checkpoints;
   }
-  EXPECT_EQ(checkpoints, 2);  // checkpoint.keep
+  EXPECT_EQ(checkpoints, 4);  // checkpoint.keep, best.pt and best.json
+  // best.pt is the checkpoint of the best kNN of the curve.
+  size_t best = 0;
+  for (size_t i = 0; i < summary_json["knn_curve"].size(); ++i) {
+    if (summary_json["knn_curve"][i]["knn_top1"].get<double>() >
+        summary_json["knn_curve"][best]["knn_top1"].get<double>()) {
+      best = i;
+    }
+  }
+  auto best_json =
+      nlohmann::json::parse(std::ifstream(out + "/checkpoints/best.json"));
+  EXPECT_DOUBLE_EQ(best_json["knn_top1"].get<double>(),
+                   summary_json["knn_curve"][best]["knn_top1"].get<double>());
+  EXPECT_EQ(best_json["step"], summary_json["knn_curve"][best]["step"]);
+  auto fresh = Trainer::Create(Spec(testing::TempDir("best-load")));
+  ASSERT_TRUE(fresh.ok());
+  Sgd sgd((*fresh)->model().encoder_q()->parameters(), 0.9, 1e-4);
+  auto loaded =
+      LoadCheckpoint(out + "/checkpoints/best.pt", (*fresh)->model(), sgd);
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  EXPECT_EQ(loaded->position.global_step, best_json["step"].get<int64_t>());
   fs::remove_all(out);
 }
 
