@@ -5,23 +5,27 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "client/format.h"
+#include "common/grpc_security.h"
 
 namespace momentum::client {
 namespace {
 
-std::shared_ptr<grpc::Channel> MakeChannel(const std::string& server) {
+std::shared_ptr<grpc::Channel> MakeChannel(
+    const std::string& server,
+    std::shared_ptr<grpc::ChannelCredentials> credentials) {
   grpc::ChannelArguments args;
   // A list of 1000 jobs with their specs can pass gRPC's default 4 MiB.
   args.SetMaxReceiveMessageSize(-1);
-  return grpc::CreateCustomChannel(server, grpc::InsecureChannelCredentials(),
-                                   args);
+  return grpc::CreateCustomChannel(
+      server, credentials ? credentials : grpc::InsecureChannelCredentials(),
+      args);
 }
 
 }  // namespace
 
 JobClient::JobClient(JobClientOptions options)
     : options_(std::move(options)),
-      channel_(MakeChannel(options_.server)),
+      channel_(MakeChannel(options_.server, options_.credentials)),
       stub_(v1::JobService::NewStub(channel_)) {}
 
 absl::Status JobClient::FromGrpc(const grpc::Status& status) const {
@@ -64,6 +68,7 @@ absl::Status JobClient::WaitForConnection(absl::Time deadline) {
 absl::StatusOr<v1::Job> JobClient::SubmitJob(
     const v1::SubmitJobRequest& request) {
   grpc::ClientContext context;
+  AddToken(&context, options_.token);
   context.set_deadline(absl::ToChronoTime(absl::Now() + options_.timeout));
   v1::SubmitJobResponse response;
   grpc::Status status = stub_->SubmitJob(&context, request, &response);
@@ -73,6 +78,7 @@ absl::StatusOr<v1::Job> JobClient::SubmitJob(
 
 absl::StatusOr<v1::Job> JobClient::GetJob(const std::string& job_id) {
   grpc::ClientContext context;
+  AddToken(&context, options_.token);
   context.set_deadline(absl::ToChronoTime(absl::Now() + options_.timeout));
   v1::GetJobRequest request;
   request.set_job_id(job_id);
@@ -85,6 +91,7 @@ absl::StatusOr<v1::Job> JobClient::GetJob(const std::string& job_id) {
 absl::StatusOr<v1::ListJobsResponse> JobClient::ListJobs(
     const v1::ListJobsRequest& request) {
   grpc::ClientContext context;
+  AddToken(&context, options_.token);
   context.set_deadline(absl::ToChronoTime(absl::Now() + options_.timeout));
   v1::ListJobsResponse response;
   grpc::Status status = stub_->ListJobs(&context, request, &response);
@@ -95,6 +102,7 @@ absl::StatusOr<v1::ListJobsResponse> JobClient::ListJobs(
 absl::StatusOr<v1::Job> JobClient::CancelJob(
     const v1::CancelJobRequest& request) {
   grpc::ClientContext context;
+  AddToken(&context, options_.token);
   context.set_deadline(absl::ToChronoTime(absl::Now() + options_.timeout));
   v1::CancelJobResponse response;
   grpc::Status status = stub_->CancelJob(&context, request, &response);
@@ -108,6 +116,7 @@ absl::Status JobClient::WatchJob(
   absl::Status connected = WaitForConnection(absl::Now() + options_.timeout);
   if (!connected.ok()) return connected;
   grpc::ClientContext context;
+  AddToken(&context, options_.token);
   std::unique_ptr<grpc::ClientReader<v1::WatchJobEvent>> reader =
       stub_->WatchJob(&context, request);
   v1::WatchJobEvent event;
@@ -121,6 +130,7 @@ absl::Status JobClient::GetJobLogs(
   absl::Status connected = WaitForConnection(absl::Now() + options_.timeout);
   if (!connected.ok()) return connected;
   grpc::ClientContext context;
+  AddToken(&context, options_.token);
   std::unique_ptr<grpc::ClientReader<v1::LogLine>> reader =
       stub_->GetJobLogs(&context, request);
   v1::LogLine line;

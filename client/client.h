@@ -36,9 +36,13 @@ struct JobClientOptions {
   // connection before it gives up (a stream itself has no deadline: a watched
   // job may run for days).
   absl::Duration timeout = absl::Seconds(10);
+  // Channel credentials (TLS); insecure when null.
+  std::shared_ptr<grpc::ChannelCredentials> credentials;
+  // Sent as "authorization: Bearer <token>" with every call when set.
+  std::string token;
 };
 
-// Holds one insecure channel to the coordinator. Thread-compatible: the
+// Holds one channel to the coordinator. Thread-compatible: the
 // channel is thread-safe, but a caller that shares a JobClient across threads
 // does so for no gain; the CLI uses one thread.
 class JobClient {

@@ -15,6 +15,7 @@
 #include "client/client.h"
 #include "client/commands.h"
 #include "client/format.h"
+#include "common/grpc_security.h"
 
 namespace {
 
@@ -86,6 +87,23 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"table", "json"}))
       ->type_name("FORMAT")
       ->capture_default_str();
+  momentum::TlsFiles tls;
+  std::string token_file;
+  app.add_option("--tls-ca", tls.ca,
+                 "CA of the server's certificate: use TLS (default: "
+                 "$MOMENTUM_TLS_CA)")
+      ->type_name("FILE");
+  app.add_option("--tls-cert", tls.cert,
+                 "client certificate for mutual TLS (default: "
+                 "$MOMENTUM_TLS_CERT)")
+      ->type_name("FILE");
+  app.add_option("--tls-key", tls.key,
+                 "its private key (default: $MOMENTUM_TLS_KEY)")
+      ->type_name("FILE");
+  app.add_option("--token-file", token_file,
+                 "file with the bearer token (default: $MOMENTUM_TOKEN, else "
+                 "the file $MOMENTUM_TOKEN_FILE)")
+      ->type_name("FILE");
   app.add_option("--timeout", timeout_seconds,
                  "deadline of each call, and of connecting, in seconds")
       ->check(CLI::PositiveNumber)
@@ -183,6 +201,19 @@ int main(int argc, char** argv) {
     list.states.push_back(*client::ParseState(name));
   }
   client_options.timeout = absl::Seconds(timeout_seconds);
+  auto credentials =
+      momentum::ClientCredentials(momentum::ClientTlsFromEnv(tls));
+  if (!credentials.ok()) {
+    std::cerr << "momentum: " << credentials.status().message() << "\n";
+    return kExitUsage;
+  }
+  client_options.credentials = *credentials;
+  auto token = momentum::ClientToken(token_file);
+  if (!token.ok()) {
+    std::cerr << "momentum: " << token.status().message() << "\n";
+    return kExitUsage;
+  }
+  client_options.token = *token;
 
   client::JobClient job_client(client_options);
   client::CommandContext context{job_client,

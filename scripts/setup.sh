@@ -13,7 +13,7 @@ MOMENTUM_PACKAGES=(
   prometheus-cpp-dev libsqlite3-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   python3 python3-torch python3-torchvision python3-numpy
-  python3-grpcio python3-grpc-tools python3-protobuf prometheus curl
+  python3-grpcio python3-grpc-tools python3-protobuf prometheus curl openssl iproute2
   dataset-fashion-mnist
 )
 

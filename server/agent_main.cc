@@ -20,6 +20,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "common/grpc_security.h"
 #include "common/process.h"
 #include "momentum/v1/internal.grpc.pb.h"
 #include "server/launcher.h"
@@ -83,8 +84,10 @@ class Session : public momentum::server::LaunchEvents {
 
 // One session with the coordinator; returns when it ends.
 void RunSession(v1::InternalService::Stub& stub, const v1::AgentHello& hello,
-                const std::string& worker, const std::string& work_dir) {
+                const std::string& worker, const std::string& work_dir,
+                const std::string& token) {
   grpc::ClientContext context;
+  momentum::AddToken(&context, token);
   auto stream = stub.AgentSession(&context);
   Session session(stream.get());
   v1::AgentMessage first;
@@ -180,7 +183,31 @@ int main(int argc, char** argv) {
                  "where ranks run (default: /tmp/momentum-agent-<pid>)");
   app.add_option("--worker", worker, "the momentum-worker binary")
       ->capture_default_str();
+  momentum::TlsFiles tls;
+  std::string token_file;
+  app.add_option("--tls-ca", tls.ca,
+                 "CA of the coordinator's certificate: use TLS (default: "
+                 "$MOMENTUM_TLS_CA)");
+  app.add_option("--tls-cert", tls.cert,
+                 "this agent's certificate for mutual TLS (default: "
+                 "$MOMENTUM_TLS_CERT)");
+  app.add_option("--tls-key", tls.key,
+                 "its private key (default: $MOMENTUM_TLS_KEY)");
+  app.add_option("--token-file", token_file,
+                 "file with this agent's bearer token (default: "
+                 "$MOMENTUM_TOKEN, else the file $MOMENTUM_TOKEN_FILE)");
   CLI11_PARSE(app, argc, argv);
+  auto credentials =
+      momentum::ClientCredentials(momentum::ClientTlsFromEnv(tls));
+  if (!credentials.ok()) {
+    std::cerr << "momentum-agent: " << credentials.status().message() << "\n";
+    return 2;
+  }
+  auto token = momentum::ClientToken(token_file);
+  if (!token.ok()) {
+    std::cerr << "momentum-agent: " << token.status().message() << "\n";
+    return 2;
+  }
   if (worker.find('/') != std::string::npos) {
     worker = fs::absolute(worker).lexically_normal().string();
   }
@@ -208,13 +235,12 @@ int main(int argc, char** argv) {
   hello.set_advertise_address(advertise);
   hello.set_slots(static_cast<int32_t>(slots));
   hello.set_agent_id(name);
-  auto channel =
-      grpc::CreateChannel(server, grpc::InsecureChannelCredentials());
+  auto channel = grpc::CreateChannel(server, *credentials);
   auto stub = v1::InternalService::NewStub(channel);
   auto backoff = std::chrono::milliseconds(200);
   while (!g_stop) {
     const auto started = std::chrono::steady_clock::now();
-    RunSession(*stub, hello, worker, work_dir);
+    RunSession(*stub, hello, worker, work_dir, *token);
     if (g_stop) break;
     if (std::chrono::steady_clock::now() - started > std::chrono::seconds(10)) {
       backoff = std::chrono::milliseconds(200);

@@ -207,6 +207,7 @@ absl::StatusOr<v1::Job> Coordinator::Submit(
     const std::string& spec_yaml, const std::vector<std::string>& overrides) {
   MOMENTUM_ASSIGN_OR_RETURN(JobSpec spec,
                             ParseJobSpec(spec_yaml, overrides, "spec"));
+  MOMENTUM_RETURN_IF_ERROR(CheckLimits(spec));
   JobRecord job;
   job.name = spec.name;
   job.priority = spec.scheduling.priority;
@@ -221,6 +222,61 @@ absl::StatusOr<v1::Job> Coordinator::Submit(
   }
   cv_.notify_all();
   return ToProto(job);
+}
+
+namespace {
+
+// `path` with symlinks resolved as far as it exists.
+fs::path Resolved(const std::string& path) {
+  std::error_code ec;
+  fs::path p = fs::weakly_canonical(fs::absolute(path), ec);
+  return ec ? fs::absolute(path).lexically_normal() : p;
+}
+
+bool Under(const fs::path& path, const fs::path& root) {
+  auto [r, p] =
+      std::mismatch(root.begin(), root.end(), path.begin(), path.end());
+  return r == root.end();
+}
+
+absl::Status CheckUnderRoots(const std::string& field, const std::string& path,
+                             const std::vector<std::string>& roots) {
+  if (roots.empty()) return absl::OkStatus();
+  const fs::path resolved = Resolved(path);
+  for (const std::string& root : roots) {
+    if (Under(resolved, Resolved(root))) return absl::OkStatus();
+  }
+  std::string list;
+  for (const std::string& root : roots) {
+    absl::StrAppend(&list, list.empty() ? "" : ", ", root);
+  }
+  return absl::PermissionDeniedError(absl::StrCat(
+      field, " must lie under one of the server's roots (", list, "), got ",
+      path, resolved.string() != path ? " (" + resolved.string() + ")" : ""));
+}
+
+}  // namespace
+
+absl::Status Coordinator::CheckLimits(const JobSpec& spec) const {
+  if (options_.max_ranks_per_job > 0 &&
+      spec.resources.nproc > options_.max_ranks_per_job) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("resources.nproc must be <= ", options_.max_ranks_per_job,
+                     " on this server, got ", spec.resources.nproc));
+  }
+  MOMENTUM_RETURN_IF_ERROR(
+      CheckUnderRoots("data.path", spec.data.path, options_.data_roots));
+  if (fs::path(spec.output_dir).is_absolute()) {
+    MOMENTUM_RETURN_IF_ERROR(
+        CheckUnderRoots("output_dir", spec.output_dir, options_.output_roots));
+  } else if (fs::path(spec.output_dir)
+                 .lexically_normal()
+                 .string()
+                 .rfind("..", 0) == 0) {
+    return absl::PermissionDeniedError(absl::StrCat(
+        "output_dir must stay inside the job's folder, got ", spec.output_dir));
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<v1::Job> Coordinator::GetJob(const std::string& id) {
@@ -595,6 +651,9 @@ void Coordinator::LaunchLocked(const JobRecord& queued) {
     request.master_port = *port;
     request.env = {absl::StrCat("MOMENTUM_JOB_ID=", job.id),
                    absl::StrCat("MOMENTUM_ATTEMPT=", job.attempt)};
+    if (!options_.worker_token.empty()) {
+      request.env.push_back("MOMENTUM_TOKEN=" + options_.worker_token);
+    }
     if (!report_address_.empty()) {
       request.env.push_back("MOMENTUM_COORDINATOR=" + report_address_);
     }

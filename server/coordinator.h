@@ -23,6 +23,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "common/job_spec.h"
 #include "momentum/v1/jobs.pb.h"
 #include "server/job_store.h"
 #include "server/launcher.h"
@@ -42,6 +43,14 @@ struct CoordinatorOptions {
   int64_t local_slots = 1;
   // How long a stopped rank has between SIGTERM and SIGKILL.
   double grace_seconds = 10;
+  // When not empty, a spec's data.path and an absolute output_dir must lie
+  // under one of these (symlinks resolved); else PERMISSION_DENIED.
+  std::vector<std::string> data_roots;
+  std::vector<std::string> output_roots;
+  // Most ranks one job may ask for; 0: no limit beyond the slots.
+  int64_t max_ranks_per_job = 0;
+  // Given to every rank (MOMENTUM_TOKEN) to report its metrics with.
+  std::string worker_token;
 };
 
 // The events of one WatchJob or GetJobLogs stream, in order. Thread-safe.
@@ -173,6 +182,8 @@ class Coordinator : public LaunchEvents {
   };
 
   void Loop();
+  // The server's limits and path roots on a parsed spec.
+  absl::Status CheckLimits(const JobSpec& spec) const;
   void HandleExit(const Exit& exit);
   // Stops the gang for `reason` and commits RESTARTING (restarts left) or
   // FAILED first.

@@ -16,6 +16,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "common/grpc_security.h"
 #include "common/process.h"
 #include "server/coordinator.h"
 #include "server/server_metrics.h"
@@ -76,6 +77,34 @@ int main(int argc, char** argv) {
                  "how long a finished job's training series stay on /metrics")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
+  momentum::TlsFiles tls;
+  std::string token_file;
+  std::vector<std::string> data_roots, output_roots;
+  int64_t max_ranks = 0;
+  int64_t max_message_bytes = 16 << 20;
+  app.add_option("--tls-cert", tls.cert,
+                 "server certificate (PEM); with --tls-key enables TLS");
+  app.add_option("--tls-key", tls.key, "the certificate's private key (PEM)");
+  app.add_option("--tls-client-ca", tls.ca,
+                 "CA of client certificates: require them (mutual TLS)");
+  app.add_option("--token-file", token_file,
+                 "accepted bearer tokens, \"TOKEN NAME ROLE\" per line (role: "
+                 "user, agent, worker or admin); without it no token is "
+                 "asked for");
+  app.add_option("--data-root", data_roots,
+                 "data.path of a job must lie under one of these "
+                 "(repeatable; default: anywhere)");
+  app.add_option("--output-root", output_roots,
+                 "an absolute output_dir must lie under one of these "
+                 "(repeatable; default: anywhere)");
+  app.add_option("--max-ranks-per-job", max_ranks,
+                 "most ranks one job may ask for (0: no limit)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--max-message-bytes", max_message_bytes,
+                 "largest gRPC message accepted")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
   app.add_option("--ready-file", ready_file,
                  "once serving, write the bound gRPC and /metrics addresses "
                  "here as JSON");
@@ -95,6 +124,43 @@ int main(int argc, char** argv) {
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
   signal(SIGPIPE, SIG_IGN);
 
+  // Without TLS nothing leaves this machine.
+  const bool tls_on = !tls.cert.empty();
+  const std::string host = HostOf(listen);
+  const bool loopback = host.rfind("127.", 0) == 0 || host == "localhost" ||
+                        host == "[::1]" || host == "::1";
+  if (!tls_on && !loopback) {
+    std::cerr << "momentum-server: --listen " << listen
+              << ": without TLS (--tls-cert, --tls-key) the server listens on "
+                 "loopback only\n";
+    return 2;
+  }
+  auto credentials = momentum::ServerCredentials(tls);
+  if (!credentials.ok()) {
+    std::cerr << "momentum-server: " << credentials.status().message() << "\n";
+    return 2;
+  }
+  momentum::TokenTable tokens;
+  if (!token_file.empty()) {
+    auto loaded = momentum::TokenTable::Load(token_file);
+    if (!loaded.ok()) {
+      std::cerr << "momentum-server: " << loaded.status().message() << "\n";
+      return 2;
+    }
+    tokens = *std::move(loaded);
+  }
+  // Ranks report with a token of their own, made afresh by each server.
+  std::string worker_token;
+  if (!tokens.empty()) {
+    auto random = momentum::RandomToken();
+    if (!random.ok()) {
+      std::cerr << "momentum-server: " << random.status().message() << "\n";
+      return 1;
+    }
+    worker_token = *random;
+    tokens.Add(worker_token, {"ranks", momentum::Role::kWorker});
+  }
+
   auto metrics = momentum::server::ServerMetrics::Create(
       metrics_listen, std::chrono::seconds(retention));
   if (!metrics.ok()) {
@@ -106,6 +172,10 @@ int main(int argc, char** argv) {
   options.worker_binary = worker;
   options.local_slots = slots;
   options.grace_seconds = grace;
+  options.data_roots = data_roots;
+  options.output_roots = output_roots;
+  options.max_ranks_per_job = max_ranks;
+  options.worker_token = worker_token;
   auto coordinator =
       momentum::server::Coordinator::Create(options, metrics->get());
   if (!coordinator.ok()) {
@@ -113,14 +183,16 @@ int main(int argc, char** argv) {
     return 1;
   }
 
-  momentum::server::JobServiceImpl jobs(coordinator->get(), metrics->get());
+  momentum::server::JobServiceImpl jobs(coordinator->get(), metrics->get(),
+                                        &tokens);
   momentum::server::InternalServiceImpl internal(coordinator->get(),
-                                                 metrics->get());
+                                                 metrics->get(), &tokens);
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   int port = 0;
-  builder.AddListeningPort(listen, grpc::InsecureServerCredentials(), &port);
+  builder.AddListeningPort(listen, *credentials, &port);
+  builder.SetMaxReceiveMessageSize(static_cast<int>(max_message_bytes));
   builder.RegisterService(&jobs);
   builder.RegisterService(&internal);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
@@ -135,7 +207,10 @@ int main(int argc, char** argv) {
       absl::StrCat(HostOf(metrics_listen), ":", (*metrics)->port());
   std::cerr << "momentum-server: serving on " << address << ", /metrics on "
             << metrics_address << ", state in " << state_dir << ", " << slots
-            << " local slots\n";
+            << " local slots"
+            << (tls_on ? (tls.ca.empty() ? ", TLS" : ", mutual TLS")
+                       : ", no TLS (loopback only)")
+            << (tokens.empty() ? ", no tokens" : ", bearer tokens") << "\n";
   if (!ready_file.empty()) {
     const std::string tmp = ready_file + ".tmp";
     std::ofstream(tmp) << "{\"grpc\": \"" << address << "\", \"metrics\": \""

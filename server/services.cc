@@ -41,16 +41,48 @@ class RpcRecord {
 
 }  // namespace
 
+grpc::Status Authorize(const grpc::ServerContext* context,
+                       const TokenTable& tokens, Role needed,
+                       const char* what) {
+  if (tokens.empty()) return grpc::Status::OK;
+  const auto& metadata = context->client_metadata();
+  auto it = metadata.find("authorization");
+  if (it == metadata.end()) {
+    return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
+                        "missing bearer token (authorization metadata)");
+  }
+  const std::string value(it->second.data(), it->second.size());
+  const std::string prefix = "Bearer ";
+  if (value.rfind(prefix, 0) != 0) {
+    return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
+                        "the authorization metadata is not \"Bearer TOKEN\"");
+  }
+  std::optional<Identity> who = tokens.Find(value.substr(prefix.size()));
+  if (!who) {
+    return grpc::Status(grpc::StatusCode::UNAUTHENTICATED, "unknown token");
+  }
+  if (who->role != needed && who->role != Role::kAdmin) {
+    return grpc::Status(grpc::StatusCode::PERMISSION_DENIED,
+                        absl::StrCat(who->name, " may not ", what));
+  }
+  return grpc::Status::OK;
+}
+
 grpc::Status ToGrpc(const absl::Status& status) {
   if (status.ok()) return grpc::Status::OK;
   return grpc::Status(static_cast<grpc::StatusCode>(status.code()),
                       std::string(status.message()));
 }
 
-grpc::Status JobServiceImpl::SubmitJob(grpc::ServerContext*,
+grpc::Status JobServiceImpl::SubmitJob(grpc::ServerContext* context,
                                        const v1::SubmitJobRequest* request,
                                        v1::SubmitJobResponse* response) {
   RpcRecord rpc(metrics_, "SubmitJob");
+  if (grpc::Status denied =
+          Authorize(context, *tokens_, Role::kUser, "submit jobs");
+      !denied.ok()) {
+    return rpc.Done(denied);
+  }
   std::vector<std::string> overrides(request->overrides().begin(),
                                      request->overrides().end());
   absl::StatusOr<v1::Job> job =
@@ -60,30 +92,45 @@ grpc::Status JobServiceImpl::SubmitJob(grpc::ServerContext*,
   return rpc.Done(grpc::Status::OK);
 }
 
-grpc::Status JobServiceImpl::GetJob(grpc::ServerContext*,
+grpc::Status JobServiceImpl::GetJob(grpc::ServerContext* context,
                                     const v1::GetJobRequest* request,
                                     v1::Job* response) {
   RpcRecord rpc(metrics_, "GetJob");
+  if (grpc::Status denied =
+          Authorize(context, *tokens_, Role::kUser, "read jobs");
+      !denied.ok()) {
+    return rpc.Done(denied);
+  }
   absl::StatusOr<v1::Job> job = coordinator_->GetJob(request->job_id());
   if (!job.ok()) return rpc.Done(ToGrpc(job.status()));
   *response = *std::move(job);
   return rpc.Done(grpc::Status::OK);
 }
 
-grpc::Status JobServiceImpl::ListJobs(grpc::ServerContext*,
+grpc::Status JobServiceImpl::ListJobs(grpc::ServerContext* context,
                                       const v1::ListJobsRequest* request,
                                       v1::ListJobsResponse* response) {
   RpcRecord rpc(metrics_, "ListJobs");
+  if (grpc::Status denied =
+          Authorize(context, *tokens_, Role::kUser, "list jobs");
+      !denied.ok()) {
+    return rpc.Done(denied);
+  }
   absl::StatusOr<v1::ListJobsResponse> list = coordinator_->ListJobs(*request);
   if (!list.ok()) return rpc.Done(ToGrpc(list.status()));
   *response = *std::move(list);
   return rpc.Done(grpc::Status::OK);
 }
 
-grpc::Status JobServiceImpl::CancelJob(grpc::ServerContext*,
+grpc::Status JobServiceImpl::CancelJob(grpc::ServerContext* context,
                                        const v1::CancelJobRequest* request,
                                        v1::CancelJobResponse* response) {
   RpcRecord rpc(metrics_, "CancelJob");
+  if (grpc::Status denied =
+          Authorize(context, *tokens_, Role::kUser, "cancel jobs");
+      !denied.ok()) {
+    return rpc.Done(denied);
+  }
   absl::StatusOr<v1::Job> job =
       coordinator_->Cancel(request->job_id(), request->reason());
   if (!job.ok()) return rpc.Done(ToGrpc(job.status()));
@@ -95,6 +142,11 @@ grpc::Status JobServiceImpl::WatchJob(
     grpc::ServerContext* context, const v1::WatchJobRequest* request,
     grpc::ServerWriter<v1::WatchJobEvent>* writer) {
   RpcRecord rpc(metrics_, "WatchJob");
+  if (grpc::Status denied =
+          Authorize(context, *tokens_, Role::kUser, "watch jobs");
+      !denied.ok()) {
+    return rpc.Done(denied);
+  }
   absl::StatusOr<std::shared_ptr<Subscription>> subscription =
       coordinator_->Watch(request->job_id(), request->metrics(),
                           request->logs());
@@ -120,6 +172,11 @@ grpc::Status JobServiceImpl::GetJobLogs(
     grpc::ServerContext* context, const v1::GetJobLogsRequest* request,
     grpc::ServerWriter<v1::LogLine>* writer) {
   RpcRecord rpc(metrics_, "GetJobLogs");
+  if (grpc::Status denied =
+          Authorize(context, *tokens_, Role::kUser, "read logs");
+      !denied.ok()) {
+    return rpc.Done(denied);
+  }
   // Following: subscribed before the stored lines are read, so no line falls
   // in between; lines already sent are skipped by number.
   std::shared_ptr<Subscription> subscription;
@@ -162,9 +219,14 @@ grpc::Status JobServiceImpl::GetJobLogs(
 }
 
 grpc::Status InternalServiceImpl::ReportMetrics(
-    grpc::ServerContext*, grpc::ServerReader<v1::WorkerReport>* reader,
+    grpc::ServerContext* context, grpc::ServerReader<v1::WorkerReport>* reader,
     v1::WorkerReportAck*) {
   RpcRecord rpc(metrics_, "ReportMetrics");
+  if (grpc::Status denied =
+          Authorize(context, *tokens_, Role::kWorker, "report metrics");
+      !denied.ok()) {
+    return rpc.Done(denied);
+  }
   v1::WorkerReport report;
   if (!reader->Read(&report)) return rpc.Done(grpc::Status::OK);
   if (!report.has_hello()) {
@@ -188,6 +250,11 @@ grpc::Status InternalServiceImpl::AgentSession(
     grpc::ServerContext* context,
     grpc::ServerReaderWriter<v1::AgentCommand, v1::AgentMessage>* stream) {
   RpcRecord rpc(metrics_, "AgentSession");
+  if (grpc::Status denied =
+          Authorize(context, *tokens_, Role::kAgent, "run an agent session");
+      !denied.ok()) {
+    return rpc.Done(denied);
+  }
   v1::AgentMessage message;
   if (!stream->Read(&message)) return rpc.Done(grpc::Status::OK);
   if (!message.has_hello()) {

@@ -8,6 +8,7 @@
 
 #include <atomic>
 
+#include "common/grpc_security.h"
 #include "momentum/v1/internal.grpc.pb.h"
 #include "momentum/v1/jobs.grpc.pb.h"
 #include "server/coordinator.h"
@@ -15,10 +16,17 @@
 
 namespace momentum::server {
 
+// Checks the call's bearer token against `tokens` (no check when it is
+// empty): UNAUTHENTICATED without a known token, PERMISSION_DENIED when its
+// role may not make the call.
+grpc::Status Authorize(const grpc::ServerContext* context,
+                       const TokenTable& tokens, Role needed, const char* what);
+
 class JobServiceImpl final : public v1::JobService::Service {
  public:
-  JobServiceImpl(Coordinator* coordinator, ServerMetrics* metrics)
-      : coordinator_(coordinator), metrics_(metrics) {}
+  JobServiceImpl(Coordinator* coordinator, ServerMetrics* metrics,
+                 const TokenTable* tokens)
+      : coordinator_(coordinator), metrics_(metrics), tokens_(tokens) {}
 
   grpc::Status SubmitJob(grpc::ServerContext* context,
                          const v1::SubmitJobRequest* request,
@@ -42,12 +50,14 @@ class JobServiceImpl final : public v1::JobService::Service {
  private:
   Coordinator* const coordinator_;
   ServerMetrics* const metrics_;
+  const TokenTable* const tokens_;
 };
 
 class InternalServiceImpl final : public v1::InternalService::Service {
  public:
-  InternalServiceImpl(Coordinator* coordinator, ServerMetrics* metrics)
-      : coordinator_(coordinator), metrics_(metrics) {}
+  InternalServiceImpl(Coordinator* coordinator, ServerMetrics* metrics,
+                      const TokenTable* tokens)
+      : coordinator_(coordinator), metrics_(metrics), tokens_(tokens) {}
 
   grpc::Status ReportMetrics(grpc::ServerContext* context,
                              grpc::ServerReader<v1::WorkerReport>* reader,
@@ -60,6 +70,7 @@ class InternalServiceImpl final : public v1::InternalService::Service {
  private:
   Coordinator* const coordinator_;
   ServerMetrics* const metrics_;
+  const TokenTable* const tokens_;
   std::atomic<int64_t> next_agent_{1};
 };
 

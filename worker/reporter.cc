@@ -9,6 +9,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/time/time.h"
+#include "common/grpc_security.h"
 #include "momentum/v1/internal.grpc.pb.h"
 #include "momentum/v1/jobs.pb.h"
 
@@ -111,8 +112,18 @@ MetricsReporter::MetricsReporter(MetricsReporterOptions options)
               static_cast<int>(options_.initial_backoff.count()));
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS,
               static_cast<int>(options_.max_backoff.count()));
-  channel_ = grpc::CreateCustomChannel(
-      options_.coordinator, grpc::InsecureChannelCredentials(), args);
+  // TLS and the token as the coordinator's environment hands them down
+  // (MOMENTUM_TLS_CA/CERT/KEY, MOMENTUM_TOKEN); a file that cannot be read
+  // leaves the stream failing, and the reason in the log.
+  std::shared_ptr<grpc::ChannelCredentials> credentials =
+      grpc::InsecureChannelCredentials();
+  if (auto tls = ClientCredentials(ClientTlsFromEnv({})); tls.ok()) {
+    credentials = *tls;
+  } else {
+    spdlog::warn("metrics reporter: {}", std::string(tls.status().message()));
+  }
+  if (auto token = ClientToken(""); token.ok()) token_ = *token;
+  channel_ = grpc::CreateCustomChannel(options_.coordinator, credentials, args);
   thread_ = std::thread([this] { Loop(); });
 }
 
@@ -221,6 +232,7 @@ void MetricsReporter::Loop() {
     }
 
     grpc::ClientContext context;
+    AddToken(&context, token_);
     v1::WorkerReportAck ack;
     {
       absl::MutexLock lock(&mu_);

@@ -119,6 +119,7 @@ class MetricsReporter {
 
   const MetricsReporterOptions options_;
   std::shared_ptr<grpc::Channel> channel_;
+  std::string token_;  // bearer token, "" for none
 
   mutable absl::Mutex mu_;
   absl::CondVar cv_;  // signalled on any change of the fields below

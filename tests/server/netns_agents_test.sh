@@ -3,7 +3,9 @@
 # namespaces joined by a veth pair (10.231.7.1 and 10.231.7.2), with nothing
 # shared over loopback. The coordinator and one agent live in the first, the
 # other agent in the second; a 2-rank job must rendezvous and train across
-# the link and succeed, with one rank on each agent.
+# the link and succeed, with one rank on each agent. Off loopback the server
+# needs TLS: a throw-away CA (openssl) signs its certificate, and agents,
+# ranks and client trust that CA.
 #   netns_agents_test.sh BINARY_DIR
 # Needs root (ip netns); exits 77 (skipped) without it.
 set -euo pipefail
@@ -44,12 +46,32 @@ import sys; sys.path.insert(0, '$(dirname "$0")')
 from python_client_test import write_fake_fashion_mnist
 write_fake_fashion_mnist('$work/data', 64, 30)"
 
+pki=$work/pki
+mkdir -p "$pki"
+(
+  cd "$pki"
+  openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=netns test CA" \
+    -keyout ca.key -out ca.pem 2>/dev/null
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=coordinator" \
+    -keyout server.key -out server.csr 2>/dev/null
+  echo "subjectAltName=IP:10.231.7.1" > san.cnf
+  openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
+    -days 2 -extfile san.cnf -out server.pem 2>/dev/null
+)
+export MOMENTUM_TLS_CA=$pki/ca.pem
+
 ip netns exec "$ns_a" "$bin/server/momentum-server" --listen 10.231.7.1:0 \
+  --tls-cert "$pki/server.pem" --tls-key "$pki/server.key" \
   --metrics-listen 127.0.0.1:0 --state-dir "$work/state" --slots 0 \
   --worker "$bin/worker/momentum-worker" --ready-file "$work/ready.json" \
   > "$work/server.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 300); do [ -f "$work/ready.json" ] && break; sleep 0.1; done
+if [ ! -f "$work/ready.json" ]; then
+  echo "FAILED: the coordinator did not start"
+  cat "$work/server.log"
+  exit 1
+fi
 server=$(/usr/bin/python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["grpc"])' "$work/ready.json")
 echo "coordinator on $server in $ns_a"
 
