@@ -10,6 +10,7 @@
 #include <functional>
 #include <initializer_list>
 #include <set>
+#include <sstream>
 #include <string>
 #include <system_error>
 #include <utility>
@@ -26,10 +27,28 @@
 #include "absl/strings/str_split.h"
 #include "absl/strings/string_view.h"
 #include "common/status_macros.h"
+#include "yaml-cpp/eventhandler.h"
 #include "yaml-cpp/yaml.h"
 
 namespace momentum {
 namespace {
+
+// Takes the parser's events and keeps none: for counting documents.
+class NullEventHandler : public YAML::EventHandler {
+ public:
+  void OnDocumentStart(const YAML::Mark&) override {}
+  void OnDocumentEnd() override {}
+  void OnNull(const YAML::Mark&, YAML::anchor_t) override {}
+  void OnAlias(const YAML::Mark&, YAML::anchor_t) override {}
+  void OnScalar(const YAML::Mark&, const std::string&, YAML::anchor_t,
+                const std::string&) override {}
+  void OnSequenceStart(const YAML::Mark&, const std::string&, YAML::anchor_t,
+                       YAML::EmitterStyle::value) override {}
+  void OnSequenceEnd() override {}
+  void OnMapStart(const YAML::Mark&, const std::string&, YAML::anchor_t,
+                  YAML::EmitterStyle::value) override {}
+  void OnMapEnd() override {}
+};
 
 // ---------------------------------------------------------------------------
 // The schema: one row per leaf field, in the order of the structs in
@@ -828,19 +847,26 @@ absl::StatusOr<JobSpec> ParseJobSpec(const std::string& yaml_text,
     return absl::InvalidArgumentError(absl::StrCat(source, ": ", message));
   };
 
+  // YAML::LoadAll of yaml-cpp 0.7 loops forever on some malformed input
+  // (found by tests/fuzz): count the documents with a capped loop of the
+  // parser instead, then load the first.
   std::vector<YAML::Node> documents;
   try {
-    documents = YAML::LoadAll(yaml_text);
+    std::stringstream in(yaml_text);
+    YAML::Parser parser(in);
+    NullEventHandler ignore;
+    int64_t count = 0;
+    while (count < 2 && parser.HandleNextDocument(ignore)) ++count;
+    if (count > 1) {
+      return invalid("expected one YAML document, got more than one");
+    }
+    if (count == 1) documents.push_back(YAML::Load(yaml_text));
   } catch (const YAML::ParserException& e) {
     if (e.mark.is_null()) {
       return invalid(absl::StrCat("YAML syntax error: ", e.msg));
     }
     return invalid(absl::StrCat("YAML syntax error at line ", e.mark.line + 1,
                                 ", column ", e.mark.column + 1, ": ", e.msg));
-  }
-  if (documents.size() > 1) {
-    return invalid(
-        absl::StrCat("expected one YAML document, got ", documents.size()));
   }
   YAML::Node root =
       documents.empty() ? YAML::Node(YAML::NodeType::Null) : documents[0];

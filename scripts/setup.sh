@@ -14,6 +14,7 @@ MOMENTUM_PACKAGES=(
   libgtest-dev libgmock-dev libbenchmark-dev
   python3 python3-torch python3-torchvision python3-numpy
   python3-grpcio python3-grpc-tools python3-protobuf prometheus curl openssl iproute2
+  clang
   dataset-fashion-mnist
 )
 

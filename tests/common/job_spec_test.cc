@@ -476,7 +476,7 @@ TEST(JobSpecTest, RejectsYamlSyntaxErrorNamingTheLine) {
   EXPECT_THAT(ParseError("name: a\n  bad: indent\n"),
               HasSubstr("job.yaml: YAML syntax error at line 2, column "));
   EXPECT_EQ(ParseError("name: a\n---\nname: b\n"),
-            "job.yaml: expected one YAML document, got 2");
+            "job.yaml: expected one YAML document, got more than one");
 }
 
 TEST(JobSpecTest, ToYamlRoundTripsEveryField) {
