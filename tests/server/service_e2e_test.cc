@@ -10,10 +10,14 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <mutex>
 #include <nlohmann/json.hpp>
+#include <random>
+#include <set>
 #include <sstream>
 #include <thread>
 
@@ -49,13 +53,16 @@ using ::momentum::testing::StopAndReap;
 // and reaped by the destructor.
 class ServerProcess {
  public:
-  ServerProcess(const std::string& dir, int slots) : dir_(dir) {
+  ServerProcess(const std::string& dir, int slots,
+                const std::string& grace_seconds = "5")
+      : dir_(dir) {
     pid_ = SpawnLogged(
         {BinaryDir() + "/server/momentum-server", "--listen=127.0.0.1:0",
          "--metrics-listen=127.0.0.1:0", "--state-dir=" + dir + "/state",
          "--slots=" + std::to_string(slots),
          "--worker=" + BinaryDir() + "/worker/momentum-worker",
-         "--grace-seconds=5", "--ready-file=" + dir + "/ready.json"},
+         "--grace-seconds=" + grace_seconds,
+         "--ready-file=" + dir + "/ready.json"},
         dir + "/server.log");
     const auto deadline = Clock::now() + seconds(30);
     while (pid_ > 0 && Clock::now() < deadline) {
@@ -113,9 +120,9 @@ class ServiceTest : public ::testing::Test {
     fs::remove_all(dir_);
   }
 
-  void StartServer(int slots) {
+  void StartServer(int slots, const std::string& grace_seconds = "5") {
     fs::remove(dir_ + "/ready.json");
-    server_ = std::make_unique<ServerProcess>(dir_, slots);
+    server_ = std::make_unique<ServerProcess>(dir_, slots, grace_seconds);
     ASSERT_TRUE(server_->ok()) << server_->log();
   }
 
@@ -548,6 +555,61 @@ TEST_F(ServiceTest, InjectedNanIsRolledBackAndTheJobFinishes) {
   EXPECT_NE(metrics.find("\"event\":\"rollback\""), std::string::npos);
   EXPECT_NE(metrics.find("\"from_step\":9"), std::string::npos);
   EXPECT_NE(metrics.find("\"to_step\":8"), std::string::npos);
+}
+
+// SIGKILL the coordinator 20 times while jobs run and submissions are in
+// flight. Every acknowledged job is there afterwards, no rank of an earlier
+// coordinator survives into the next (so no job runs twice), and all jobs
+// finish.
+TEST_F(ServiceTest, TwentyCoordinatorCrashesLoseNothing) {
+  std::set<std::string> acknowledged;
+  std::mt19937 rng(7);
+  StartServer(2, "1");
+  for (int round = 0; round < 20; ++round) {
+    std::atomic<bool> stop{false};
+    std::mutex mu;
+    std::thread submitter([&] {
+      auto stub = v1::JobService::NewStub(grpc::CreateChannel(
+          server_->address(), grpc::InsecureChannelCredentials()));
+      while (!stop) {
+        grpc::ClientContext ctx;
+        ctx.set_deadline(std::chrono::system_clock::now() + seconds(5));
+        v1::SubmitJobRequest request;
+        request.set_spec_yaml(Spec("chaos", 2, "epochs: 2"));
+        v1::SubmitJobResponse response;
+        if (stub->SubmitJob(&ctx, request, &response).ok()) {
+          std::lock_guard<std::mutex> lock(mu);
+          acknowledged.insert(response.job().id());
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(500));
+      }
+    });
+    std::this_thread::sleep_for(std::chrono::milliseconds(300 + rng() % 900));
+    const std::vector<pid_t> ranks = testing::ChildrenOf(server_->pid());
+    server_->Crash();
+    stop = true;
+    submitter.join();
+    // The next coordinator stops what this one left before it serves.
+    StartServer(2, "1");
+    for (pid_t p : ranks) {
+      EXPECT_NE(::kill(p, 0), 0) << "round " << round << ": rank " << p
+                                 << " of the crashed coordinator still runs";
+    }
+  }
+  ASSERT_GE(acknowledged.size(), 20u);
+  for (const std::string& id : acknowledged) {
+    ASSERT_TRUE(WaitFor(id, v1::JOB_STATE_SUCCEEDED, seconds(300)))
+        << id << ": " << Get(id).state_reason();
+  }
+  grpc::ClientContext ctx;
+  v1::ListJobsRequest list;
+  list.set_page_size(1000);
+  v1::ListJobsResponse listed;
+  ASSERT_TRUE(server_->stub().ListJobs(&ctx, list, &listed).ok());
+  for (const v1::Job& job : listed.jobs()) {
+    EXPECT_EQ(job.state(), v1::JOB_STATE_SUCCEEDED)
+        << job.id() << ": " << job.state_reason();
+  }
 }
 
 // A rank that fails every time: the job fails after its restarts, naming
