@@ -15,20 +15,13 @@ import shutil
 import signal
 import sys
 import tempfile
-import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "tests", "server"))
-from python_client_test import generate_stubs, start_server, write_fake_fashion_mnist  # noqa: E402
-
-
-def rss_mib(pid):
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+from python_client_test import (generate_stubs, rss_mib, start_server,  # noqa: E402
+                                start_watchers, write_fake_fashion_mnist)
 
 
 def latencies(stub, pb, job_id, n):
@@ -83,21 +76,7 @@ resources: {{threads: 1, nproc: 2}}
         rss1 = rss_mib(pid)
         p50a, p99a = latencies(stub, pb, last.id, args.gets)
 
-        calls, received = [], [0] * args.watchers
-
-        def watch(i):
-            call = stub.WatchJob(pb.WatchJobRequest(job_id=running.id, metrics=True, logs=True))
-            calls.append(call)
-            try:
-                for _ in call:
-                    received[i] += 1
-            except grpc.RpcError:
-                pass
-
-        threads = [threading.Thread(target=watch, args=(i,), daemon=True)
-                   for i in range(args.watchers)]
-        for th in threads:
-            th.start()
+        calls, received = start_watchers(stub, pb, running.id, args.watchers)
         time.sleep(5)
         rss2 = rss_mib(pid)
         p50b, p99b = latencies(stub, pb, last.id, args.gets)

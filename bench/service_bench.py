@@ -22,13 +22,12 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "tests", "server"))
-from python_client_test import generate_stubs, start_server  # noqa: E402
+from python_client_test import generate_stubs, rss_mib, start_server, start_watchers  # noqa: E402
 
 SPEC = """
 name: bench
@@ -47,13 +46,6 @@ resources: {{threads: 1, nproc: {nproc}}}
 def cpu_seconds(pid):
     fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_mib(pid):
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def direct_first_step(build, work, nproc):
@@ -127,22 +119,7 @@ def main():
             return (cpu_seconds(pid) - c0) / (time.monotonic() - t0), rss_mib(pid)
 
         cpu0, rss0 = window()
-        received = [0] * args.watchers
-        calls = []
-
-        def watch(i):
-            call = stub.WatchJob(pb.WatchJobRequest(job_id=job.id, metrics=True, logs=True))
-            calls.append(call)
-            try:
-                for _ in call:
-                    received[i] += 1
-            except grpc.RpcError:
-                pass
-
-        threads = [threading.Thread(target=watch, args=(i,), daemon=True)
-                   for i in range(args.watchers)]
-        for t in threads:
-            t.start()
+        calls, received = start_watchers(stub, pb, job.id, args.watchers)
         time.sleep(2)
         cpu1, rss1 = window()
         stub.CancelJob(pb.CancelJobRequest(job_id=job.id), timeout=10)

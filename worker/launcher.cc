@@ -23,8 +23,6 @@
 #include "absl/strings/string_view.h"
 #include "common/process.h"
 
-extern char** environ;
-
 namespace momentum::worker {
 namespace {
 
@@ -98,16 +96,9 @@ const char* SignalName(int sig) { return sig == SIGINT ? "SIGINT" : "SIGTERM"; }
 
 std::vector<std::string> RankEnvironment(const LaunchOptions& options,
                                          int64_t port, int64_t rank) {
-  std::vector<std::string> env;
-  for (char** entry = environ; entry != nullptr && *entry != nullptr; ++entry) {
-    const absl::string_view var(*entry);
-    const absl::string_view name = var.substr(0, var.find('='));
-    bool ours = false;
-    for (absl::string_view rank_variable : kRankVariables) {
-      ours = ours || name == rank_variable;
-    }
-    if (!ours) env.emplace_back(var);
-  }
+  std::vector<std::string> env =
+      momentum::EnvironmentWithout(std::vector<std::string>(
+          std::begin(kRankVariables), std::end(kRankVariables)));
   env.push_back(absl::StrCat("RANK=", rank));
   env.push_back(absl::StrCat("LOCAL_RANK=", rank));
   env.push_back(absl::StrCat("WORLD_SIZE=", options.nproc));
@@ -117,35 +108,19 @@ std::vector<std::string> RankEnvironment(const LaunchOptions& options,
   return env;
 }
 
-std::vector<char*> CStrings(std::vector<std::string>& strings) {
-  std::vector<char*> c_strings;
-  c_strings.reserve(strings.size() + 1);
-  for (std::string& s : strings) c_strings.push_back(s.data());
-  c_strings.push_back(nullptr);
-  return c_strings;
-}
+using momentum::SpawnOptions;
 
 absl::StatusOr<pid_t> SpawnRank(const LaunchOptions& options, int64_t port,
                                 int64_t rank) {
-  std::vector<std::string> argv = options.argv;
-  std::vector<std::string> env = RankEnvironment(options, port, rank);
-  std::vector<char*> c_argv = CStrings(argv);
-  std::vector<char*> c_env = CStrings(env);
-  // The calling thread may block signals (a program that sigwait()s does);
-  // a rank that inherited that mask would never see SIGTERM.
-  posix_spawnattr_t attr;
-  posix_spawnattr_init(&attr);
-  sigset_t no_signals;
-  sigemptyset(&no_signals);
-  posix_spawnattr_setsigmask(&attr, &no_signals);
-  posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK);
-  pid_t pid = -1;
-  const int err = ::posix_spawnp(&pid, c_argv[0], nullptr, &attr, c_argv.data(),
-                                 c_env.data());
-  posix_spawnattr_destroy(&attr);
-  if (err != 0) {
-    return absl::ErrnoToStatus(err, absl::StrCat("cannot start rank ", rank,
-                                                 " (", options.argv[0], ")"));
+  SpawnOptions spawn;
+  spawn.argv = options.argv;
+  spawn.env = RankEnvironment(options, port, rank);
+  absl::StatusOr<pid_t> pid = momentum::Spawn(spawn);
+  if (!pid.ok()) {
+    return absl::Status(
+        pid.status().code(),
+        absl::StrCat("cannot start rank ", rank, " (", options.argv[0],
+                     "): ", pid.status().message()));
   }
   return pid;
 }

@@ -21,7 +21,8 @@ import urllib.parse
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from python_client_test import check, generate_stubs, start_server, write_fake_fashion_mnist  # noqa: E402
+from python_client_test import (check, generate_stubs, start_server,  # noqa: E402
+                                stop_processes, write_fake_fashion_mnist)
 
 
 def free_port():
@@ -120,13 +121,7 @@ resources: {{threads: 1, nproc: 2, timeout_s: 60}}
               "training series come per job and rank")
         return 0
     finally:
-        for p in (prom, server):
-            if p is not None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+        stop_processes([prom, server])
         shutil.rmtree(work, ignore_errors=True)
 
 

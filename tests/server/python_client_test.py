@@ -72,6 +72,46 @@ def start_server(binary_dir, work):
     return proc, json.load(open(ready))
 
 
+def stop_processes(procs):
+    """SIGTERM each, then wait (SIGKILL after 30 s)."""
+    for p in procs:
+        if p is None:
+            continue
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def rss_mib(pid):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def start_watchers(stub, pb, job_id, n):
+    """n WatchJob streams (metrics and logs) on threads; returns (calls,
+    received), received[i] counting the events of stream i."""
+    import grpc
+    import threading
+    calls, received = [], [0] * n
+
+    def watch(i):
+        call = stub.WatchJob(pb.WatchJobRequest(job_id=job_id, metrics=True, logs=True))
+        calls.append(call)
+        try:
+            for _ in call:
+                received[i] += 1
+        except grpc.RpcError:
+            pass
+
+    for i in range(n):
+        threading.Thread(target=watch, args=(i,), daemon=True).start()
+    return calls, received
+
+
 def check(cond, what):
     if not cond:
         raise AssertionError(what)

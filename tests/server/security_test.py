@@ -22,7 +22,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from python_client_test import check, generate_stubs, write_fake_fashion_mnist  # noqa: E402
+from python_client_test import (check, generate_stubs, stop_processes,  # noqa: E402
+                                write_fake_fashion_mnist)
 
 USER_TOKEN = "user-token-0123456789abcdef"
 AGENT_TOKEN = "agent-token-0123456789abcdef"
@@ -217,12 +218,7 @@ resources: {{threads: 1, nproc: {nproc}, timeout_s: 60}}
               f"without TLS the server refuses 0.0.0.0: {plain.stderr.strip()}")
         return 0
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(procs)
         shutil.rmtree(work, ignore_errors=True)
 
 

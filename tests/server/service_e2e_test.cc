@@ -175,6 +175,14 @@ class ServiceTest : public ::testing::Test {
     return false;
   }
 
+  // Polls until rank 0 has reported `step` (or two minutes pass).
+  void WaitForStep(const std::string& id, int64_t step) {
+    const auto deadline = Clock::now() + seconds(120);
+    while (Clock::now() < deadline && Get(id).progress().step() < step) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+  }
+
   v1::Job Cancel(const std::string& id) {
     grpc::ClientContext ctx;
     v1::CancelJobRequest request;
@@ -428,10 +436,7 @@ TEST_F(ServiceTest, KilledRankRestartsTheGangFromItsCheckpoint) {
       Submit(Spec("restart", 2, "epochs: 16"),
              {"checkpoint.every_steps=8", "scheduling.restart_backoff_s=0.2"});
   ASSERT_TRUE(WaitFor(job.id(), v1::JOB_STATE_RUNNING));
-  const auto deadline = Clock::now() + seconds(120);
-  while (Clock::now() < deadline && Get(job.id()).progress().step() < 20) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  }
+  WaitForStep(job.id(), 20);
   const pid_t victim = testing::RankChild(server_->pid(), 1);
   ASSERT_GT(victim, 0);
   ::kill(victim, SIGKILL);
@@ -473,10 +478,7 @@ TEST_F(ServiceTest, StoppedRankIsDeclaredHungAndTheGangRestarted) {
              {"checkpoint.every_steps=8", "scheduling.hang_timeout_s=3",
               "scheduling.restart_backoff_s=0.2"});
   ASSERT_TRUE(WaitFor(job.id(), v1::JOB_STATE_RUNNING));
-  const auto deadline = Clock::now() + seconds(120);
-  while (Clock::now() < deadline && Get(job.id()).progress().step() < 20) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  }
+  WaitForStep(job.id(), 20);
   const pid_t victim = testing::RankChild(server_->pid(), 1);
   ASSERT_GT(victim, 0);
   ::kill(victim, SIGSTOP);
@@ -501,10 +503,7 @@ TEST_F(ServiceTest, CoordinatorCrashNeverRunsAJobTwice) {
   v1::Job job =
       Submit(Spec("survivor", 2, "epochs: 40"), {"checkpoint.every_steps=8"});
   ASSERT_TRUE(WaitFor(job.id(), v1::JOB_STATE_RUNNING));
-  const auto deadline = Clock::now() + seconds(120);
-  while (Clock::now() < deadline && Get(job.id()).progress().step() < 20) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  }
+  WaitForStep(job.id(), 20);
   const std::vector<pid_t> old_ranks = testing::ChildrenOf(server_->pid());
   ASSERT_EQ(old_ranks.size(), 2u);
   server_->Crash();
