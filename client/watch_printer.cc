@@ -75,6 +75,13 @@ void WatchPrinter::OnEvent(const v1::WatchJobEvent& event, absl::Time now) {
         PrintProgress(now);
       }
       return;
+    case v1::WatchJobEvent::kNotice: {
+      std::string line =
+          absl::StrCat(job_.id(), " ", OneLine(event.notice().message()));
+      PrintStateLine(line);
+      if (options_.rewrite) PrintProgress(now);
+      return;
+    }
     case v1::WatchJobEvent::kLog:
     case v1::WatchJobEvent::EVENT_NOT_SET:
       return;

@@ -136,6 +136,7 @@ constexpr Field kFields[] = {
     MOMENTUM_SPEC_FIELD(scheduling.max_restarts),
     MOMENTUM_SPEC_FIELD(scheduling.restart_backoff_s),
     MOMENTUM_SPEC_FIELD(scheduling.hang_timeout_s),
+    MOMENTUM_SPEC_FIELD(scheduling.straggler_factor),
     MOMENTUM_SPEC_FIELD(faults.on_nonfinite),
     MOMENTUM_SPEC_FIELD(faults.rollback_lr_factor),
     MOMENTUM_SPEC_FIELD(faults.max_rollbacks),
@@ -709,6 +710,10 @@ void CheckFields(const JobSpec& spec, RuleChecker& check) {
                 spec.scheduling.restart_backoff_s, 0, false, 3600, false);
   check.AtLeast("scheduling.hang_timeout_s", spec.scheduling.hang_timeout_s,
                 0.0);
+  if (spec.scheduling.straggler_factor != 0) {
+    check.AtLeast("scheduling.straggler_factor",
+                  spec.scheduling.straggler_factor, 1.0);
+  }
   check.OneOf("faults.on_nonfinite", spec.faults.on_nonfinite,
               {"rollback", "fail"});
   check.InRange("faults.rollback_lr_factor", spec.faults.rollback_lr_factor, 0,

@@ -135,6 +135,10 @@ struct SchedulingSpec {
   // A rank that reported before and then sends nothing, or stays at one
   // step, for this long is hung: the gang is restarted. 0: no detection.
   double hang_timeout_s = 300;
+  // A rank whose compute time per step (without communication) stays above
+  // this multiple of the other ranks' median for 3 reports is reported as a
+  // straggler (an event and a metric). 0: no check.
+  double straggler_factor = 2;
 };
 
 // What a rank does when training goes wrong.

@@ -433,6 +433,7 @@ void Coordinator::OnRankExited(const std::string& job_id, int64_t attempt,
 
 void Coordinator::OnMetric(const std::string& job_id, int64_t attempt,
                            const v1::MetricSample& sample) {
+  std::optional<v1::Notice> notice;
   {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = running_.find(job_id);
@@ -444,6 +445,24 @@ void Coordinator::OnMetric(const std::string& job_id, int64_t attempt,
       h->second.step = sample.step();
       h->second.step_changed = now;
     }
+    // An evaluation's sample repeats the last step's times.
+    if (sample.knn_top1() < 0) {
+      h->second.compute_seconds =
+          sample.data_seconds() + sample.forward_seconds() +
+          sample.backward_seconds() + sample.optimizer_seconds();
+      notice = CheckStragglerLocked(it->second, sample.rank());
+    }
+  }
+  if (notice) {
+    if (metrics_ != nullptr) {
+      metrics_->SetStraggler(job_id, notice->rank(),
+                             notice->kind() == "straggler");
+    }
+    OnRankOutput(job_id, attempt, notice->rank(),
+                 "momentum-server: " + notice->message());
+    v1::WatchJobEvent event = NowEvent();
+    *event.mutable_notice() = *notice;
+    Publish(job_id, event);
   }
   if (sample.rank() == 0) {
     std::lock_guard<std::mutex> lock(progress_mu_);
@@ -635,6 +654,7 @@ void Coordinator::LaunchLocked(const JobRecord& queued) {
   run.max_restarts = spec->scheduling.max_restarts;
   run.restart_backoff_s = spec->scheduling.restart_backoff_s;
   run.hang_timeout_s = spec->scheduling.hang_timeout_s;
+  run.straggler_factor = spec->scheduling.straggler_factor;
   const std::string master_addr = placement.front().first->Address();
   for (const auto& [launcher, ranks] : placement) {
     used_slots_[launcher] += static_cast<int64_t>(ranks.size());
@@ -743,6 +763,44 @@ void Coordinator::CheckHangsLocked() {
       FailGangLocked(*before, run, why);
     }
   }
+}
+
+std::optional<v1::Notice> Coordinator::CheckStragglerLocked(RunningJob& run,
+                                                            int64_t rank) {
+  if (run.straggler_factor <= 0 || run.world_size < 2) return std::nullopt;
+  std::vector<double> others;
+  for (const auto& [r, h] : run.health) {
+    if (r != rank && h.compute_seconds > 0) others.push_back(h.compute_seconds);
+  }
+  RunningJob::Health& h = run.health[rank];
+  if (others.empty() || h.compute_seconds <= 0) return std::nullopt;
+  std::sort(others.begin(), others.end());
+  const size_t n = others.size();
+  const double median =
+      n % 2 == 1 ? others[n / 2] : 0.5 * (others[n / 2 - 1] + others[n / 2]);
+  const bool above = h.compute_seconds > run.straggler_factor * median;
+  h.strikes = above ? h.strikes + 1 : 0;
+  v1::Notice notice;
+  notice.set_rank(static_cast<int32_t>(rank));
+  if (!h.straggler && h.strikes >= 3) {
+    h.straggler = true;
+    notice.set_kind("straggler");
+    notice.set_message(absl::StrFormat(
+        "rank %d is a straggler: %.1f ms of compute per step against a median "
+        "of %.1f ms on the other ranks (limit x%g)",
+        rank, 1000 * h.compute_seconds, 1000 * median, run.straggler_factor));
+    return notice;
+  }
+  if (h.straggler && !above) {
+    h.straggler = false;
+    notice.set_kind("straggler_recovered");
+    notice.set_message(absl::StrFormat(
+        "rank %d is no longer a straggler: %.1f ms of compute per step "
+        "against a median of %.1f ms",
+        rank, 1000 * h.compute_seconds, 1000 * median));
+    return notice;
+  }
+  return std::nullopt;
 }
 
 void Coordinator::OnHeartbeat(const std::string& job_id, int64_t attempt,

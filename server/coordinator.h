@@ -16,6 +16,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <string>
 #include <thread>
@@ -169,7 +170,11 @@ class Coordinator : public LaunchEvents {
     struct Health {
       std::chrono::steady_clock::time_point last_report, step_changed;
       int64_t step = -1;
+      double compute_seconds = -1;  // per step, without communication
+      int strikes = 0;              // reports in a row above the limit
+      bool straggler = false;
     };
+    double straggler_factor = 0;
     std::map<int64_t, Health> health;
   };
   struct Exit {
@@ -192,6 +197,9 @@ class Coordinator : public LaunchEvents {
   // A rank that has reported before and has now been silent, or stuck at
   // one step, for the spec's scheduling.hang_timeout_s is hung.
   void CheckHangsLocked();
+  // Compares `rank`'s compute time with the other ranks' median; returns a
+  // notice to publish when the rank starts or stops straggling.
+  std::optional<v1::Notice> CheckStragglerLocked(RunningJob& run, int64_t rank);
   void Schedule();
   // Places `world_size` ranks on launchers with free slots; empty when they
   // do not all fit now.

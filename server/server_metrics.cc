@@ -36,6 +36,7 @@ struct ServerMetrics::Families {
   Family<Gauge>* progress;
   Family<Gauge>* step;
   Family<Gauge>* eta;
+  Family<Gauge>* straggler;
   // Service.
   Family<Gauge>* jobs;
   Family<Gauge>* slots;
@@ -109,6 +110,10 @@ absl::StatusOr<std::unique_ptr<ServerMetrics>> ServerMetrics::Create(
       gauge("momentum_train_global_step", "Optimiser steps done by the group.");
   f->eta = gauge("momentum_train_eta_seconds",
                  "Estimated seconds of training left.");
+  f->straggler =
+      gauge("momentum_train_straggler",
+            "1 while the rank's compute time per step stays above "
+            "scheduling.straggler_factor times the other ranks' median.");
   f->jobs = gauge("momentum_jobs", "Jobs in the store by state.");
   f->slots = gauge("momentum_worker_slots",
                    "Worker slots of all launchers, used and free.");
@@ -187,6 +192,25 @@ void ServerMetrics::OnSample(const std::string& job_id,
   set(f.progress, "progress", s.fraction(), by_rank);
   set(f.step, "step", static_cast<double>(s.step()), by_rank);
   if (s.eta_seconds() >= 0) set(f.eta, "eta", s.eta_seconds(), by_rank);
+  // 0 until the coordinator says otherwise (SetStraggler).
+  if (!series.by_key.count(absl::StrCat("straggler|", rank, "|"))) {
+    set(f.straggler, "straggler", 0, by_rank);
+  }
+}
+
+void ServerMetrics::SetStraggler(const std::string& job_id, int64_t rank,
+                                 bool straggling) {
+  std::lock_guard<std::mutex> lock(mu_);
+  JobSeries& series = jobs_[job_id];
+  const std::string key = absl::StrCat("straggler|", rank, "|");
+  auto it = series.by_key.find(key);
+  if (it == series.by_key.end()) {
+    Gauge* g =
+        &f_->straggler->Add({{"job_id", job_id}, {"rank", absl::StrCat(rank)}});
+    series.gauges.emplace_back(f_->straggler, g);
+    it = series.by_key.emplace(key, g).first;
+  }
+  it->second->Set(straggling ? 1 : 0);
 }
 
 void ServerMetrics::SetJobs(const std::map<v1::JobState, int64_t>& by_state) {

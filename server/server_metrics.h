@@ -44,6 +44,8 @@ class ServerMetrics {
   void SetJobs(const std::map<v1::JobState, int64_t>& by_state);
   void SetSlots(int64_t used, int64_t free);
   void AddRestart(const std::string& reason);
+  // momentum_train_straggler{job_id, rank}: 1 while the rank straggles.
+  void SetStraggler(const std::string& job_id, int64_t rank, bool straggling);
   // A job reached a final state: its series go after the retention period.
   void JobEnded(const std::string& job_id);
   void OnRpc(const std::string& method, const std::string& code,

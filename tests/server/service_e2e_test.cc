@@ -611,6 +611,49 @@ TEST_F(ServiceTest, TwentyCoordinatorCrashesLoseNothing) {
   }
 }
 
+// Rank 1 is slowed down (SIGSTOP and SIGCONT in turn, so it is stopped
+// two thirds of the time): the coordinator reports it as a straggler, with
+// an event on the watch stream and a line in the job's log.
+TEST_F(ServiceTest, SlowRankIsReportedAsAStraggler) {
+  StartServer(2);
+  v1::Job job = Submit(Spec("slow", 2, "time_budget_s: 600"),
+                       {"logging.every_steps=1", "eval.every_epochs=0",
+                        "scheduling.straggler_factor=1.5"});
+  ASSERT_TRUE(WaitFor(job.id(), v1::JOB_STATE_RUNNING));
+  WaitForStep(job.id(), 3);
+  const pid_t slow = testing::RankChild(server_->pid(), 1);
+  ASSERT_GT(slow, 0);
+  std::atomic<bool> stop{false};
+  std::thread throttle([&] {
+    while (!stop) {
+      ::kill(slow, SIGSTOP);
+      std::this_thread::sleep_for(std::chrono::milliseconds(40));
+      ::kill(slow, SIGCONT);
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    ::kill(slow, SIGCONT);
+  });
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + seconds(60));
+  v1::WatchJobRequest watch;
+  watch.set_job_id(job.id());
+  auto reader = server_->stub().WatchJob(&ctx, watch);
+  v1::WatchJobEvent event;
+  std::string notice;
+  while (notice.empty() && reader->Read(&event)) {
+    if (event.has_notice() && event.notice().kind() == "straggler") {
+      EXPECT_EQ(event.notice().rank(), 1);
+      notice = event.notice().message();
+    }
+  }
+  ctx.TryCancel();
+  stop = true;
+  throttle.join();
+  EXPECT_NE(notice.find("rank 1 is a straggler"), std::string::npos) << notice;
+  Cancel(job.id());
+  EXPECT_TRUE(NoRanksWithin(seconds(20)));
+}
+
 // A rank that fails every time: the job fails after its restarts, naming
 // the rank.
 TEST_F(ServiceTest, RankThatAlwaysFailsFailsTheJobAfterItsRestarts) {
