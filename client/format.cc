@@ -260,6 +260,7 @@ KeyValues JobFields(const v1::Job& job) {
   return {
       {"id", job.id()},
       {"name", OrDash(job.name())},
+      {"owner", OrDash(job.owner())},
       {"state", StateName(job.state())},
       {"state_reason", OrDash(OneLine(job.state_reason()))},
       {"priority", absl::StrCat(job.priority())},

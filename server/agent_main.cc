@@ -21,6 +21,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/grpc_security.h"
+#include "common/health_server.h"
 #include "common/process.h"
 #include "momentum/v1/internal.grpc.pb.h"
 #include "server/launcher.h"
@@ -85,7 +86,7 @@ class Session : public momentum::server::LaunchEvents {
 // One session with the coordinator; returns when it ends.
 void RunSession(v1::InternalService::Stub& stub, const v1::AgentHello& hello,
                 const std::string& worker, const std::string& work_dir,
-                const std::string& token) {
+                const std::string& token, momentum::HealthServer* health) {
   grpc::ClientContext context;
   momentum::AddToken(&context, token);
   auto stream = stub.AgentSession(&context);
@@ -101,6 +102,8 @@ void RunSession(v1::InternalService::Stub& stub, const v1::AgentHello& hello,
   }
   std::cerr << "momentum-agent: registered as " << command.welcome_agent_id()
             << " with " << hello.slots() << " slots\n";
+  // Probes see the agent ready while a coordinator can give it ranks.
+  if (health != nullptr) health->SetServing(true);
   {
     LocalLauncher launcher(worker, hello.slots(), work_dir, &session);
     std::atomic<bool> done{false};
@@ -154,6 +157,7 @@ void RunSession(v1::InternalService::Stub& stub, const v1::AgentHello& hello,
     // The launcher's destructor kills the ranks that still run: without a
     // coordinator nobody would supervise them.
   }
+  if (health != nullptr) health->SetServing(false);
   grpc::Status status = stream->Finish();
   if (!g_stop) {
     std::cerr << "momentum-agent: session ended: "
@@ -196,6 +200,11 @@ int main(int argc, char** argv) {
   app.add_option("--token-file", token_file,
                  "file with this agent's bearer token (default: "
                  "$MOMENTUM_TOKEN, else the file $MOMENTUM_TOKEN_FILE)");
+  std::string health_listen;
+  app.add_option("--health-listen", health_listen,
+                 "plaintext address that answers only grpc.health.v1.Health "
+                 "(SERVING while a coordinator session is up), for "
+                 "Kubernetes probes (default: none)");
   CLI11_PARSE(app, argc, argv);
   auto credentials =
       momentum::ClientCredentials(momentum::ClientTlsFromEnv(tls));
@@ -230,6 +239,17 @@ int main(int argc, char** argv) {
   sigaction(SIGTERM, &action, nullptr);
   signal(SIGPIPE, SIG_IGN);
 
+  std::unique_ptr<momentum::HealthServer> health;
+  if (!health_listen.empty()) {
+    auto started = momentum::HealthServer::Start(health_listen);
+    if (!started.ok()) {
+      std::cerr << "momentum-agent: --health-listen: "
+                << started.status().message() << "\n";
+      return 1;
+    }
+    health = *std::move(started);
+  }
+
   v1::AgentHello hello;
   hello.set_hostname(Hostname());
   hello.set_advertise_address(advertise);
@@ -240,7 +260,7 @@ int main(int argc, char** argv) {
   auto backoff = std::chrono::milliseconds(200);
   while (!g_stop) {
     const auto started = std::chrono::steady_clock::now();
-    RunSession(*stub, hello, worker, work_dir, *token);
+    RunSession(*stub, hello, worker, work_dir, *token, health.get());
     if (g_stop) break;
     if (std::chrono::steady_clock::now() - started > std::chrono::seconds(10)) {
       backoff = std::chrono::milliseconds(200);

@@ -204,7 +204,8 @@ std::string Coordinator::OutputDirOf(const JobRecord& job) const {
 // ---------------------------------------------------------------- job API
 
 absl::StatusOr<v1::Job> Coordinator::Submit(
-    const std::string& spec_yaml, const std::vector<std::string>& overrides) {
+    const std::string& spec_yaml, const std::vector<std::string>& overrides,
+    const std::string& owner) {
   MOMENTUM_ASSIGN_OR_RETURN(JobSpec spec,
                             ParseJobSpec(spec_yaml, overrides, "spec"));
   MOMENTUM_RETURN_IF_ERROR(CheckLimits(spec));
@@ -214,7 +215,9 @@ absl::StatusOr<v1::Job> Coordinator::Submit(
   job.world_size = spec.resources.nproc;
   job.output_dir = spec.output_dir;
   job.spec_yaml = JobSpecToYaml(spec);
-  MOMENTUM_ASSIGN_OR_RETURN(job, store_->Insert(job, NowMs()));
+  job.owner = owner;
+  MOMENTUM_ASSIGN_OR_RETURN(
+      job, store_->Insert(job, NowMs(), options_.max_queued_jobs_per_user));
   {
     std::lock_guard<std::mutex> lock(mu_);
     wake_ = true;
@@ -897,6 +900,7 @@ v1::Job Coordinator::ToProto(const JobRecord& job) {
   if (job.end_ms > 0) SetTime(job.end_ms, out.mutable_end_time());
   out.set_restarts(static_cast<int32_t>(job.restarts));
   out.set_export_path(job.export_path);
+  out.set_owner(job.owner);
   if (job.state == v1::JOB_STATE_PENDING) {
     absl::StatusOr<std::vector<JobRecord>> pending = store_->Pending();
     if (pending.ok()) {

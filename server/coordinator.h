@@ -50,6 +50,9 @@ struct CoordinatorOptions {
   std::vector<std::string> output_roots;
   // Most ranks one job may ask for; 0: no limit beyond the slots.
   int64_t max_ranks_per_job = 0;
+  // Most PENDING jobs one owner may have; 0: no limit. Further submissions
+  // are refused with RESOURCE_EXHAUSTED.
+  int64_t max_queued_jobs_per_user = 0;
   // Given to every rank (MOMENTUM_TOKEN) to report its metrics with.
   std::string worker_token;
 };
@@ -103,9 +106,11 @@ class Coordinator : public LaunchEvents {
   void Shutdown();
 
   // The job API. Errors are canonical: INVALID_ARGUMENT naming the spec
-  // field, NOT_FOUND naming the job, ...
+  // field, NOT_FOUND naming the job, ... `owner` is who submits (for
+  // per-user limits; "" when unknown).
   absl::StatusOr<v1::Job> Submit(const std::string& spec_yaml,
-                                 const std::vector<std::string>& overrides);
+                                 const std::vector<std::string>& overrides,
+                                 const std::string& owner = "");
   absl::StatusOr<v1::Job> GetJob(const std::string& id);
   absl::StatusOr<v1::ListJobsResponse> ListJobs(
       const v1::ListJobsRequest& request);

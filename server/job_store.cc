@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <iterator>
 #include <memory>
 #include <string>
 #include <unordered_map>
@@ -58,7 +59,7 @@ namespace {
 // The version of the schema below, kept in PRAGMA user_version. A file with a
 // newer version was written by a newer coordinator: refuse it rather than
 // guess.
-constexpr int kSchemaVersion = 1;
+constexpr int kSchemaVersion = 2;
 
 // SQLite waits this long for another connection's write lock before it gives
 // up with "database is locked". Writes are a few statements each, so a
@@ -98,11 +99,21 @@ constexpr const char* kSchema[] = {
     "CREATE INDEX IF NOT EXISTS events_by_job ON events (job_id, seq)",
 };
 
+// What takes a store of version i to i + 1, from version 1 on (kSchema
+// above is version 1).
+constexpr const char* kMigrations[][2] = {
+    // 2: who submitted each job, for per-user limits; '' for jobs of
+    // version 1 and for servers without identities.
+    {"ALTER TABLE jobs ADD COLUMN owner TEXT NOT NULL DEFAULT ''",
+     "CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, state)"},
+};
+static_assert(std::size(kMigrations) == kSchemaVersion - 1);
+
 // The columns of a JobRecord, in the order ReadJob() expects them.
 #define MOMENTUM_JOB_COLUMNS                                                  \
   "seq, id, name, priority, world_size, state, state_reason, spec_yaml, "     \
   "output_dir, submit_ms, start_ms, end_ms, restarts, attempt, export_path, " \
-  "knn_top1"
+  "knn_top1, owner"
 
 // The moves Transition() allows (DESIGN.md, "Job states").
 bool Allowed(JobState from, JobState to) {
@@ -398,11 +409,19 @@ struct JobStore::Impl {
           ", newer than this coordinator's ", kSchemaVersion));
     }
     if (version < kSchemaVersion) {
-      for (const char* sql : kSchema) {
+      auto exec = [this, kOp](const char* sql) -> absl::Status {
         char* message = nullptr;
         const int rc = sqlite3_exec(db_, sql, nullptr, nullptr, &message);
         sqlite3_free(message);
-        if (rc != SQLITE_OK) return Error(rc, kOp);
+        return rc == SQLITE_OK ? absl::OkStatus() : Error(rc, kOp);
+      };
+      if (version == 0) {
+        for (const char* sql : kSchema) MOMENTUM_RETURN_IF_ERROR(exec(sql));
+      }
+      for (int v = std::max(version, 1); v < kSchemaVersion; ++v) {
+        for (const char* sql : kMigrations[v - 1]) {
+          MOMENTUM_RETURN_IF_ERROR(exec(sql));
+        }
       }
       MOMENTUM_RETURN_IF_ERROR(
           PragmaLocked(absl::StrCat("PRAGMA user_version = ", kSchemaVersion),
@@ -438,6 +457,7 @@ struct JobStore::Impl {
     job.attempt = sqlite3_column_int64(stmt, 13);
     job.export_path = text(14);
     job.knn_top1 = sqlite3_column_double(stmt, 15);
+    job.owner = text(16);
     return job;
   }
 
@@ -535,7 +555,8 @@ absl::StatusOr<std::unique_ptr<JobStore>> JobStore::Open(
   return store;
 }
 
-absl::StatusOr<JobRecord> JobStore::Insert(JobRecord job, int64_t now_ms) {
+absl::StatusOr<JobRecord> JobStore::Insert(JobRecord job, int64_t now_ms,
+                                           int64_t max_pending_per_owner) {
   constexpr absl::string_view kOp = "inserting job";
   if (std::isnan(job.knn_top1)) {
     // SQLite would store NaN as NULL.
@@ -545,15 +566,34 @@ absl::StatusOr<JobRecord> JobStore::Insert(JobRecord job, int64_t now_ms) {
   absl::MutexLock lock(&impl_->mu_);
   Impl::Transaction txn;
   MOMENTUM_RETURN_IF_ERROR(impl_->BeginLocked(txn, /*write=*/true, kOp));
+  if (max_pending_per_owner > 0) {
+    // Counted in the inserting transaction: concurrent submissions of one
+    // owner cannot both pass the last free place.
+    MOMENTUM_ASSIGN_OR_RETURN(
+        Impl::Stmt count,
+        impl_->PrepareLocked(
+            "SELECT COUNT(*) FROM jobs WHERE owner = ?1 AND state = ?2", kOp));
+    count.Bind(1, job.owner)
+        .Bind(2, static_cast<int64_t>(v1::JOB_STATE_PENDING));
+    MOMENTUM_ASSIGN_OR_RETURN(const bool row, count.Step(kOp));
+    const int64_t queued = row ? sqlite3_column_int64(count.get(), 0) : 0;
+    if (queued >= max_pending_per_owner) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          job.owner.empty() ? "anonymous users already have "
+                            : job.owner + " already has ",
+          queued, " queued (PENDING) job", queued == 1 ? "" : "s",
+          "; this server allows ", max_pending_per_owner, " per user"));
+    }
+  }
   {
     MOMENTUM_ASSIGN_OR_RETURN(
         Impl::Stmt insert,
         impl_->PrepareLocked(
             "INSERT INTO jobs (name, priority, world_size, state, "
             "state_reason, spec_yaml, output_dir, submit_ms, start_ms, end_ms, "
-            "restarts, attempt, export_path, knn_top1) "
+            "restarts, attempt, export_path, knn_top1, owner) "
             "VALUES (?1, ?2, ?3, ?4, 'submitted', ?5, ?6, ?7, 0, 0, ?8, ?9, "
-            "?10, ?11)",
+            "?10, ?11, ?12)",
             kOp));
     insert.Bind(1, job.name)
         .Bind(2, job.priority)
@@ -565,7 +605,8 @@ absl::StatusOr<JobRecord> JobStore::Insert(JobRecord job, int64_t now_ms) {
         .Bind(8, job.restarts)
         .Bind(9, job.attempt)
         .Bind(10, job.export_path)
-        .Bind(11, job.knn_top1);
+        .Bind(11, job.knn_top1)
+        .Bind(12, job.owner);
     MOMENTUM_RETURN_IF_ERROR(insert.Run(kOp));
   }
   // The id comes from the seq AUTOINCREMENT just gave, in the same

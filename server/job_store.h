@@ -52,6 +52,7 @@ struct JobRecord {
   int64_t attempt = 0;  // launches so far (1 after the first)
   std::string export_path;
   double knn_top1 = -1;  // the final (or latest known) kNN top-1
+  std::string owner;     // who submitted it ("" when unknown)
 };
 
 // One committed change of state.
@@ -81,8 +82,10 @@ class JobStore {
 
   // Stores a new PENDING job (seq, id, state, submit_ms set here, the
   // submission event recorded with reason "submitted") in one transaction
-  // and returns the stored record.
-  absl::StatusOr<JobRecord> Insert(JobRecord job, int64_t now_ms);
+  // and returns the stored record. With `max_pending_per_owner` > 0, refuses
+  // (RESOURCE_EXHAUSTED) when job.owner already has that many PENDING jobs.
+  absl::StatusOr<JobRecord> Insert(JobRecord job, int64_t now_ms,
+                                   int64_t max_pending_per_owner = 0);
 
   // NOT_FOUND names the id.
   absl::StatusOr<JobRecord> Get(const std::string& id) const;

@@ -17,6 +17,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/grpc_security.h"
+#include "common/health_server.h"
 #include "common/process.h"
 #include "server/coordinator.h"
 #include "server/server_metrics.h"
@@ -101,10 +102,20 @@ int main(int argc, char** argv) {
                  "most ranks one job may ask for (0: no limit)")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
+  int64_t max_queued = 0;
+  app.add_option("--max-queued-jobs-per-user", max_queued,
+                 "most PENDING jobs one user (token name, else TLS client "
+                 "certificate name) may have (0: no limit)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   app.add_option("--max-message-bytes", max_message_bytes,
                  "largest gRPC message accepted")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
+  std::string health_listen;
+  app.add_option("--health-listen", health_listen,
+                 "plaintext address that answers only grpc.health.v1.Health, "
+                 "for Kubernetes probes (default: none)");
   app.add_option("--ready-file", ready_file,
                  "once serving, write the bound gRPC and /metrics addresses "
                  "here as JSON");
@@ -175,6 +186,7 @@ int main(int argc, char** argv) {
   options.data_roots = data_roots;
   options.output_roots = output_roots;
   options.max_ranks_per_job = max_ranks;
+  options.max_queued_jobs_per_user = max_queued;
   options.worker_token = worker_token;
   auto coordinator =
       momentum::server::Coordinator::Create(options, metrics->get());
@@ -203,6 +215,18 @@ int main(int argc, char** argv) {
   const std::string address = absl::StrCat(HostOf(listen), ":", port);
   (*coordinator)->SetReportAddress(address);
   (*coordinator)->Start();
+  std::unique_ptr<momentum::HealthServer> health;
+  if (!health_listen.empty()) {
+    auto started = momentum::HealthServer::Start(health_listen);
+    if (!started.ok()) {
+      std::cerr << "momentum-server: --health-listen: "
+                << started.status().message() << "\n";
+      (*coordinator)->Shutdown();
+      return 1;
+    }
+    health = *std::move(started);
+    health->SetServing(true);
+  }
   const std::string metrics_address =
       absl::StrCat(HostOf(metrics_listen), ":", (*metrics)->port());
   std::cerr << "momentum-server: serving on " << address << ", /metrics on "
@@ -215,6 +239,10 @@ int main(int argc, char** argv) {
     const std::string tmp = ready_file + ".tmp";
     std::ofstream(tmp) << "{\"grpc\": \"" << address << "\", \"metrics\": \""
                        << metrics_address << "\", \"pid\": " << getpid()
+                       << (health ? absl::StrCat(", \"health\": \"",
+                                                 HostOf(health_listen), ":",
+                                                 health->port(), "\"")
+                                  : "")
                        << "}\n";
     fs::rename(tmp, ready_file);
   }
@@ -223,6 +251,7 @@ int main(int argc, char** argv) {
   sigwait(&stop_signals, &sig);
   std::cerr << "momentum-server: " << (sig == SIGINT ? "SIGINT" : "SIGTERM")
             << ": stopping\n";
+  if (health) health->SetServing(false);
   (*coordinator)->Shutdown();
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
   return 0;

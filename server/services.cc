@@ -68,6 +68,27 @@ grpc::Status Authorize(const grpc::ServerContext* context,
   return grpc::Status::OK;
 }
 
+std::string CallerName(const grpc::ServerContext* context,
+                       const TokenTable& tokens) {
+  const auto& metadata = context->client_metadata();
+  auto it = metadata.find("authorization");
+  const std::string prefix = "Bearer ";
+  if (!tokens.empty() && it != metadata.end()) {
+    const std::string value(it->second.data(), it->second.size());
+    if (value.rfind(prefix, 0) == 0) {
+      if (std::optional<Identity> who =
+              tokens.Find(value.substr(prefix.size())))
+        return who->name;
+    }
+  }
+  if (auto auth = context->auth_context(); auth != nullptr) {
+    const std::vector<grpc::string_ref> names =
+        auth->FindPropertyValues("x509_common_name");
+    if (!names.empty()) return std::string(names[0].data(), names[0].size());
+  }
+  return "";
+}
+
 grpc::Status ToGrpc(const absl::Status& status) {
   if (status.ok()) return grpc::Status::OK;
   return grpc::Status(static_cast<grpc::StatusCode>(status.code()),
@@ -85,8 +106,8 @@ grpc::Status JobServiceImpl::SubmitJob(grpc::ServerContext* context,
   }
   std::vector<std::string> overrides(request->overrides().begin(),
                                      request->overrides().end());
-  absl::StatusOr<v1::Job> job =
-      coordinator_->Submit(request->spec_yaml(), overrides);
+  absl::StatusOr<v1::Job> job = coordinator_->Submit(
+      request->spec_yaml(), overrides, CallerName(context, *tokens_));
   if (!job.ok()) return rpc.Done(ToGrpc(job.status()));
   *response->mutable_job() = *std::move(job);
   return rpc.Done(grpc::Status::OK);

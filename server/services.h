@@ -22,6 +22,11 @@ namespace momentum::server {
 grpc::Status Authorize(const grpc::ServerContext* context,
                        const TokenTable& tokens, Role needed, const char* what);
 
+// Who makes the call: the name its bearer token has in `tokens`, else the
+// common name of its TLS client certificate, else "".
+std::string CallerName(const grpc::ServerContext* context,
+                       const TokenTable& tokens);
+
 class JobServiceImpl final : public v1::JobService::Service {
  public:
   JobServiceImpl(Coordinator* coordinator, ServerMetrics* metrics,

@@ -314,9 +314,11 @@ TEST(JobFieldsTest, EveryFieldButTheSpec) {
   job.set_output_dir("/var/lib/momentum/jobs/job-3");
   job.set_spec_yaml("name: fashion-mnist\n");
   job.set_restarts(1);
+  job.set_owner("alice");
   EXPECT_EQ(RenderKeyValues(JobFields(job)),
             "id:                         job-3\n"
             "name:                       fashion-mnist\n"
+            "owner:                      alice\n"
             "state:                      RUNNING\n"
             "state_reason:               launched 2 ranks\n"
             "priority:                   5\n"

@@ -104,6 +104,7 @@ void ExpectSameJob(const JobRecord& actual, const JobRecord& expected) {
   EXPECT_EQ(actual.attempt, expected.attempt);
   EXPECT_EQ(actual.export_path, expected.export_path);
   EXPECT_EQ(actual.knn_top1, expected.knn_top1);
+  EXPECT_EQ(actual.owner, expected.owner);
 }
 
 std::vector<std::string> Ids(const std::vector<JobRecord>& jobs) {
@@ -215,6 +216,7 @@ TEST_F(JobStoreTest, InsertRoundTripsEveryFieldAndAssignsTheStoresOwn) {
   in.attempt = 2;
   in.export_path = "/srv/momentum/out/x/encoder.pt";
   in.knn_top1 = 0.8125;
+  in.owner = "alice";
   // Fields Insert() assigns itself; these values must not survive.
   in.seq = 42;
   in.id = "job-42";
@@ -650,7 +652,7 @@ TEST_F(JobStoreTest, JobSurvivesAProcessThatExitsWithoutClosing) {
   EXPECT_EQ(events->size(), 1u);
 }
 
-TEST_F(JobStoreTest, FileIsInWalModeWithSchemaVersionOne) {
+TEST_F(JobStoreTest, FileIsInWalModeWithSchemaVersionTwo) {
   {
     auto store = OpenStore();
     ASSERT_NE(store, nullptr);
@@ -658,8 +660,11 @@ TEST_F(JobStoreTest, FileIsInWalModeWithSchemaVersionOne) {
   }
   RawDb raw(path_);
   EXPECT_EQ(raw.Value("PRAGMA journal_mode"), "wal");
-  EXPECT_EQ(raw.Value("PRAGMA user_version"), "1");
+  EXPECT_EQ(raw.Value("PRAGMA user_version"), "2");
   EXPECT_EQ(raw.Value("SELECT id FROM jobs WHERE seq = 1"), "job-1");
+  EXPECT_EQ(raw.Value("SELECT COUNT(*) FROM pragma_index_list('jobs') "
+                      "WHERE name = 'jobs_by_owner'"),
+            "1");
   EXPECT_EQ(raw.Value("SELECT state FROM jobs WHERE seq = 1"), "1");
   EXPECT_EQ(raw.Value("SELECT COUNT(*) FROM events WHERE job_id = 'job-1'"),
             "1");
@@ -713,12 +718,93 @@ TEST_F(JobStoreTest, OpenNamesAFileThatIsNotADatabase) {
 
 TEST_F(JobStoreTest, OpenRefusesANewerSchema) {
   ASSERT_NE(OpenStore(), nullptr);
-  RawDb(path_).Exec("PRAGMA user_version = 2");
+  RawDb(path_).Exec("PRAGMA user_version = 3");
   absl::StatusOr<std::unique_ptr<JobStore>> store = JobStore::Open(path_);
   ASSERT_FALSE(store.ok());
   EXPECT_EQ(store.status().code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_NE(store.status().message().find(path_), absl::string_view::npos)
       << store.status();
+}
+
+// A store written by the first release (schema version 1, typed out here
+// as that release created it) opens with its jobs intact and no owner.
+TEST_F(JobStoreTest, OpensAVersionOneStoreAndAddsOwners) {
+  {
+    sqlite3* db = nullptr;
+    ASSERT_EQ(sqlite3_open(path_.c_str(), &db), SQLITE_OK);
+    sqlite3_close(db);
+  }
+  {
+    RawDb raw(path_);
+    raw.Exec(
+        "CREATE TABLE jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT "
+        "UNIQUE, name TEXT NOT NULL, priority INTEGER NOT NULL, world_size "
+        "INTEGER NOT NULL, state INTEGER NOT NULL, state_reason TEXT NOT "
+        "NULL, spec_yaml TEXT NOT NULL, output_dir TEXT NOT NULL, submit_ms "
+        "INTEGER NOT NULL, start_ms INTEGER NOT NULL, end_ms INTEGER NOT "
+        "NULL, restarts INTEGER NOT NULL, attempt INTEGER NOT NULL, "
+        "export_path TEXT NOT NULL, knn_top1 REAL NOT NULL)");
+    raw.Exec(
+        "CREATE TABLE events (seq INTEGER PRIMARY KEY AUTOINCREMENT, job_id "
+        "TEXT NOT NULL REFERENCES jobs (id), time_ms INTEGER NOT NULL, "
+        "from_state INTEGER NOT NULL, to_state INTEGER NOT NULL, reason TEXT "
+        "NOT NULL)");
+    raw.Exec(
+        "INSERT INTO jobs VALUES (1, 'job-1', 'old', 0, 2, 1, 'submitted', "
+        "'name: old', '/out', 5, 0, 0, 0, 0, '', -1)");
+    raw.Exec("INSERT INTO events VALUES (1, 'job-1', 5, 0, 1, 'submitted')");
+    raw.Exec("PRAGMA user_version = 1");
+  }
+  auto store = OpenStore();
+  ASSERT_NE(store, nullptr);
+  absl::StatusOr<JobRecord> old = store->Get("job-1");
+  ASSERT_TRUE(old.ok()) << old.status();
+  EXPECT_EQ(old->name, "old");
+  EXPECT_EQ(old->world_size, 2);
+  EXPECT_EQ(old->owner, "");
+  JobRecord next = MakeJob("new");
+  next.owner = "bob";
+  absl::StatusOr<JobRecord> inserted = store->Insert(next, kT0);
+  ASSERT_TRUE(inserted.ok()) << inserted.status();
+  EXPECT_EQ(inserted->id, "job-2");
+  EXPECT_EQ(inserted->owner, "bob");
+  EXPECT_EQ(RawDb(path_).Value("PRAGMA user_version"), "2");
+}
+
+// Only the owner's PENDING jobs count; a job that starts frees its place.
+TEST_F(JobStoreTest, InsertRefusesAnOwnerWithTooManyQueuedJobs) {
+  auto store = OpenStore();
+  ASSERT_NE(store, nullptr);
+  auto submit = [&](const std::string& owner) {
+    JobRecord job = MakeJob("q");
+    job.owner = owner;
+    return store->Insert(job, kT0, /*max_pending_per_owner=*/2);
+  };
+  absl::StatusOr<JobRecord> first = submit("alice");
+  ASSERT_TRUE(first.ok()) << first.status();
+  ASSERT_TRUE(submit("alice").ok());
+  absl::StatusOr<JobRecord> third = submit("alice");
+  ASSERT_FALSE(third.ok());
+  EXPECT_EQ(third.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(third.status().message().find("alice already has 2 queued"),
+            absl::string_view::npos)
+      << third.status();
+  // Nothing of the refused job was stored.
+  int64_t total = 0;
+  ASSERT_TRUE(store->List(JobFilter{}, 0, 0, &total).ok());
+  EXPECT_EQ(total, 2);
+  EXPECT_EQ(RawDb(path_).Value("SELECT COUNT(*) FROM events"), "2");
+  // Another owner has places of its own.
+  EXPECT_TRUE(submit("bob").ok());
+  // Alice's first job starts: one place is free again.
+  ASSERT_TRUE(
+      store->Transition(first->id, JOB_STATE_RUNNING, "started", kT0 + 1).ok());
+  EXPECT_TRUE(submit("alice").ok());
+  EXPECT_FALSE(submit("alice").ok());
+  // No limit: anything goes.
+  JobRecord unlimited = MakeJob("q");
+  unlimited.owner = "alice";
+  EXPECT_TRUE(store->Insert(unlimited, kT0).ok());
 }
 
 // A trigger another connection adds makes the last statement of a write

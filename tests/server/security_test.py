@@ -7,7 +7,9 @@ calls with the right credentials pass, and missing or wrong ones are refused
 with the right status code. A job submitted with TLS and a token trains and
 its ranks report metrics over TLS with the token the server gives them.
 Paths outside the server's roots are refused, symlink escapes included, and
-a server without TLS refuses to listen beyond loopback.
+a server without TLS refuses to listen beyond loopback. A user with a
+queued job too many is refused. The plaintext health ports of the server
+and of an agent answer the standard health service and nothing else.
 
 usage: security_test.py SOURCE_DIR BINARY_DIR
 """
@@ -27,6 +29,26 @@ from python_client_test import (check, generate_stubs, stop_processes,  # noqa: 
 
 USER_TOKEN = "user-token-0123456789abcdef"
 AGENT_TOKEN = "agent-token-0123456789abcdef"
+BOB_TOKEN = "bob-token-0123456789abcdef"
+
+SERVING, NOT_SERVING = b"\x08\x01", b"\x08\x02"
+
+
+def health_of(grpc, addr):
+    """grpc.health.v1.Health/Check("") on a plaintext channel: the raw reply."""
+    check_health = grpc.insecure_channel(addr).unary_unary(
+        "/grpc.health.v1.Health/Check",
+        request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    return check_health(b"", timeout=5)
+
+
+def free_port():
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
 
 
 def openssl(*args, cwd):
@@ -82,7 +104,7 @@ def main(source_dir, binary_dir):
         pem = lambda name: open(os.path.join(pki, name), "rb").read()  # noqa: E731
         with open(os.path.join(work, "tokens"), "w") as f:
             f.write(f"# token name role\n{USER_TOKEN} alice user\n"
-                    f"{AGENT_TOKEN} node-1 agent\n")
+                    f"{AGENT_TOKEN} node-1 agent\n{BOB_TOKEN} bob user\n")
         data_root = os.path.join(work, "data-root")
         write_fake_fashion_mnist(os.path.join(data_root, "fm"), 64, 30)
         os.symlink("/etc", os.path.join(data_root, "escape"))
@@ -96,9 +118,22 @@ def main(source_dir, binary_dir):
             f"--tls-cert={pki}/server.pem", f"--tls-key={pki}/server.key",
             f"--tls-client-ca={pki}/ca.pem", f"--token-file={work}/tokens",
             f"--data-root={data_root}", f"--output-root={work}/outputs",
-            "--max-ranks-per-job=2"], env=env)
+            "--max-ranks-per-job=2", "--max-queued-jobs-per-user=1",
+            "--health-listen=127.0.0.1:0"], env=env)
         procs.append(server)
         addr = ready["grpc"]
+
+        # The health port is plaintext, asks for no token, and serves only
+        # the health service.
+        check(health_of(grpc, ready["health"]) == SERVING,
+              f"the plaintext health port {ready['health']} answers SERVING")
+        try:
+            jobs_pb2_grpc.JobServiceStub(grpc.insecure_channel(ready["health"])).ListJobs(
+                jobs_pb2.ListJobsRequest(), timeout=5)
+            check(False, "the health port serves no JobService")
+        except grpc.RpcError as e:
+            check(e.code() == grpc.StatusCode.UNIMPLEMENTED,
+                  f"the health port serves no JobService: {e.code().name}")
 
         def jobs(creds):
             return jobs_pb2_grpc.JobServiceStub(grpc.secure_channel(addr, creds)
@@ -182,6 +217,32 @@ resources: {{threads: 1, nproc: {nproc}, timeout_s: 60}}
 
         job = stub.SubmitJob(jobs_pb2.SubmitJobRequest(spec_yaml=spec(f"{data_root}/fm")),
                              timeout=5, metadata=auth).job
+        check(job.owner == "alice", f"the job records who submitted it: {job.owner!r}")
+
+        # Queued jobs per user: with the job running on both slots, alice may
+        # queue one more, not two; bob has a place of his own.
+        deadline = time.time() + 60
+        while stub.GetJob(jobs_pb2.GetJobRequest(job_id=job.id), timeout=5,
+                          metadata=auth).state != jobs_pb2.JOB_STATE_RUNNING:
+            check(time.time() < deadline, f"{job.id} starts")
+            time.sleep(0.1)
+        queued = stub.SubmitJob(jobs_pb2.SubmitJobRequest(spec_yaml=spec(f"{data_root}/fm")),
+                                timeout=5, metadata=auth).job
+        check(queued.state == jobs_pb2.JOB_STATE_PENDING, f"alice queues {queued.id}")
+        try:
+            stub.SubmitJob(jobs_pb2.SubmitJobRequest(spec_yaml=spec(f"{data_root}/fm")),
+                           timeout=5, metadata=auth)
+            check(False, "a second queued job of alice's is refused")
+        except grpc.RpcError as e:
+            check(e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "alice" in e.details(),
+                  f"a second queued job of alice's is refused: {e.code().name}: {e.details()}")
+        bob = [("authorization", f"Bearer {BOB_TOKEN}")]
+        bobs = stub.SubmitJob(jobs_pb2.SubmitJobRequest(spec_yaml=spec(f"{data_root}/fm")),
+                              timeout=5, metadata=bob).job
+        check(bobs.owner == "bob" and bobs.state == jobs_pb2.JOB_STATE_PENDING,
+              f"bob queues {bobs.id} all the same")
+        for queued_id, who in ((queued.id, auth), (bobs.id, bob)):
+            stub.CancelJob(jobs_pb2.CancelJobRequest(job_id=queued_id), timeout=5, metadata=who)
         metrics, final = 0, None
         for event in stub.WatchJob(jobs_pb2.WatchJobRequest(job_id=job.id, metrics=True),
                                    timeout=300, metadata=auth):
@@ -208,6 +269,42 @@ resources: {{threads: 1, nproc: {nproc}, timeout_s: 60}}
                                 env=bare_env)
         check(denied.returncode == 1 and "UNAUTHENTICATED" in denied.stderr,
               f"momentum list without a token: {denied.stderr.strip()}")
+
+        # An agent's health port: SERVING once the coordinator took it in;
+        # an agent the coordinator refuses (wrong token) stays NOT_SERVING.
+        agents = {}
+        for name, token in (("good", AGENT_TOKEN), ("refused", "not-a-token")):
+            with open(os.path.join(work, f"{name}-agent-token"), "w") as f:
+                f.write(token + "\n")
+            health_addr = f"127.0.0.1:{free_port()}"
+            agent = subprocess.Popen(
+                [os.path.join(binary_dir, "server", "momentum-agent"), "--server", addr,
+                 "--slots=1", f"--work-dir={work}/{name}-agent",
+                 f"--tls-ca={pki}/ca.pem", f"--tls-cert={pki}/client.pem",
+                 f"--tls-key={pki}/client.key",
+                 f"--token-file={work}/{name}-agent-token",
+                 f"--health-listen={health_addr}"],
+                stdout=open(os.path.join(work, f"{name}-agent.log"), "w"),
+                stderr=subprocess.STDOUT)
+            procs.append(agent)
+            agents[name] = health_addr
+        deadline, status = time.time() + 30, None
+        while status != SERVING and time.time() < deadline:
+            try:
+                status = health_of(grpc, agents["good"])
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+        check(status == SERVING, "an agent the coordinator took in answers SERVING" + (
+            "" if status == SERVING else
+            ": " + open(os.path.join(work, "good-agent.log")).read()))
+        refused_log = os.path.join(work, "refused-agent.log")
+        while "did not welcome" not in open(refused_log).read() and time.time() < deadline:
+            time.sleep(0.1)
+        check("unknown token" in open(refused_log).read(),
+              "the coordinator refuses an agent with a wrong token")
+        check(health_of(grpc, agents["refused"]) == NOT_SERVING,
+              "an agent with a wrong token answers NOT_SERVING")
 
         # No TLS: loopback only.
         plain = subprocess.run(
