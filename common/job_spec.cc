@@ -138,6 +138,9 @@ constexpr Field kFields[] = {
     MOMENTUM_SPEC_FIELD(scheduling.hang_timeout_s),
     MOMENTUM_SPEC_FIELD(scheduling.straggler_factor),
     MOMENTUM_SPEC_FIELD(faults.on_nonfinite),
+    MOMENTUM_SPEC_FIELD(faults.on_collapse),
+    MOMENTUM_SPEC_FIELD(faults.collapse_std_ratio),
+    MOMENTUM_SPEC_FIELD(faults.collapse_patience),
     MOMENTUM_SPEC_FIELD(faults.rollback_lr_factor),
     MOMENTUM_SPEC_FIELD(faults.max_rollbacks),
 };
@@ -716,6 +719,12 @@ void CheckFields(const JobSpec& spec, RuleChecker& check) {
   }
   check.OneOf("faults.on_nonfinite", spec.faults.on_nonfinite,
               {"rollback", "fail"});
+  check.OneOf("faults.on_collapse", spec.faults.on_collapse,
+              {"rollback", "fail"});
+  check.InRange("faults.collapse_std_ratio", spec.faults.collapse_std_ratio, 0,
+                false, 1, true);
+  check.AtLeast("faults.collapse_patience", spec.faults.collapse_patience,
+                int64_t{1});
   check.InRange("faults.rollback_lr_factor", spec.faults.rollback_lr_factor, 0,
                 true, 1, false);
   check.AtLeast("faults.max_rollbacks", spec.faults.max_rollbacks, 0);

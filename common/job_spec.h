@@ -147,6 +147,13 @@ struct FaultsSpec {
   // on any rank): "rollback" to the newest checkpoint with the learning rate
   // scaled by rollback_lr_factor, or "fail".
   std::string on_nonfinite = "rollback";
+  // Feature collapse: the group's mean per-dimension standard deviation of
+  // the normalised query features, times sqrt(moco.dim) (about 1 while the
+  // features spread over the sphere), below collapse_std_ratio at
+  // collapse_patience logging steps in a row. 0 turns the check off.
+  std::string on_collapse = "rollback";  // rollback | fail
+  double collapse_std_ratio = 0.05;
+  int64_t collapse_patience = 3;
   double rollback_lr_factor = 0.5;
   int64_t max_rollbacks = 3;
 };

@@ -15,6 +15,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "worker/export.h"
 #include "worker/knn.h"
 
@@ -403,6 +404,54 @@ absl::StatusOr<TrainSummary> Trainer::Run(const std::atomic<bool>* stop,
   auto comm_seconds = [this] {
     return group_ != nullptr ? group_->collective_seconds() : 0.0;
   };
+  // Logging steps in a row whose features looked collapsed.
+  int64_t collapsed_checks = 0;
+  // Reloads the newest checkpoint that loads, with the learning rate scaled
+  // down, after a step every rank judged bad alike (non-finite gradients,
+  // collapsed features); errors when it may not or cannot.
+  auto roll_back = [&](const std::string& what,
+                       const nlohmann::json& values) -> absl::Status {
+    if (state.rollbacks >= spec_.faults.max_rollbacks) {
+      return absl::InternalError(
+          absl::StrCat(what, "; rolled back ", state.rollbacks,
+                       " times already (faults.max_rollbacks)"));
+    }
+    const int64_t bad_step = pos.global_step;
+    int64_t written_by = 0;
+    auto back = RestoreNewest(ckpt_dir, &state, &written_by);
+    if (!back.ok()) return back.status();
+    if (!back->has_value()) {
+      return absl::InternalError(what + "; no checkpoint to roll back to");
+    }
+    state.lr_scale *= spec_.faults.rollback_lr_factor;
+    state.rollbacks += 1;
+    collapsed_checks = 0;
+    last_eval_step =
+        state.knn_history.empty() ? -1 : state.knn_history.back().step;
+    last_ckpt_step = pos.global_step;
+    window_seconds = 0;
+    window_images = 0;
+    window_loss = 0;
+    window_steps = 0;
+    window_phases = StepPhases();
+    if (lead()) {
+      TruncateMetrics(metrics_path, pos.global_step);
+      nlohmann::json event{
+          {"event", "rollback"},         {"reason", what},
+          {"from_step", bad_step},       {"to_step", pos.global_step},
+          {"checkpoint", **back},        {"lr_scale", state.lr_scale},
+          {"rollbacks", state.rollbacks}};
+      // The values that triggered it.
+      for (const auto& [key, value] : values.items()) event[key] = value;
+      metrics << event.dump() << "\n";
+      metrics.flush();
+      spdlog::warn(
+          "{}: rolled back to {} (step {}); the learning rate is now x{}", what,
+          **back, pos.global_step, state.lr_scale);
+    }
+    loader_->StartEpoch(pos.epoch, pos.step_in_epoch);
+    return absl::OkStatus();
+  };
   std::string reason;
   while (true) {
     const double comm_at_top = comm_seconds();
@@ -523,45 +572,8 @@ absl::StatusOr<TrainSummary> Trainer::Run(const std::atomic<bool>* stop,
       if (spec_.faults.on_nonfinite == "fail") {
         return absl::InternalError(what + "; learning rate too high?");
       }
-      if (state.rollbacks >= spec_.faults.max_rollbacks) {
-        return absl::InternalError(
-            absl::StrCat(what, "; rolled back ", state.rollbacks,
-                         " times already (faults.max_rollbacks)"));
-      }
-      const int64_t bad_step = pos.global_step;
-      int64_t written_by = 0;
-      auto back = RestoreNewest(ckpt_dir, &state, &written_by);
-      if (!back.ok()) return back.status();
-      if (!back->has_value()) {
-        return absl::InternalError(what + "; no checkpoint to roll back to");
-      }
-      state.lr_scale *= spec_.faults.rollback_lr_factor;
-      state.rollbacks += 1;
-      last_eval_step =
-          state.knn_history.empty() ? -1 : state.knn_history.back().step;
-      last_ckpt_step = pos.global_step;
-      window_seconds = 0;
-      window_images = 0;
-      window_loss = 0;
-      window_steps = 0;
-      window_phases = StepPhases();
-      if (lead()) {
-        TruncateMetrics(metrics_path, pos.global_step);
-        metrics << nlohmann::json{{"event", "rollback"},
-                                  {"reason", what},
-                                  {"from_step", bad_step},
-                                  {"to_step", pos.global_step},
-                                  {"checkpoint", **back},
-                                  {"lr_scale", state.lr_scale},
-                                  {"rollbacks", state.rollbacks}}
-                       .dump()
-                << "\n";
-        metrics.flush();
-        spdlog::warn(
-            "{}: rolled back to {} (step {}); the learning rate is now x{}",
-            what, **back, pos.global_step, state.lr_scale);
-      }
-      loader_->StartEpoch(pos.epoch, pos.step_in_epoch);
+      absl::Status s = roll_back(what, {{"loss", loss_value}});
+      if (!s.ok()) return s;
       continue;
     }
     if (!std::isfinite(loss_value)) {
@@ -608,15 +620,39 @@ absl::StatusOr<TrainSummary> Trainer::Run(const std::atomic<bool>* stop,
     if (pos.global_step % spec_.logging.every_steps == 0) {
       const double rank_loss = window_loss / window_steps;
       double step_loss = loss_value, mean_loss = rank_loss;
+      double group_std = health.feature_std_mean;
       if (group_ != nullptr) {
-        // The group's loss: the mean over the ranks' shards.
+        // The group's loss and feature spread: the means over the ranks'
+        // shards, so every rank judges collapse alike.
         std::vector<at::Tensor> shared = {
-            at::tensor({step_loss, mean_loss}, at::kDouble)};
+            at::tensor({step_loss, mean_loss, group_std}, at::kDouble)};
         absl::Status s = group_->AllReduceMean(shared);
         if (!s.ok()) return s;
         step_loss = shared[0][0].item<double>();
         mean_loss = shared[0][1].item<double>();
+        group_std = shared[0][2].item<double>();
       }
+      // Healthy features spread over the sphere: a per-dimension standard
+      // deviation of about 1/sqrt(dim).
+      const double std_ratio =
+          group_std * std::sqrt(static_cast<double>(spec_.moco.dim));
+      collapsed_checks = spec_.faults.collapse_std_ratio > 0 &&
+                                 std_ratio < spec_.faults.collapse_std_ratio
+                             ? collapsed_checks + 1
+                             : 0;
+      const std::string collapse =
+          collapsed_checks >= spec_.faults.collapse_patience
+              ? absl::StrFormat(
+                    "feature collapse at step %d: the features' "
+                    "standard deviation is %.4g, %.3g of the "
+                    "healthy 1/sqrt(%d), below "
+                    "faults.collapse_std_ratio %g at %d logging steps "
+                    "in a row",
+                    pos.global_step, group_std, std_ratio, spec_.moco.dim,
+                    spec_.faults.collapse_std_ratio, collapsed_checks)
+              : "";
+      const nlohmann::json collapse_values = {{"feature_std_mean", group_std},
+                                              {"feature_std_ratio", std_ratio}};
       const double ips = window_images / std::max(window_seconds, 1e-9);
       progress.step = pos.global_step;
       progress.train_seconds = pos.train_seconds;
@@ -667,6 +703,14 @@ absl::StatusOr<TrainSummary> Trainer::Run(const std::atomic<bool>* stop,
       window_loss = 0;
       window_steps = 0;
       window_phases = StepPhases();
+      if (!collapse.empty()) {
+        if (spec_.faults.on_collapse == "fail") {
+          return absl::InternalError(collapse + " (faults.on_collapse: fail)");
+        }
+        absl::Status s = roll_back(collapse, collapse_values);
+        if (!s.ok()) return s;
+        continue;
+      }
     }
     if (spec_.checkpoint.every_steps > 0 &&
         pos.global_step % spec_.checkpoint.every_steps == 0) {

@@ -555,7 +555,7 @@ TEST(JobSpecTest, DocsListEveryField) {
   }
   std::vector<std::string> paths;
   CollectPaths(YAML::Load(JobSpecToYaml(JobSpec())), "", &paths);
-  EXPECT_EQ(paths.size(), 71u);
+  EXPECT_EQ(paths.size(), 74u);
   for (const std::string& path : paths) {
     EXPECT_THAT(docs, HasSubstr("`" + path + "`"));
   }

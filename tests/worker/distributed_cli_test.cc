@@ -146,6 +146,33 @@ TEST_F(DistributedCliTest, FailingRankStopsTheGroupAndIsNamed) {
       << run.output;
 }
 
+// Collapse is judged on the ranks' mean spread: both ranks fire at the same
+// step with the same values and the group ends together. A threshold above
+// any spread (0.999 of the healthy one) makes it fire at the first check.
+TEST_F(DistributedCliTest, CollapseIsJudgedAlikeOnEveryRank) {
+  WorkerRun run =
+      RunWorker("--nproc 2 --config " + dir_ +
+                    "/job.yaml --set faults.collapse_std_ratio=0.999 --set "
+                    "faults.collapse_patience=1 --set faults.on_collapse=fail",
+                dir_);
+  EXPECT_NE(run.exit_code, 0) << run.output;
+  // One message per rank, word for word the same.
+  std::vector<std::string> messages;
+  std::istringstream lines(run.output);
+  for (std::string line; std::getline(lines, line);) {
+    const size_t at = line.find("feature collapse at step");
+    if (at != std::string::npos) messages.push_back(line.substr(at));
+  }
+  ASSERT_GE(messages.size(), 2u) << run.output;
+  for (const std::string& m : messages) {
+    EXPECT_EQ(m.substr(0, m.find(" (faults.on_collapse")),
+              messages[0].substr(0, messages[0].find(" (faults.on_collapse")))
+        << run.output;
+  }
+  EXPECT_NE(messages[0].find("feature collapse at step 2:"), std::string::npos)
+      << run.output;
+}
+
 using momentum::testing::ChildrenOf;
 
 // Starts `momentum-worker --nproc 2` on the job with its output in `log`.

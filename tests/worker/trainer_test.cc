@@ -3,12 +3,15 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "tests/worker/test_data.h"
 
 namespace momentum::worker {
@@ -277,6 +280,104 @@ TEST_F(TrainerTest, NonFiniteStepRollsBackWithALowerLearningRate) {
       << sc.status();
   fs::remove_all(straight);
   fs::remove_all(rolled);
+  fs::remove_all(failing.output_dir);
+}
+
+// The lines of metrics.jsonl, in order.
+std::vector<nlohmann::json> MetricsLines(const std::string& out) {
+  std::ifstream in(out + "/metrics.jsonl");
+  std::vector<nlohmann::json> lines;
+  std::string line;
+  while (std::getline(in, line)) lines.push_back(nlohmann::json::parse(line));
+  return lines;
+}
+
+// Feature collapse: a threshold just above the spread a healthy run logs at
+// two logging steps in a row makes the check fire at the second of them.
+// The step, the values and the roll-back follow from the healthy run's own
+// metrics (the check changes nothing before it fires); with
+// faults.on_collapse "fail" the run ends there with the values.
+TEST_F(TrainerTest, CollapsedFeaturesRollBackOrFail) {
+  const std::string straight = testing::TempDir("collapse-straight");
+  auto a = Trainer::Create(Spec(straight));
+  ASSERT_TRUE(a.ok());
+  ASSERT_TRUE((*a)->Run().ok());
+  // step -> the logged spread, as a fraction of the healthy 1/sqrt(dim).
+  std::vector<std::pair<int64_t, double>> ratios;
+  std::map<int64_t, double> stds;
+  for (const auto& j : MetricsLines(straight)) {
+    ASSERT_NE(j.value("event", ""), "rollback")
+        << "the default threshold fires on a healthy run: " << j.dump();
+    if (!j.contains("feature_std_mean")) continue;
+    const double std_mean = j["feature_std_mean"].get<double>();
+    ratios.emplace_back(j["step"].get<int64_t>(), std_mean * std::sqrt(8.0));
+    stds[j["step"].get<int64_t>()] = std_mean;
+  }
+  ASSERT_GE(ratios.size(), 6u);
+  // Fire at the 4th and 5th checks; the earliest run of two checks below
+  // the threshold is where it must fire.
+  const double threshold =
+      std::nextafter(std::max(ratios[3].second, ratios[4].second), 2.0);
+  ASSERT_LT(threshold, 1.0);
+  int64_t expected_step = -1;
+  for (size_t i = 1; i < ratios.size() && expected_step < 0; ++i) {
+    if (ratios[i - 1].second < threshold && ratios[i].second < threshold) {
+      expected_step = ratios[i].first;
+    }
+  }
+  ASSERT_GT(expected_step, 0);
+
+  JobSpec rolling = Spec(testing::TempDir("collapse-rolled"));
+  rolling.faults.collapse_std_ratio = threshold;
+  rolling.faults.collapse_patience = 2;
+  rolling.faults.max_rollbacks = 1;
+  auto b = Trainer::Create(rolling);
+  ASSERT_TRUE(b.ok());
+  auto sb = (*b)->Run();
+  // After the roll-back the run trains on differently: it may fire again,
+  // which then fails on faults.max_rollbacks.
+  if (!sb.ok()) {
+    EXPECT_NE(sb.status().message().find("feature collapse"), std::string::npos)
+        << sb.status();
+    EXPECT_NE(sb.status().message().find("faults.max_rollbacks"),
+              std::string::npos)
+        << sb.status();
+  }
+  std::vector<nlohmann::json> events;
+  for (const auto& j : MetricsLines(rolling.output_dir)) {
+    if (j.value("event", "") == "rollback") events.push_back(j);
+  }
+  ASSERT_EQ(events.size(), 1u);
+  const nlohmann::json& e = events[0];
+  EXPECT_EQ(e["from_step"].get<int64_t>(), expected_step);
+  // Checkpoints every step; the one of the firing step is not written yet.
+  EXPECT_EQ(e["to_step"].get<int64_t>(), expected_step - 1);
+  EXPECT_DOUBLE_EQ(e["lr_scale"].get<double>(), 0.5);
+  EXPECT_DOUBLE_EQ(e["feature_std_mean"].get<double>(), stds[expected_step]);
+  EXPECT_DOUBLE_EQ(e["feature_std_ratio"].get<double>(),
+                   stds[expected_step] * std::sqrt(8.0));
+  EXPECT_NE(e["reason"].get<std::string>().find(
+                absl::StrCat("feature collapse at step ", expected_step)),
+            std::string::npos)
+      << e.dump();
+
+  JobSpec failing = Spec(testing::TempDir("collapse-fail"));
+  failing.faults.collapse_std_ratio = threshold;
+  failing.faults.collapse_patience = 2;
+  failing.faults.on_collapse = "fail";
+  auto c = Trainer::Create(failing);
+  ASSERT_TRUE(c.ok());
+  auto sc = (*c)->Run();
+  ASSERT_FALSE(sc.ok());
+  EXPECT_NE(sc.status().message().find(
+                absl::StrCat("feature collapse at step ", expected_step)),
+            std::string::npos)
+      << sc.status();
+  EXPECT_NE(sc.status().message().find("faults.on_collapse: fail"),
+            std::string::npos)
+      << sc.status();
+  fs::remove_all(straight);
+  fs::remove_all(rolling.output_dir);
   fs::remove_all(failing.output_dir);
 }
 
