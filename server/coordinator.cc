@@ -153,6 +153,12 @@ void Coordinator::SetReportAddress(const std::string& address) {
 void Coordinator::Start() {
   std::lock_guard<std::mutex> lock(mu_);
   if (loop_.joinable() || stopping_) return;
+  // The jobs a predecessor left unfinished; later changes publish their own.
+  if (auto active = store_->Active(); metrics_ != nullptr && active.ok()) {
+    for (const JobRecord& job : *active) {
+      metrics_->SetJobState(job.id, job.state);
+    }
+  }
   loop_ = std::thread(&Coordinator::Loop, this);
 }
 
@@ -218,6 +224,7 @@ absl::StatusOr<v1::Job> Coordinator::Submit(
   job.owner = owner;
   MOMENTUM_ASSIGN_OR_RETURN(
       job, store_->Insert(job, NowMs(), options_.max_queued_jobs_per_user));
+  if (metrics_ != nullptr) metrics_->SetJobState(job.id, job.state);
   {
     std::lock_guard<std::mutex> lock(mu_);
     wake_ = true;
@@ -942,6 +949,7 @@ void Coordinator::PublishChange(const JobRecord& before,
   change->set_to(after.state);
   change->set_reason(after.state_reason);
   Publish(after.id, event);
+  if (metrics_ != nullptr) metrics_->SetJobState(after.id, after.state);
   if (metrics_ != nullptr && IsFinal(after.state)) metrics_->JobEnded(after.id);
   if (IsFinal(after.state)) {
     v1::WatchJobEvent snapshot = NowEvent();

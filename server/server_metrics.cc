@@ -7,6 +7,7 @@
 #include <prometheus/histogram.h>
 #include <prometheus/registry.h>
 
+#include <algorithm>
 #include <exception>
 
 #include "absl/status/status.h"
@@ -39,6 +40,7 @@ struct ServerMetrics::Families {
   Family<Gauge>* straggler;
   // Service.
   Family<Gauge>* jobs;
+  Family<Gauge>* job_state;
   Family<Gauge>* slots;
   Family<Counter>* restarts;
   Family<Counter>* rpcs;
@@ -115,6 +117,8 @@ absl::StatusOr<std::unique_ptr<ServerMetrics>> ServerMetrics::Create(
             "1 while the rank's compute time per step stays above "
             "scheduling.straggler_factor times the other ranks' median.");
   f->jobs = gauge("momentum_jobs", "Jobs in the store by state.");
+  f->job_state = gauge("momentum_job_state",
+                       "1 for a job's current state (one series per job).");
   f->slots = gauge("momentum_worker_slots",
                    "Worker slots of all launchers, used and free.");
   f->restarts = &prometheus::BuildCounter()
@@ -140,6 +144,14 @@ absl::StatusOr<std::unique_ptr<ServerMetrics>> ServerMetrics::Create(
   f->slots->Add({{"state", "free"}}).Set(0);
   f->restarts->Add({});
   m->f_ = std::move(f);
+  // Every method's series exist from the start, so rates and quantiles
+  // read 0 rather than nothing before the first call ends.
+  for (const char* method :
+       {"SubmitJob", "GetJob", "ListJobs", "CancelJob", "WatchJob",
+        "GetJobLogs", "ReportMetrics", "AgentSession"}) {
+    m->f_->rpcs->Add({{"method", method}, {"code", "OK"}});
+    m->RpcHistogramLocked(method);
+  }
   return m;
 }
 
@@ -233,6 +245,31 @@ void ServerMetrics::AddRestart(const std::string& reason) {
   f_->restarts->Add({}).Increment();
 }
 
+void ServerMetrics::SetJobState(const std::string& job_id, v1::JobState state) {
+  std::lock_guard<std::mutex> lock(mu_);
+  JobSeries& series = jobs_[job_id];
+  // PENDING only ever comes first: a submission that reports it after the
+  // scheduler already started the job changes nothing.
+  if (series.state != nullptr && state == v1::JOB_STATE_PENDING) return;
+  if (series.state != nullptr) {
+    f_->job_state->Remove(series.state);
+    series.gauges.erase(
+        std::remove_if(
+            series.gauges.begin(), series.gauges.end(),
+            [&](const auto& fg) { return fg.second == series.state; }),
+        series.gauges.end());
+  }
+  series.state =
+      &f_->job_state->Add({{"job_id", job_id}, {"state", StateName(state)}});
+  series.state->Set(1);
+  series.gauges.emplace_back(f_->job_state, series.state);
+  if (IsFinal(state) && !series.has_ended) {
+    series.has_ended = true;
+    series.ended = std::chrono::steady_clock::now();
+  }
+  ExpireLocked();
+}
+
 void ServerMetrics::JobEnded(const std::string& job_id) {
   std::lock_guard<std::mutex> lock(mu_);
   auto it = jobs_.find(job_id);
@@ -259,6 +296,11 @@ void ServerMetrics::OnRpc(const std::string& method, const std::string& code,
   std::lock_guard<std::mutex> lock(mu_);
   ExpireLocked();
   f_->rpcs->Add({{"method", method}, {"code", code}}).Increment();
+  RpcHistogramLocked(method)->Observe(seconds);
+}
+
+prometheus::Histogram* ServerMetrics::RpcHistogramLocked(
+    const std::string& method) {
   auto it = f_->rpc_histograms.find(method);
   if (it == f_->rpc_histograms.end()) {
     Histogram* h = &f_->rpc_seconds->Add(
@@ -267,7 +309,7 @@ void ServerMetrics::OnRpc(const std::string& method, const std::string& code,
                                     0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10});
     it = f_->rpc_histograms.emplace(method, h).first;
   }
-  it->second->Observe(seconds);
+  return it->second;
 }
 
 }  // namespace momentum::server

@@ -46,6 +46,9 @@ class ServerMetrics {
   void AddRestart(const std::string& reason);
   // momentum_train_straggler{job_id, rank}: 1 while the rank straggles.
   void SetStraggler(const std::string& job_id, int64_t rank, bool straggling);
+  // momentum_job_state{job_id, state} = 1 for the job's current state (one
+  // series per job). A final state also starts the retention period.
+  void SetJobState(const std::string& job_id, v1::JobState state);
   // A job reached a final state: its series go after the retention period.
   void JobEnded(const std::string& job_id);
   void OnRpc(const std::string& method, const std::string& code,
@@ -54,6 +57,7 @@ class ServerMetrics {
  private:
   ServerMetrics() = default;
   void ExpireLocked();
+  prometheus::Histogram* RpcHistogramLocked(const std::string& method);
 
   std::shared_ptr<prometheus::Registry> registry_;
   std::unique_ptr<prometheus::Exposer> exposer_;
@@ -65,6 +69,7 @@ class ServerMetrics {
   std::unique_ptr<Families> f_;
   // Per job: every training series it added, to remove them together.
   struct JobSeries {
+    prometheus::Gauge* state = nullptr;  // in gauges too
     std::vector<
         std::pair<prometheus::Family<prometheus::Gauge>*, prometheus::Gauge*>>
         gauges;

@@ -7,6 +7,7 @@
 #include <chrono>
 #include <thread>
 
+#include "absl/strings/str_cat.h"
 #include "tests/http_get.h"
 
 namespace momentum::server {
@@ -65,6 +66,63 @@ TEST(ServerMetricsTest, FinishedJobsSeriesGoAfterTheRetention) {
   EXPECT_NE(text.find("momentum_train_loss{job_id=\"job-2\",rank=\"0\"} 2"),
             std::string::npos)
       << text;
+}
+
+// One state series per job: the current state at 1; PENDING after a later
+// state is a late report of the submission and changes nothing; a final
+// state starts the retention period.
+TEST(ServerMetricsTest, JobStateIsOneSeriesForTheCurrentState) {
+  auto m = ServerMetrics::Create("127.0.0.1:0", std::chrono::seconds(1));
+  ASSERT_TRUE(m.ok()) << m.status();
+  (*m)->SetJobState("job-1", v1::JOB_STATE_PENDING);
+  EXPECT_NE(Scrape(**m).find(
+                "momentum_job_state{job_id=\"job-1\",state=\"PENDING\"} 1"),
+            std::string::npos);
+  (*m)->SetJobState("job-1", v1::JOB_STATE_RUNNING);
+  (*m)->SetJobState("job-1", v1::JOB_STATE_PENDING);
+  std::string text = Scrape(**m);
+  EXPECT_NE(
+      text.find("momentum_job_state{job_id=\"job-1\",state=\"RUNNING\"} 1"),
+      std::string::npos)
+      << text;
+  EXPECT_EQ(text.find("state=\"PENDING\"} 1\nmomentum_job_state"),
+            std::string::npos);
+  size_t series = 0;
+  for (size_t at = text.find("momentum_job_state{"); at != std::string::npos;
+       at = text.find("momentum_job_state{", at + 1)) {
+    ++series;
+  }
+  EXPECT_EQ(series, 1u) << text;
+  (*m)->SetJobState("job-1", v1::JOB_STATE_SUCCEEDED);
+  EXPECT_NE(Scrape(**m).find("momentum_job_state{job_id=\"job-1\",state="
+                             "\"SUCCEEDED\"} 1"),
+            std::string::npos);
+  std::this_thread::sleep_for(std::chrono::milliseconds(1100));
+  (*m)->SetSlots(0, 2);
+  EXPECT_EQ(Scrape(**m).find("momentum_job_state{"), std::string::npos);
+}
+
+// Every method's request counter (code OK) and latency histogram exist
+// before any call, at 0.
+TEST(ServerMetricsTest, RpcSeriesExistBeforeTheFirstCall) {
+  auto m = ServerMetrics::Create("127.0.0.1:0", std::chrono::seconds(300));
+  ASSERT_TRUE(m.ok()) << m.status();
+  const std::string text = Scrape(**m);
+  for (const char* method :
+       {"SubmitJob", "GetJob", "ListJobs", "CancelJob", "WatchJob",
+        "GetJobLogs", "ReportMetrics", "AgentSession"}) {
+    EXPECT_NE(text.find(absl::StrCat("momentum_rpc_requests_total{code=\"OK\","
+                                     "method=\"",
+                                     method, "\"} 0")),
+              std::string::npos)
+        << method << "\n"
+        << text;
+    EXPECT_NE(text.find(absl::StrCat("momentum_rpc_duration_seconds_count{"
+                                     "method=\"",
+                                     method, "\"} 0")),
+              std::string::npos)
+        << method;
+  }
 }
 
 }  // namespace
