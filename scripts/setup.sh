@@ -1,42 +1,137 @@
 #!/usr/bin/env bash
-# Installs the Debian packages Momentum needs to build, test and run, when any
-# is missing (quick when all are there). Sourced by test.sh and demo.sh; runs
-# as root, or through sudo when it is available.
+# Installs the Debian 12 packages Momentum needs to build, test and run, when
+# any is missing (quick when all are there). Runs as root, or through sudo
+# when it is available.
+#
+# Sourced by test.sh and demo.sh, it installs everything:
+#   source scripts/setup.sh; momentum_install_packages; momentum_build
+# Run, it installs what one role needs; the container images
+# (deploy/docker/) call it this way:
+#   scripts/setup.sh --role ROLE (--build | --runtime) [--list] [--clean]
+#   scripts/setup.sh --role test [--list]
+# ROLE is coordinator (momentum-server, momentum; no LibTorch), worker-cpu
+# (momentum-agent, momentum-worker on Debian's LibTorch, Gloo), worker-cuda
+# (the same, built on the LibTorch CUDA distribution, which Debian does not
+# have: only what it needs besides it), test (what the tests and the demo use
+# besides the build) or all (everything, as sourced). --build: compilers and
+# headers; --runtime: the shared libraries the binaries load. --list prints
+# the packages, one a line, and exits without installing; --clean empties
+# apt's caches afterwards (for image layers).
 set -euo pipefail
 
-MOMENTUM_PACKAGES=(
+# Compilers, build tools and what every binary uses (job spec, API, CLI).
+MOMENTUM_PKGS_BUILD_COMMON=(
   g++ cmake ninja-build pkg-config ccache git
-  libtorch-dev libgloo-dev libopenblas0-openmp
-  libabsl-dev libyaml-cpp-dev libcli11-dev nlohmann-json3-dev libspdlog-dev
-  libjpeg62-turbo-dev libpng-dev zlib1g-dev
+  libabsl-dev libyaml-cpp-dev libcli11-dev nlohmann-json3-dev
   libgrpc++-dev protobuf-compiler protobuf-compiler-grpc libprotobuf-dev
-  prometheus-cpp-dev libsqlite3-dev
+)
+# momentum-server and momentum-agent: the store and /metrics.
+MOMENTUM_PKGS_BUILD_SERVER=(prometheus-cpp-dev libsqlite3-dev)
+# momentum-worker besides LibTorch: logging and the image decoders.
+MOMENTUM_PKGS_BUILD_WORKER_BASE=(libspdlog-dev libjpeg62-turbo-dev libpng-dev zlib1g-dev)
+# Debian's LibTorch (CPU) with Gloo and the OpenMP OpenBLAS it runs fastest on.
+MOMENTUM_PKGS_BUILD_TORCH_DEBIAN=(libtorch-dev libgloo-dev libopenblas0-openmp)
+# Fetching and unpacking the LibTorch CUDA distribution (worker-cuda).
+MOMENTUM_PKGS_BUILD_TORCH_ZIP=(curl ca-certificates unzip)
+
+# What the binaries load (what ldd resolves, by package; apt brings the
+# rest as dependencies). libstdc++6, libgcc-s1 and libc6 are in every image.
+MOMENTUM_PKGS_RUNTIME_COMMON=(
+  libabsl20220623 libgrpc++1.51 libgrpc29 libprotobuf32 libre2-9 libc-ares2 libssl3
+  libyaml-cpp0.7 zlib1g
+)
+MOMENTUM_PKGS_RUNTIME_SERVER=(libsqlite3-0 libprometheus-cpp-core1.0 libprometheus-cpp-pull1.0)
+MOMENTUM_PKGS_RUNTIME_WORKER_BASE=(libspdlog1.10 libjpeg62-turbo libpng16-16 libgomp1)
+MOMENTUM_PKGS_RUNTIME_TORCH_DEBIAN=(libtorch1.13 libopenblas0-openmp)
+
+# The tests, the fuzzers, the Python reference, the demo's data set and the
+# deploy checks (deploy/: promtool, kubectl, node for the dashboards).
+MOMENTUM_PKGS_TEST=(
   libgtest-dev libgmock-dev libbenchmark-dev
   python3 python3-torch python3-torchvision python3-numpy
   python3-grpcio python3-grpc-tools python3-protobuf prometheus curl openssl iproute2
   clang
   dataset-fashion-mnist
 )
+# Installed only when the command is missing, since it may come from
+# elsewhere (NodeSource's nodejs brings its own npm and conflicts with
+# Debian's; kubectl from Kubernetes' own repository). Debian 12 has kubectl
+# only as kubernetes-client.
+MOMENTUM_TEST_COMMANDS=("npm:nodejs npm" "kubectl:kubernetes-client")
 
+# Everything, as test.sh and demo.sh need it.
+MOMENTUM_PACKAGES=(
+  "${MOMENTUM_PKGS_BUILD_COMMON[@]}" "${MOMENTUM_PKGS_BUILD_SERVER[@]}"
+  "${MOMENTUM_PKGS_BUILD_WORKER_BASE[@]}" "${MOMENTUM_PKGS_BUILD_TORCH_DEBIAN[@]}"
+  "${MOMENTUM_PKGS_TEST[@]}"
+)
+
+# Prints the packages of ROLE (coordinator, worker-cpu, worker-cuda, test,
+# all) for KIND (build or runtime), one a line; fails on an unknown one.
+momentum_role_packages() {
+  local role=$1 kind=${2:-build}
+  case "$role:$kind" in
+    coordinator:build) printf '%s\n' "${MOMENTUM_PKGS_BUILD_COMMON[@]}" "${MOMENTUM_PKGS_BUILD_SERVER[@]}" ;;
+    coordinator:runtime) printf '%s\n' "${MOMENTUM_PKGS_RUNTIME_COMMON[@]}" "${MOMENTUM_PKGS_RUNTIME_SERVER[@]}" ;;
+    worker-cpu:build)
+      printf '%s\n' "${MOMENTUM_PKGS_BUILD_COMMON[@]}" "${MOMENTUM_PKGS_BUILD_SERVER[@]}" \
+        "${MOMENTUM_PKGS_BUILD_WORKER_BASE[@]}" "${MOMENTUM_PKGS_BUILD_TORCH_DEBIAN[@]}" ;;
+    worker-cpu:runtime)
+      printf '%s\n' "${MOMENTUM_PKGS_RUNTIME_COMMON[@]}" "${MOMENTUM_PKGS_RUNTIME_SERVER[@]}" \
+        "${MOMENTUM_PKGS_RUNTIME_WORKER_BASE[@]}" "${MOMENTUM_PKGS_RUNTIME_TORCH_DEBIAN[@]}" ;;
+    worker-cuda:build)
+      printf '%s\n' "${MOMENTUM_PKGS_BUILD_COMMON[@]}" "${MOMENTUM_PKGS_BUILD_SERVER[@]}" \
+        "${MOMENTUM_PKGS_BUILD_WORKER_BASE[@]}" "${MOMENTUM_PKGS_BUILD_TORCH_ZIP[@]}" ;;
+    worker-cuda:runtime)
+      printf '%s\n' "${MOMENTUM_PKGS_RUNTIME_COMMON[@]}" "${MOMENTUM_PKGS_RUNTIME_SERVER[@]}" \
+        "${MOMENTUM_PKGS_RUNTIME_WORKER_BASE[@]}" ;;
+    test:build | test:runtime) momentum_test_packages ;;
+    all:build | all:runtime) printf '%s\n' "${MOMENTUM_PACKAGES[@]}"; momentum_command_packages ;;
+    *)
+      echo "setup: unknown role '$role' for --$kind (roles: coordinator, worker-cpu, worker-cuda, test, all)" >&2
+      return 2 ;;
+  esac
+}
+
+# The packages of the commands in MOMENTUM_TEST_COMMANDS that are missing.
+momentum_command_packages() {
+  local entry
+  for entry in "${MOMENTUM_TEST_COMMANDS[@]}"; do
+    # shellcheck disable=SC2086 # the packages are a space-separated list
+    command -v "${entry%%:*}" >/dev/null 2>&1 || printf '%s\n' ${entry#*:}
+  done
+}
+
+momentum_test_packages() {
+  printf '%s\n' "${MOMENTUM_PKGS_TEST[@]}"
+  momentum_command_packages
+}
+
+# Prints those of the given packages (default: everything) that are not
+# installed.
 momentum_missing_packages() {
-  local pkg
-  for pkg in "${MOMENTUM_PACKAGES[@]}"; do
+  local pkg pkgs=("$@")
+  if [ $# -eq 0 ]; then
+    mapfile -t pkgs < <(printf '%s\n' "${MOMENTUM_PACKAGES[@]}"; momentum_command_packages)
+  fi
+  for pkg in "${pkgs[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
       echo "$pkg"
     fi
   done
 }
 
+# Installs the given packages (default: everything) that are missing.
 momentum_install_packages() {
   local missing
-  missing=$(momentum_missing_packages)
+  missing=$(momentum_missing_packages "$@")
   [ -z "$missing" ] && return 0
   local sudo=""
   if [ "$(id -u)" != 0 ]; then
     command -v sudo >/dev/null || { echo "setup: need root (or sudo) to install: $missing" >&2; return 1; }
     sudo=sudo
   fi
-  echo "setup: installing $(echo $missing | tr '\n' ' ')"
+  echo "setup: installing $(tr '\n' ' ' <<<"$missing")"
   export DEBIAN_FRONTEND=noninteractive
   $sudo apt-get update -qq
   # shellcheck disable=SC2086
@@ -55,3 +150,53 @@ momentum_build() {
   # Two jobs: a LibTorch translation unit takes about 1.5 GB to compile.
   cmake --build "$build" -j "${MOMENTUM_JOBS:-$(nproc)}" "${targets[@]}"
 }
+
+momentum_setup_usage() {
+  cat <<'EOF'
+usage: scripts/setup.sh --role ROLE (--build | --runtime) [--list] [--clean]
+  ROLE: coordinator | worker-cpu | worker-cuda | test | all
+  --build    packages to compile ROLE's binaries
+  --runtime  shared libraries ROLE's binaries load
+  --list     print the packages, one a line, and install nothing
+  --clean    empty apt's caches after installing (container layers)
+EOF
+}
+
+momentum_setup_main() {
+  local role="" kind="" list=0 clean=0
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --role) [ $# -ge 2 ] || { echo "setup: --role needs a value" >&2; return 2; }; role=$2; shift 2 ;;
+      --role=*) role=${1#--role=}; shift ;;
+      --build | --runtime)
+        [ -z "$kind" ] || { echo "setup: give one of --build and --runtime" >&2; return 2; }
+        kind=${1#--}; shift ;;
+      --list) list=1; shift ;;
+      --clean) clean=1; shift ;;
+      -h | --help) momentum_setup_usage; return 0 ;;
+      *) echo "setup: unknown argument '$1'" >&2; momentum_setup_usage >&2; return 2 ;;
+    esac
+  done
+  [ -n "$role" ] || { echo "setup: --role is required" >&2; momentum_setup_usage >&2; return 2; }
+  case "$role" in
+    test | all) kind=${kind:-build} ;;
+    *) [ -n "$kind" ] || { echo "setup: role '$role' needs --build or --runtime" >&2; return 2; } ;;
+  esac
+  local pkgs
+  pkgs=$(momentum_role_packages "$role" "$kind") || return 2
+  if [ "$list" = 1 ]; then
+    printf '%s\n' "$pkgs" | awk 'NF && !seen[$0]++'
+    return 0
+  fi
+  # shellcheck disable=SC2086
+  momentum_install_packages $pkgs
+  if [ "$clean" = 1 ]; then
+    apt-get clean
+    rm -rf /var/lib/apt/lists/*
+  fi
+}
+
+# Run rather than sourced: install what the arguments name.
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then
+  momentum_setup_main "$@"
+fi
