@@ -231,6 +231,55 @@ class DistributedFaultTest : public DistributedCliTest {
   std::chrono::steady_clock::time_point deadline_;
 };
 
+// A group stopped by SIGTERM mid-run (each rank checkpoints where it is)
+// and resumed on as many ranks ends bit for bit where an uninterrupted run
+// of the same spec ends: the same exported backbone, byte for byte, and the
+// same kNN curve.
+TEST_F(DistributedCliTest, SigtermAndResumeOnAsManyRanksIsBitExact) {
+  const std::string straight = dir_ + "/straight", broken = dir_ + "/broken";
+  const std::string epochs = "optim.epochs=20";
+  WorkerRun whole =
+      RunWorker("--nproc 2 --config " + dir_ + "/job.yaml --set " + epochs +
+                    " --set output_dir=" + straight,
+                dir_);
+  ASSERT_EQ(whole.exit_code, 0) << whole.output;
+
+  const std::string log = dir_ + "/interrupted.log";
+  const pid_t launcher =
+      SpawnLauncher(dir_ + "/job.yaml", log,
+                    {"--set", epochs, "--set", "output_dir=" + broken});
+  ASSERT_GT(launcher, 0);
+  const auto deadline =
+      std::chrono::steady_clock::now() + std::chrono::seconds(90);
+  while (!fs::exists(broken + "/checkpoints") ||
+         fs::is_empty(broken + "/checkpoints")) {
+    ASSERT_LT(std::chrono::steady_clock::now(), deadline) << ReadAll(log);
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  ASSERT_EQ(kill(launcher, SIGTERM), 0);
+  const int status = WaitUntil(launcher, deadline);
+  ASSERT_TRUE(WIFEXITED(status)) << ReadAll(log);
+  // Stopped before the end (not a run that happened to finish first).
+  ASSERT_NE(WEXITSTATUS(status), 0) << ReadAll(log);
+  ASSERT_FALSE(fs::exists(broken + "/backbone.pt")) << ReadAll(log);
+
+  WorkerRun rest = RunWorker("--nproc 2 --config " + dir_ + "/job.yaml --set " +
+                                 epochs + " --set output_dir=" + broken,
+                             dir_);
+  ASSERT_EQ(rest.exit_code, 0) << rest.output;
+  EXPECT_NE(rest.output.find("resuming from"), std::string::npos)
+      << rest.output;
+  const std::string a = ReadAll(straight + "/backbone.pt");
+  const std::string b = ReadAll(broken + "/backbone.pt");
+  ASSERT_FALSE(a.empty());
+  EXPECT_TRUE(a == b) << "the exported backbones differ";
+  auto sa = nlohmann::json::parse(std::ifstream(straight + "/summary.json"));
+  auto sb = nlohmann::json::parse(std::ifstream(broken + "/summary.json"));
+  EXPECT_EQ(sa["steps"], sb["steps"]);
+  EXPECT_EQ(sa["knn_curve"].dump(), sb["knn_curve"].dump());
+  EXPECT_TRUE(sb["resumed"].get<bool>());
+}
+
 // A rank killed in the middle of training: the launcher notices, stops the
 // other rank and exits non-zero naming the rank.
 TEST_F(DistributedFaultTest, KilledRankStopsTheGroupAndIsNamed) {
