@@ -86,7 +86,8 @@ class Session : public momentum::server::LaunchEvents {
 // One session with the coordinator; returns when it ends.
 void RunSession(v1::InternalService::Stub& stub, const v1::AgentHello& hello,
                 const std::string& worker, const std::string& work_dir,
-                const std::string& token, momentum::HealthServer* health) {
+                const std::string& token, double grace,
+                momentum::HealthServer* health) {
   grpc::ClientContext context;
   momentum::AddToken(&context, token);
   auto stream = stub.AgentSession(&context);
@@ -154,8 +155,14 @@ void RunSession(v1::InternalService::Stub& stub, const v1::AgentHello& hello,
     done = true;
     heartbeat.join();
     watcher.join();
-    // The launcher's destructor kills the ranks that still run: without a
-    // coordinator nobody would supervise them.
+    // Without a coordinator nobody would supervise the ranks: stop them the
+    // way a coordinator does, so that they checkpoint where they are and the
+    // next coordinator resumes them from there.
+    if (!launcher.RunningPids().empty()) {
+      std::cerr << "momentum-agent: stopping " << launcher.RunningPids().size()
+                << " rank(s) (SIGTERM, SIGKILL after " << grace << " s)\n";
+      launcher.StopAll(grace);
+    }
   }
   if (health != nullptr) health->SetServing(false);
   grpc::Status status = stream->Finish();
@@ -200,6 +207,12 @@ int main(int argc, char** argv) {
   app.add_option("--token-file", token_file,
                  "file with this agent's bearer token (default: "
                  "$MOMENTUM_TOKEN, else the file $MOMENTUM_TOKEN_FILE)");
+  double grace = 10;
+  app.add_option("--grace-seconds", grace,
+                 "time a rank has between SIGTERM and SIGKILL when its "
+                 "coordinator goes away")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   std::string health_listen;
   app.add_option("--health-listen", health_listen,
                  "plaintext address that answers only grpc.health.v1.Health "
@@ -260,7 +273,7 @@ int main(int argc, char** argv) {
   auto backoff = std::chrono::milliseconds(200);
   while (!g_stop) {
     const auto started = std::chrono::steady_clock::now();
-    RunSession(*stub, hello, worker, work_dir, *token, health.get());
+    RunSession(*stub, hello, worker, work_dir, *token, grace, health.get());
     if (g_stop) break;
     if (std::chrono::steady_clock::now() - started > std::chrono::seconds(10)) {
       backoff = std::chrono::milliseconds(200);

@@ -227,6 +227,33 @@ void LocalLauncher::Stop(const std::string& job_id, int64_t attempt,
   }
 }
 
+void LocalLauncher::StopAll(double grace_seconds) {
+  std::unique_lock<std::mutex> lock(mu_);
+  auto any_running = [&] {
+    for (const auto& p : processes_) {
+      if (p->running) return true;
+    }
+    return false;
+  };
+  for (const auto& p : processes_) {
+    if (p->running) ::kill(-p->pid, SIGTERM);
+  }
+  const auto deadline =
+      std::chrono::steady_clock::now() +
+      std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+          std::chrono::duration<double>(grace_seconds));
+  while (any_running() && std::chrono::steady_clock::now() < deadline) {
+    shutdown_cv_.wait_for(lock, std::chrono::milliseconds(100));
+  }
+  for (const auto& p : processes_) {
+    if (p->running) ::kill(-p->pid, SIGKILL);
+  }
+  // Their exits are noted by the waiting threads.
+  while (any_running()) {
+    shutdown_cv_.wait_for(lock, std::chrono::milliseconds(50));
+  }
+}
+
 void LocalLauncher::KillAfter(std::string job_id, int64_t attempt,
                               double grace_seconds) {
   std::unique_lock<std::mutex> lock(mu_);

@@ -38,6 +38,10 @@ class LocalLauncher : public Launcher {
   void Stop(const std::string& job_id, int64_t attempt,
             double grace_seconds) override;
 
+  // Every running rank: SIGTERM (a rank checkpoints and exits), SIGKILL to
+  // those left after `grace_seconds`; returns once all are gone.
+  void StopAll(double grace_seconds);
+
   // Process ids of the ranks still running, for tests and diagnostics.
   std::vector<pid_t> RunningPids() const;
 

@@ -54,10 +54,11 @@ using ::momentum::testing::StopAndReap;
 class ServerProcess {
  public:
   ServerProcess(const std::string& dir, int slots,
-                const std::string& grace_seconds = "5")
+                const std::string& grace_seconds = "5",
+                const std::string& listen = "127.0.0.1:0")
       : dir_(dir) {
     pid_ = SpawnLogged(
-        {BinaryDir() + "/server/momentum-server", "--listen=127.0.0.1:0",
+        {BinaryDir() + "/server/momentum-server", "--listen=" + listen,
          "--metrics-listen=127.0.0.1:0", "--state-dir=" + dir + "/state",
          "--slots=" + std::to_string(slots),
          "--worker=" + BinaryDir() + "/worker/momentum-worker",
@@ -524,6 +525,61 @@ TEST_F(ServiceTest, CoordinatorCrashNeverRunsAJobTwice) {
   EXPECT_EQ(summary["steps"].get<int>(), 40 * 6);
   EXPECT_NE(server_->log().find("left running by the previous coordinator"),
             std::string::npos);
+}
+
+// SIGKILL the coordinator while a job trains on two agents: each agent
+// loses its session and stops its rank with SIGTERM, so the ranks write a
+// checkpoint where they are (no periodic ones here). The next coordinator,
+// which the agents join again, resumes the job from that step: nothing
+// trained before the crash is trained again.
+TEST_F(ServiceTest, CoordinatorCrashUnderAgentsLosesNoStep) {
+  StartServer(0);
+  std::vector<pid_t> agents;
+  for (const char* name : {"left", "right"}) {
+    agents.push_back(
+        SpawnLogged({BinaryDir() + "/server/momentum-agent",
+                     "--server=" + server_->address(), "--slots=1",
+                     std::string("--name=") + name, "--advertise=127.0.0.1",
+                     "--grace-seconds=20", "--work-dir=" + dir_ + "/" + name,
+                     "--worker=" + BinaryDir() + "/worker/momentum-worker"},
+                    dir_ + "/" + name + ".log"));
+    ASSERT_GT(agents.back(), 0);
+  }
+  v1::Job job = Submit(Spec("agents-survive", 2, "epochs: 40"),
+                       {"checkpoint.every_epochs=0"});
+  ASSERT_TRUE(WaitFor(job.id(), v1::JOB_STATE_RUNNING));
+  WaitForStep(job.id(), 20);
+  const int64_t reported = Get(job.id()).progress().step();
+  ASSERT_GE(reported, 20);
+  const std::string address = server_->address();
+  server_->Crash();
+  // The new coordinator listens where the old one did: the agents come
+  // back by themselves.
+  fs::remove(dir_ + "/ready.json");
+  server_ = std::make_unique<ServerProcess>(dir_, 0, "5", address);
+  ASSERT_TRUE(server_->ok()) << server_->log();
+  ASSERT_TRUE(WaitFor(job.id(), v1::JOB_STATE_SUCCEEDED, seconds(240)))
+      << Get(job.id()).state_reason() << server_->log();
+  for (const char* name : {"left", "right"}) {
+    EXPECT_NE(ReadFile(dir_ + "/" + name + ".log").find("stopping 1 rank(s)"),
+              std::string::npos)
+        << name;
+  }
+  const v1::Job done = Get(job.id());
+  auto summary =
+      nlohmann::json::parse(ReadFile(done.output_dir() + "/summary.json"));
+  EXPECT_TRUE(summary["resumed"].get<bool>());
+  EXPECT_EQ(summary["steps"].get<int>(), 40 * 6);
+  // The second attempt's rank 0 says where it resumed.
+  const std::string log =
+      ReadFile(dir_ + "/state/jobs/" + job.id() + "/logs/rank-0.log");
+  const size_t at = log.rfind("resuming from");
+  ASSERT_NE(at, std::string::npos) << log;
+  const size_t step_at = log.find(" step ", at);
+  ASSERT_NE(step_at, std::string::npos);
+  const int64_t resumed = std::stoll(log.substr(step_at + 6));
+  EXPECT_GE(resumed, reported) << log.substr(at, 200);
+  for (pid_t a : agents) StopAndReap(a);
 }
 
 // A NaN loss injected at one step of a 2-rank job (both ranks see the same
