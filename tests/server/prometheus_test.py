@@ -11,8 +11,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,16 +19,9 @@ import urllib.parse
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from python_client_test import (check, generate_stubs, start_server,  # noqa: E402
-                                stop_processes, write_fake_fashion_mnist)
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+from python_client_test import (check, free_port, generate_stubs,  # noqa: E402
+                                start_server, stop_processes,
+                                write_fake_fashion_mnist)
 
 
 def documented_metrics(source_dir):

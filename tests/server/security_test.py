@@ -17,15 +17,14 @@ usage: security_test.py SOURCE_DIR BINARY_DIR
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from python_client_test import (check, generate_stubs, stop_processes,  # noqa: E402
-                                write_fake_fashion_mnist)
+from python_client_test import (check, free_port, generate_stubs,  # noqa: E402
+                                stop_processes, write_fake_fashion_mnist)
 
 USER_TOKEN = "user-token-0123456789abcdef"
 AGENT_TOKEN = "agent-token-0123456789abcdef"
@@ -40,15 +39,6 @@ def health_of(grpc, addr):
         "/grpc.health.v1.Health/Check",
         request_serializer=lambda b: b, response_deserializer=lambda b: b)
     return check_health(b"", timeout=5)
-
-
-def free_port():
-    import socket
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def openssl(*args, cwd):

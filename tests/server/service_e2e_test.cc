@@ -204,6 +204,22 @@ class ServiceTest : public ::testing::Test {
     return false;
   }
 
+  // A momentum-agent with one slot, named `name`, joined to the server;
+  // its output in <dir>/<name>.log.
+  pid_t SpawnAgent(const std::string& name,
+                   const std::vector<std::string>& extra = {}) {
+    std::vector<std::string> args = {
+        BinaryDir() + "/server/momentum-agent",
+        "--server=" + server_->address(),
+        "--slots=1",
+        "--name=" + name,
+        "--advertise=127.0.0.1",
+        "--work-dir=" + dir_ + "/" + name,
+        "--worker=" + BinaryDir() + "/worker/momentum-worker"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    return SpawnLogged(args, dir_ + "/" + name + ".log");
+  }
+
   std::string dir_;
   std::unique_ptr<ServerProcess> server_;
 };
@@ -395,13 +411,7 @@ TEST_F(ServiceTest, JobSpansTwoAgents) {
   StartServer(0);
   std::vector<pid_t> agents;
   for (const char* name : {"left", "right"}) {
-    agents.push_back(
-        SpawnLogged({BinaryDir() + "/server/momentum-agent",
-                     "--server=" + server_->address(), "--slots=1",
-                     std::string("--name=") + name, "--advertise=127.0.0.1",
-                     "--work-dir=" + dir_ + "/" + name,
-                     "--worker=" + BinaryDir() + "/worker/momentum-worker"},
-                    dir_ + "/" + name + ".log"));
+    agents.push_back(SpawnAgent(name));
     ASSERT_GT(agents.back(), 0);
   }
   v1::Job job = Submit(Spec("spread", 2));
@@ -536,13 +546,7 @@ TEST_F(ServiceTest, CoordinatorCrashUnderAgentsLosesNoStep) {
   StartServer(0);
   std::vector<pid_t> agents;
   for (const char* name : {"left", "right"}) {
-    agents.push_back(
-        SpawnLogged({BinaryDir() + "/server/momentum-agent",
-                     "--server=" + server_->address(), "--slots=1",
-                     std::string("--name=") + name, "--advertise=127.0.0.1",
-                     "--grace-seconds=20", "--work-dir=" + dir_ + "/" + name,
-                     "--worker=" + BinaryDir() + "/worker/momentum-worker"},
-                    dir_ + "/" + name + ".log"));
+    agents.push_back(SpawnAgent(name, {"--grace-seconds=20"}));
     ASSERT_GT(agents.back(), 0);
   }
   v1::Job job = Submit(Spec("agents-survive", 2, "epochs: 40"),

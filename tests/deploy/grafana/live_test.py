@@ -36,9 +36,9 @@ sys.path.insert(0, here)
 sys.path.insert(0, os.path.join(here, "..", "..", "server"))
 from dashboard_lint import (documented_metrics, lint, load_dashboards,  # noqa: E402
                             substitute, targets)
-from prometheus_test import free_port  # noqa: E402
-from python_client_test import (check, generate_stubs, start_server,  # noqa: E402
-                                stop_processes, write_fake_fashion_mnist)
+from python_client_test import (check, free_port, generate_stubs,  # noqa: E402
+                                start_server, stop_processes,
+                                write_fake_fashion_mnist)
 
 RATE_INTERVAL = "30s"  # what Grafana makes of $__rate_interval at a 1 s scrape and a short range
 INTERVAL = "2s"
