@@ -15,7 +15,6 @@
 //
 // Exit codes: 0 trained to the end, 1 failed, 2 bad flags or spec,
 // 143 stopped by SIGTERM/SIGINT after writing a checkpoint.
-#include <spdlog/spdlog.h>
 
 #include <CLI/CLI.hpp>
 #include <atomic>
@@ -26,6 +25,7 @@
 
 #include "common/job_spec.h"
 #include "worker/launcher.h"
+#include "worker/log.h"
 #include "worker/malloc_tuning.h"
 #include "worker/process_group.h"
 #include "worker/reporter.h"
@@ -92,8 +92,7 @@ int main(int argc, char** argv) {
     std::cout << momentum::JobSpecToYaml(*spec);
     return 0;
   }
-  spdlog::set_pattern("[%H:%M:%S] %v");
-  spdlog::flush_on(spdlog::level::info);  // progress reaches pipes at once
+  momentum::worker::SetupLog(/*quiet=*/false);
 
   // A rank of a group: flags first, then torchrun's variables.
   const bool in_group = rank >= 0 || std::getenv("RANK") != nullptr;
@@ -132,7 +131,7 @@ int main(int argc, char** argv) {
                 << dist.rank << " of " << dist.world_size << "\n";
       return 2;
     }
-    if (dist.rank != 0) spdlog::set_level(spdlog::level::warn);
+    if (dist.rank != 0) momentum::worker::SetupLog(/*quiet=*/true);
   }
   std::signal(SIGINT, OnSignal);
   std::signal(SIGTERM, OnSignal);
@@ -173,8 +172,8 @@ int main(int argc, char** argv) {
     return 1;
   }
   if (summary->stop_reason == "signal") {
-    spdlog::info("stopped at step {}; checkpoint {}", summary->steps,
-                 summary->checkpoint);
+    momentum::worker::LogInfo("stopped at step %d; checkpoint %s",
+                              summary->steps, summary->checkpoint);
     return 143;
   }
   if (dist.rank == 0) {

@@ -2,7 +2,6 @@
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
-#include <spdlog/spdlog.h>
 #include <torch/utils.h>
 
 #include <chrono>
@@ -18,6 +17,7 @@
 #include "absl/strings/str_format.h"
 #include "worker/export.h"
 #include "worker/knn.h"
+#include "worker/log.h"
 
 namespace momentum::worker {
 namespace {
@@ -104,8 +104,8 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(
   }
   if (spec.resources.device != "cpu") {
     return absl::InvalidArgumentError(
-        "resources.device must be cpu: this momentum-worker is built "
-        "without CUDA, got " +
+        "resources.device must be cpu: the trainer of this release runs on "
+        "the CPU only, also when momentum-worker is built with CUDA, got " +
         spec.resources.device);
   }
   std::unique_ptr<Trainer> trainer(new Trainer(spec, dist));
@@ -236,9 +236,8 @@ absl::Status Trainer::Evaluate(CheckpointState* state,
   report.knn_top1 = top1;
   Report(report);
   if (!lead()) return absl::OkStatus();
-  spdlog::info("kNN top-1 {:.2f}% after {:.2f} epochs, step {} ({:.1f} s)",
-               100 * top1, epochs, pos.global_step,
-               Seconds(start, Clock::now()));
+  LogInfo("kNN top-1 %.2f%% after %.2f epochs, step %d (%.1f s)", 100 * top1,
+          epochs, pos.global_step, Seconds(start, Clock::now()));
   std::ofstream metrics(fs::path(spec_.output_dir) / "metrics.jsonl",
                         std::ios::app);
   metrics << nlohmann::json{{"step", pos.global_step},
@@ -307,8 +306,7 @@ absl::StatusOr<std::optional<std::string>> Trainer::RestoreNewest(
       if (restored.status().code() != absl::StatusCode::kDataLoss) {
         return restored.status();
       }
-      spdlog::warn("skipping checkpoint {}: {}", path,
-                   std::string(restored.status().message()));
+      LogWarn("skipping checkpoint %s: %s", path, restored.status().message());
       last = restored.status();
       continue;
     }
@@ -358,12 +356,12 @@ absl::StatusOr<TrainSummary> Trainer::Run(const std::atomic<bool>* stop,
     summary.checkpoint = *latest;
     if (lead()) {
       TruncateMetrics(metrics_path, state.position.global_step);
-      spdlog::info("resuming from {} at epoch {} step {}", *latest,
-                   state.position.epoch, state.position.global_step);
+      LogInfo("resuming from %s at epoch %d step %d", *latest,
+              state.position.epoch, state.position.global_step);
       if (written_by != dist_.world_size) {
-        spdlog::warn(
-            "the checkpoint was written by {} ranks, this run has {}: the "
-            "global batch stays {} ({} per rank)",
+        LogWarn(
+            "the checkpoint was written by %d ranks, this run has %d: the "
+            "global batch stays %d (%d per rank)",
             written_by, dist_.world_size, spec_.optim.batch_size,
             spec_.optim.batch_size / dist_.world_size);
       }
@@ -445,9 +443,8 @@ absl::StatusOr<TrainSummary> Trainer::Run(const std::atomic<bool>* stop,
       for (const auto& [key, value] : values.items()) event[key] = value;
       metrics << event.dump() << "\n";
       metrics.flush();
-      spdlog::warn(
-          "{}: rolled back to {} (step {}); the learning rate is now x{}", what,
-          **back, pos.global_step, state.lr_scale);
+      LogWarn("%s: rolled back to %s (step %d); the learning rate is now x%g",
+              what, **back, pos.global_step, state.lr_scale);
     }
     loader_->StartEpoch(pos.epoch, pos.step_in_epoch);
     return absl::OkStatus();
@@ -672,11 +669,9 @@ absl::StatusOr<TrainSummary> Trainer::Run(const std::atomic<bool>* stop,
       report.eta_seconds = std::isfinite(eta) ? eta : -1;
       report.knn_top1 = -1;
       if (lead()) {
-        spdlog::info(
-            "epoch {} step {}/{} ({}) loss {:.4f} lr {:.4g} {:.0f} img/s ETA "
-            "{}",
-            pos.epoch + 1, pos.step_in_epoch, steps_per_epoch_, pos.global_step,
-            mean_loss, lr, ips, FormatDuration(eta));
+        LogInfo("epoch %d step %d/%d (%d) loss %.4f lr %.4g %.0f img/s ETA %s",
+                pos.epoch + 1, pos.step_in_epoch, steps_per_epoch_,
+                pos.global_step, mean_loss, lr, ips, FormatDuration(eta));
         metrics << nlohmann::json{{"step", pos.global_step},
                                   {"epoch", pos.epoch},
                                   {"loss", step_loss},
