@@ -1,4 +1,4 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """Coordinator under load: 1,000 queued submissions and 200 concurrent
 WatchJob streams. One 2-rank job holds both slots; 1,000 more are submitted
 behind it and stay PENDING. Reports the submission rate, the coordinator's

@@ -1,4 +1,4 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """Throughput of the Python reference MoCo training step (images per second).
 
 Baseline for the C++ trainer's bench: same model (tests/reference/moco_ref.py),
@@ -14,7 +14,7 @@ enqueue), on one process.
 Prints one JSON line, e.g.
   {"impl": "python-reference", "mode": "synthetic", "images_per_s": ..., ...}
 
-example: /usr/bin/python3 bench/reference_bench.py --steps 20 --mode augment --workers 2
+example: .venv/bin/python bench/reference_bench.py --steps 20 --mode augment --workers 2
 """
 
 import argparse

@@ -19,7 +19,9 @@ while [ $# -gt 0 ]; do
 done
 source scripts/setup.sh
 momentum_install_packages
+momentum_python_env
 momentum_build trainer_bench
+python=${MOMENTUM_VENV:-.venv}/bin/python
 build=${MOMENTUM_BUILD_DIR:-build}
 common=(--arch resnet18 --width "$width" --in-channels 1 --small-stem --mlp
         --image-size 28 --batch "$batch" --queue 4096 --dim 128
@@ -29,7 +31,7 @@ for mode in synthetic augment; do
   # One loader thread/process in both, as the official code's default of
   # one DataLoader worker per GPU process.
   "$build/bench/trainer_bench" "${common[@]}" --mode "$mode" --workers 1 | tee "$out/cpp-$mode.json"
-  /usr/bin/python3 bench/reference_bench.py "${common[@]}" --mode "$mode" --workers 1 | tee "$out/py-$mode.json"
+  "$python" bench/reference_bench.py "${common[@]}" --mode "$mode" --workers 1 | tee "$out/py-$mode.json"
 done
 /usr/bin/python3 - "$out" <<'PY'
 import json, sys, os

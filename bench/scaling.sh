@@ -26,6 +26,7 @@ while [ $# -gt 0 ]; do
 done
 source scripts/setup.sh
 momentum_install_packages
+momentum_python_env
 momentum_build momentum-worker
 worker=${MOMENTUM_BUILD_DIR:-build}/worker/momentum-worker
 out=$(mktemp -d)

@@ -1,4 +1,4 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """Coordinator benchmarks, each side by side in one run:
 
 1. Time to first step: from SubmitJob to the first metric sample of step 1

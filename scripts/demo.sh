@@ -11,6 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
 momentum_install_packages
+momentum_python_env
 momentum_build momentum-server momentum-worker momentum_cli
 build=${MOMENTUM_BUILD_DIR:-build}
 run=runs/demo-$(date +%Y%m%d-%H%M%S)

@@ -1,20 +1,25 @@
 #!/usr/bin/env bash
 # Installs the Debian 12 packages Momentum needs to build, test and run, when
-# any is missing (quick when all are there). Runs as root, or through sudo
+# any is missing (quick when all are there), and the project's Python
+# environment: LibTorch comes from PyPI's torch 2.11.0 (the version of our
+# GPU machines) in the virtual environment .venv, pinned with everything else
+# Python in scripts/python-requirements.txt. Runs as root, or through sudo
 # when it is available.
 #
 # Sourced by test.sh and demo.sh, it installs everything:
-#   source scripts/setup.sh; momentum_install_packages; momentum_build
+#   source scripts/setup.sh; momentum_install_packages; momentum_python_env
+#   momentum_build
 # Run, it installs what one role needs; the container images
 # (deploy/docker/) call it this way:
 #   scripts/setup.sh --role ROLE (--build | --runtime) [--list] [--clean]
 #   scripts/setup.sh --role test [--list]
 # ROLE is coordinator (momentum-server, momentum; no LibTorch), worker-cpu
-# (momentum-agent, momentum-worker on Debian's LibTorch, Gloo), worker-cuda
-# (the same, built on the LibTorch CUDA distribution, which Debian does not
-# have: only what it needs besides it), test (what the tests and the demo use
-# besides the build) or all (everything, as sourced). --build: compilers and
-# headers; --runtime: the shared libraries the binaries load. --list prints
+# (momentum-agent, momentum-worker on the virtual environment's LibTorch,
+# Gloo), worker-cuda (the same with CUDA and NCCL, on an image that has the
+# CUDA toolkit), test (what the tests and the demo use besides the build) or
+# all (everything, as sourced). --build: compilers and headers, and for the
+# worker roles the virtual environment; --runtime: the Debian shared
+# libraries the binaries load (LibTorch's come from the virtual environment). --list prints
 # the packages, one a line, and exits without installing; --clean empties
 # apt's caches afterwards (for image layers).
 set -euo pipefail
@@ -27,12 +32,15 @@ MOMENTUM_PKGS_BUILD_COMMON=(
 )
 # momentum-server and momentum-agent: the store and /metrics.
 MOMENTUM_PKGS_BUILD_SERVER=(prometheus-cpp-dev libsqlite3-dev)
-# momentum-worker besides LibTorch: logging and the image decoders.
-MOMENTUM_PKGS_BUILD_WORKER_BASE=(libspdlog-dev libjpeg62-turbo-dev libpng-dev zlib1g-dev)
-# Debian's LibTorch (CPU) with Gloo and the OpenMP OpenBLAS it runs fastest on.
-MOMENTUM_PKGS_BUILD_TORCH_DEBIAN=(libtorch-dev libgloo-dev libopenblas0-openmp)
-# Fetching and unpacking the LibTorch CUDA distribution (worker-cuda).
-MOMENTUM_PKGS_BUILD_TORCH_ZIP=(curl ca-certificates unzip)
+# momentum-worker besides LibTorch: logging, the image decoders, and Gloo's
+# headers, which PyPI's torch does not ship although its ProcessGroupGloo.hpp
+# includes them (for declarations only: every Gloo object it holds is behind
+# a pointer; the Gloo code that runs is the one inside libtorch_cpu, and
+# nothing links Debian's libgloo).
+MOMENTUM_PKGS_BUILD_WORKER_BASE=(libspdlog-dev libjpeg62-turbo-dev libpng-dev zlib1g-dev libgloo-dev)
+# The virtual environment that holds LibTorch (PyPI's torch) and the Python
+# tools: Debian's Python 3.11 and its venv module.
+MOMENTUM_PKGS_PYTHON=(python3 python3-venv)
 
 # What the binaries load (what ldd resolves, by package; apt brings the
 # rest as dependencies). libstdc++6, libgcc-s1 and libc6 are in every image.
@@ -42,27 +50,25 @@ MOMENTUM_PKGS_RUNTIME_COMMON=(
 )
 MOMENTUM_PKGS_RUNTIME_SERVER=(libsqlite3-0 libprometheus-cpp-core1.0 libprometheus-cpp-pull1.0)
 MOMENTUM_PKGS_RUNTIME_WORKER_BASE=(libspdlog1.10 libjpeg62-turbo libpng16-16 libgomp1)
-MOMENTUM_PKGS_RUNTIME_TORCH_DEBIAN=(libtorch1.13 libopenblas0-openmp)
 
-# The tests, the fuzzers, the Python reference, the demo's data set and the
-# deploy checks (deploy/: promtool, kubectl, node for the dashboards).
+# The tests, the fuzzers (clang with its sanitizer runtime), the demo's data
+# set and the deploy checks (promtool, kubectl); the Python reference, the
+# Python client and the schema checks live in the virtual environment.
 MOMENTUM_PKGS_TEST=(
   libgtest-dev libgmock-dev libbenchmark-dev
-  python3 python3-torch python3-torchvision python3-numpy
-  python3-grpcio python3-grpc-tools python3-protobuf prometheus curl openssl iproute2
-  clang
+  prometheus curl openssl iproute2
+  clang libclang-rt-14-dev
   dataset-fashion-mnist
 )
 # Installed only when the command is missing, since it may come from
-# elsewhere (NodeSource's nodejs brings its own npm and conflicts with
-# Debian's; kubectl from Kubernetes' own repository). Debian 12 has kubectl
+# elsewhere (kubectl from Kubernetes' own repository). Debian 12 has kubectl
 # only as kubernetes-client.
-MOMENTUM_TEST_COMMANDS=("npm:nodejs npm" "kubectl:kubernetes-client")
+MOMENTUM_TEST_COMMANDS=("kubectl:kubernetes-client")
 
 # Everything, as test.sh and demo.sh need it.
 MOMENTUM_PACKAGES=(
   "${MOMENTUM_PKGS_BUILD_COMMON[@]}" "${MOMENTUM_PKGS_BUILD_SERVER[@]}"
-  "${MOMENTUM_PKGS_BUILD_WORKER_BASE[@]}" "${MOMENTUM_PKGS_BUILD_TORCH_DEBIAN[@]}"
+  "${MOMENTUM_PKGS_BUILD_WORKER_BASE[@]}" "${MOMENTUM_PKGS_PYTHON[@]}"
   "${MOMENTUM_PKGS_TEST[@]}"
 )
 
@@ -75,13 +81,13 @@ momentum_role_packages() {
     coordinator:runtime) printf '%s\n' "${MOMENTUM_PKGS_RUNTIME_COMMON[@]}" "${MOMENTUM_PKGS_RUNTIME_SERVER[@]}" ;;
     worker-cpu:build)
       printf '%s\n' "${MOMENTUM_PKGS_BUILD_COMMON[@]}" "${MOMENTUM_PKGS_BUILD_SERVER[@]}" \
-        "${MOMENTUM_PKGS_BUILD_WORKER_BASE[@]}" "${MOMENTUM_PKGS_BUILD_TORCH_DEBIAN[@]}" ;;
+        "${MOMENTUM_PKGS_BUILD_WORKER_BASE[@]}" "${MOMENTUM_PKGS_PYTHON[@]}" ;;
     worker-cpu:runtime)
       printf '%s\n' "${MOMENTUM_PKGS_RUNTIME_COMMON[@]}" "${MOMENTUM_PKGS_RUNTIME_SERVER[@]}" \
-        "${MOMENTUM_PKGS_RUNTIME_WORKER_BASE[@]}" "${MOMENTUM_PKGS_RUNTIME_TORCH_DEBIAN[@]}" ;;
+        "${MOMENTUM_PKGS_RUNTIME_WORKER_BASE[@]}" ;;
     worker-cuda:build)
       printf '%s\n' "${MOMENTUM_PKGS_BUILD_COMMON[@]}" "${MOMENTUM_PKGS_BUILD_SERVER[@]}" \
-        "${MOMENTUM_PKGS_BUILD_WORKER_BASE[@]}" "${MOMENTUM_PKGS_BUILD_TORCH_ZIP[@]}" ;;
+        "${MOMENTUM_PKGS_BUILD_WORKER_BASE[@]}" "${MOMENTUM_PKGS_PYTHON[@]}" ;;
     worker-cuda:runtime)
       printf '%s\n' "${MOMENTUM_PKGS_RUNTIME_COMMON[@]}" "${MOMENTUM_PKGS_RUNTIME_SERVER[@]}" \
         "${MOMENTUM_PKGS_RUNTIME_WORKER_BASE[@]}" ;;
@@ -138,13 +144,56 @@ momentum_install_packages() {
   $sudo apt-get install -y -qq --no-install-recommends $missing >/dev/null
 }
 
+# The project's Python environment: a virtual environment of Debian's
+# python3 with exactly the packages of scripts/python-requirements.txt, at
+# .venv in the source tree. It is made once per machine and list, in
+# $MOMENTUM_CACHE_DIR (default ~/.cache/momentum) under a name that hashes the
+# list and the Python version, and .venv links to it, so that every clone and
+# CI run on one machine shares it; pip's own cache keeps the downloads. A
+# venv whose install did not finish (no .momentum-complete) is made anew.
+# MOMENTUM_VENV=DIR puts it in DIR instead. Prints how long an install took.
+momentum_python_env() {
+  local root req hash cache venv start
+  root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+  req=$root/scripts/python-requirements.txt
+  if [ -n "${MOMENTUM_VENV:-}" ]; then
+    venv=$MOMENTUM_VENV
+  else
+    hash=$({ grep -v '^#' "$req"; /usr/bin/python3 -c 'import sys; print(sys.version)'; } |
+      sha256sum | cut -c1-16)
+    cache=${MOMENTUM_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/momentum}
+    venv=$cache/venv-$hash
+  fi
+  mkdir -p "$(dirname "$venv")"
+  (
+    # One install at a time per venv, also across clones.
+    flock 9
+    if [ ! -f "$venv/.momentum-complete" ]; then
+      start=$(date +%s)
+      echo "setup: installing the Python environment (torch 2.11.0 with CUDA 13 libraries, about 5 GB) into $venv"
+      rm -rf "$venv"
+      /usr/bin/python3 -m venv "$venv"
+      "$venv/bin/python" -m pip install -q --no-deps --disable-pip-version-check -r "$req"
+      "$venv/bin/python" -m pip check >/dev/null
+      touch "$venv/.momentum-complete"
+      echo "setup: Python environment installed in $(($(date +%s) - start)) s"
+    fi
+  ) 9>"$venv.lock"
+  if [ -z "${MOMENTUM_VENV:-}" ] && [ "$(readlink "$root/.venv" 2>/dev/null)" != "$venv" ]; then
+    rm -rf "$root/.venv"
+    ln -s "$venv" "$root/.venv"
+  fi
+}
+
 # Configures and builds the tree in build/ (or $MOMENTUM_BUILD_DIR). Extra
 # arguments are build targets.
 momentum_build() {
   local root build
   root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
   build=${MOMENTUM_BUILD_DIR:-$root/build}
-  cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
+  local python=${MOMENTUM_VENV:-$root/.venv}/bin/python
+  cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+    -DMOMENTUM_PYTHON="$python" >/dev/null
   local targets=()
   for t in "$@"; do targets+=(--target "$t"); done
   # Two jobs: a LibTorch translation unit takes about 1.5 GB to compile.
@@ -190,6 +239,11 @@ momentum_setup_main() {
   fi
   # shellcheck disable=SC2086
   momentum_install_packages $pkgs
+  # The worker builds on the virtual environment's LibTorch, and the tests
+  # run its Python.
+  case "$role:$kind" in
+    worker-cpu:build | worker-cuda:build | test:* | all:*) momentum_python_env ;;
+  esac
   if [ "$clean" = 1 ]; then
     apt-get clean
     rm -rf /var/lib/apt/lists/*

@@ -6,5 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
 momentum_install_packages
+momentum_python_env
 momentum_build
 ctest --test-dir "${MOMENTUM_BUILD_DIR:-build}" --output-on-failure -j "$(nproc)" "$@"

@@ -108,8 +108,8 @@ bool IsLoopback(const std::string& host) {
 }
 
 // The one place that knows the backends: builds `options.backend` for this
-// rank over `store`, blocking until every rank has joined (Gloo) or returning
-// at once (NCCL connects on the first collective). Throws what c10d throws.
+// rank over `store`, blocking until every rank has joined. Throws what c10d
+// throws.
 c10::intrusive_ptr<CollectiveBackend> MakeBackend(
     const DistOptions& options, const c10::intrusive_ptr<c10d::Store>& store,
     const std::string& host) {
@@ -117,12 +117,30 @@ c10::intrusive_ptr<CollectiveBackend> MakeBackend(
   const int size = static_cast<int>(options.world_size);
 #ifdef MOMENTUM_WITH_CUDA
   if (options.backend == "nccl") {
+    // What a hang looks like on NCCL (LibTorch 2.x): a collective whose peer
+    // never joins does not throw from Work::wait in time. The group's
+    // watchdog thread sees it run past `options.timeout`, aborts the
+    // communicators and ends the process with SIGABRT (error handling mode
+    // 3, SkipCleanUp, the 2.11 default, set here explicitly so that a user's
+    // environment cannot turn it into a silent hang: 0 would leave the rank
+    // waiting forever). The coordinator then sees the waiting ranks die on a
+    // signal and restarts the gang from the newest checkpoint; a rank that
+    // is itself stuck (SIGSTOP) is named by the coordinator's hang timeout.
+    ::setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3", /*overwrite=*/1);
     // One GPU per rank, picked by its rank on the machine; the trainer's
     // tensors live there.
-    c10::cuda::set_device(static_cast<c10::DeviceIndex>(options.local_rank));
+    const at::Device device(at::kCUDA,
+                            static_cast<c10::DeviceIndex>(options.local_rank));
+    c10::cuda::set_device(device.index());
     auto nccl = c10d::ProcessGroupNCCL::Options::create();
     nccl->timeout = options.timeout;
-    return c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, size, nccl);
+    auto group =
+        c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, size, nccl);
+    // Bound to its device and connected now, so that creating the group is
+    // the rendezvous, as with Gloo, and a missing peer fails here.
+    group->setBoundDeviceId(device);
+    group->eagerConnectSingleDevice(device);
+    return group;
   }
 #endif
   auto gloo = c10d::ProcessGroupGloo::Options::create(options.timeout);
@@ -328,8 +346,10 @@ absl::Status ProcessGroup::RunCollective(absl::string_view op, StartFn start) {
   const auto begin = std::chrono::steady_clock::now();
   try {
     c10::intrusive_ptr<c10d::Work> work = start();
-    // Gloo bounds each collective by the timeout itself (and throws); the
-    // longer bound here only keeps a backend that does not from hanging.
+    // Gloo bounds each collective by the timeout itself and throws
+    // (c10d::TimeoutError in 2.x, a c10::DistNetworkError). NCCL's watchdog
+    // ends the process at the timeout (MakeBackend). The longer bound here
+    // only keeps a backend that does neither from hanging.
     work->wait(2 * timeout_);
   } catch (...) {
     broken_ = StatusFromException(std::current_exception(), context);

@@ -1,4 +1,4 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """Cross-check MoCo on N C++ ranks against N torch.distributed ranks.
 
 usage: crosscheck_dist.py INIT RESULT [--rtol 1e-4]
@@ -8,9 +8,9 @@ whole group's batches (rank r owns rows [r*B, (r+1)*B)) and, with shuffled
 BatchNorm (config.bn_groups = N), one permutation of the group's batch.
 RESULT = {"ranks": [RESULT of crosscheck.py, one per rank]}.
 
-The reference runs N processes in a Gloo group (Debian's python3-torch) and
-follows the official MoCo code's distributed step: the query encoder wrapped in
-DistributedDataParallel (gradients averaged by PyTorch; each rank keeps its own
+The reference runs N processes in a Gloo group (torch 2.11.0 of the
+project's virtual environment) and follows the official MoCo code's
+distributed step: the query encoder wrapped in DistributedDataParallel (gradients averaged by PyTorch; each rank keeps its own
 BatchNorm statistics, broadcast_buffers=False), the key images gathered from
 all ranks, shuffled with the permutation broadcast from rank 0, encoded in
 slices, gathered and un-shuffled, and the group's keys enqueued on every rank.

@@ -1,4 +1,4 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """Self-test of the Python MoCo reference and of crosscheck.py.
 
 Builds INIT files (torch.save, same structure the C++ side writes), produces

@@ -30,6 +30,12 @@ if ! ip netns add "$ns_a" 2>/dev/null; then
   exit 77
 fi
 ip netns add "$ns_b"
+# `ip netns exec` remounts / as a slave and /sys for the namespace, which a
+# chroot or a container without CAP_SYS_ADMIN over its mounts refuses.
+if ! err=$(ip netns exec "$ns_a" true 2>&1); then
+  echo "skipped: cannot run processes in a network namespace here (ip netns exec: ${err:-failed})"
+  exit 77
+fi
 ip link add "veth-a$$" type veth peer name "veth-b$$"
 ip link set "veth-a$$" netns "$ns_a"
 ip link set "veth-b$$" netns "$ns_b"
@@ -41,7 +47,8 @@ done
 ip -n "$ns_a" link set "veth-a$$" up
 ip -n "$ns_b" link set "veth-b$$" up
 
-/usr/bin/python3 -c "
+# The project's Python (its grpcio): python_client_test imports grpc.
+"${MOMENTUM_PYTHON:-python3}" -c "
 import sys; sys.path.insert(0, '$(dirname "$0")')
 from python_client_test import write_fake_fashion_mnist
 write_fake_fashion_mnist('$work/data', 64, 30)"

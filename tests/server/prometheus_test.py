@@ -1,4 +1,4 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """A real Prometheus server (Debian's prometheus) scrapes the coordinator
 while a 2-rank job trains; a PromQL query for every metric that
 docs/metrics.md documents returns data, and `promtool check metrics` finds

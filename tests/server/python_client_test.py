@@ -1,9 +1,10 @@
-#!/usr/bin/python3
-"""A client written in Python with Debian's python3-grpcio submits and watches
-a job on the real momentum-server: the API is usable outside C++.
+#!/usr/bin/env python3
+"""A client written in Python with grpcio (the project's virtual environment)
+submits and watches a job on the real momentum-server: the API is usable
+outside C++.
 
 Stubs are generated here from proto/momentum/v1/*.proto with grpc_tools
-(python3-grpc-tools). The health service (grpc.health.v1) and server
+(grpcio-tools). The health service (grpc.health.v1) and server
 reflection are called by method name with hand-encoded messages, as any
 generic gRPC tool does.
 

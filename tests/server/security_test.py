@@ -1,4 +1,4 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """TLS, mutual TLS, bearer tokens and path roots on the real momentum-server.
 
 A throw-away CA (openssl) signs the server's certificate (for 127.0.0.1) and

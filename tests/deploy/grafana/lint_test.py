@@ -1,4 +1,4 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """Static checks of deploy/grafana: every dashboard panel has a title, a
 gridPos inside the grid that overlaps no other, a unique id and queries with a
 refId and an expr whose metrics docs/metrics.md documents (and broken copies

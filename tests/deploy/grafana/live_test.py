@@ -1,4 +1,4 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """Every query of the Grafana dashboards returns data from a real Prometheus.
 
 A real Prometheus (Debian's prometheus) scrapes the coordinator while a 2-rank

@@ -1,4 +1,4 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """Checks of deploy/prometheus/ (the scrape config, the rules and their
 promtool unit tests) against promtool and docs/metrics.md.
 

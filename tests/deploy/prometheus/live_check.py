@@ -1,4 +1,4 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """deploy/prometheus/rules/*.yml loaded into a real Prometheus
 that scrapes a real coordinator while a 2-rank job trains and a broken job
 is restarted until it fails. Reports each rule's health, the series each
