@@ -2,7 +2,10 @@
 
 #include <ATen/core/Dict.h>
 #include <ATen/core/ivalue.h>
+#include <caffe2/serialize/inline_container.h>
 #include <fcntl.h>
+#include <torch/csrc/jit/serialization/export.h>
+#include <torch/csrc/jit/serialization/pickler.h>
 #include <torch/serialize.h>
 #include <unistd.h>
 
@@ -23,6 +26,33 @@ constexpr char kSuffix[] = ".pt";
 
 absl::Status Errno(const std::string& what, const std::string& path) {
   return absl::InternalError(what + " " + path + ": " + std::strerror(errno));
+}
+
+// `value` with every dict and list, at any depth, re-made with elements of
+// type Any, which the pickler writes without a type tag.
+c10::IValue Untyped(const c10::IValue& value) {
+  if (value.isGenericDict()) {
+    c10::impl::GenericDict dict(c10::AnyType::get(), c10::AnyType::get());
+    for (const auto& entry : value.toGenericDict()) {
+      dict.insert(Untyped(entry.key()), Untyped(entry.value()));
+    }
+    return dict;
+  }
+  if (value.isList()) {
+    c10::impl::GenericList list(c10::AnyType::get());
+    for (const c10::IValue& item : value.toListRef()) {
+      list.push_back(Untyped(item));
+    }
+    return list;
+  }
+  if (value.isTuple()) {
+    std::vector<c10::IValue> items;
+    for (const c10::IValue& item : value.toTupleRef().elements()) {
+      items.push_back(Untyped(item));
+    }
+    return c10::ivalue::Tuple::create(std::move(items));
+  }
+  return value;
 }
 
 c10::Dict<std::string, at::Tensor> ToDict(
@@ -95,6 +125,33 @@ std::vector<std::pair<int64_t, std::string>> ListCheckpoints(
 }
 
 }  // namespace
+
+std::vector<char> PickleForTorchLoad(const c10::IValue& value) {
+  std::vector<char> pickle;
+  // No tensor table: tensors go to data/<n> records beside the pickle, as
+  // torch.save writes them. tag_aggregates=false: plain dicts and lists.
+  torch::jit::Pickler pickler(
+      [&](const char* bytes, size_t size) {
+        pickle.insert(pickle.end(), bytes, bytes + size);
+      },
+      /*tensor_table=*/nullptr, /*type_renamer=*/nullptr,
+      /*memoized_class_types=*/nullptr, /*get_tensor_id=*/nullptr,
+      /*tag_aggregates=*/false);
+  pickler.protocol();
+  pickler.pushIValue(Untyped(value));
+  pickler.stop();
+  std::vector<char> file;
+  caffe2::serialize::PyTorchStreamWriter writer(
+      [&](const void* bytes, size_t size) {
+        const char* begin = static_cast<const char*>(bytes);
+        file.insert(file.end(), begin, begin + size);
+        return size;
+      });
+  torch::jit::writeArchiveAndTensors("data", pickle.data(), pickle.size(),
+                                     pickler.tensorData(), writer);
+  writer.writeEndOfFile();
+  return file;
+}
 
 absl::Status WriteFileAtomically(const std::string& path,
                                  const std::vector<char>& bytes) {
@@ -182,7 +239,7 @@ absl::StatusOr<std::string> SaveCheckpoint(const std::string& dir, Moco& model,
   }
   root.insert("knn_history", knn);
 
-  std::vector<char> bytes = torch::pickle_save(c10::IValue(root));
+  std::vector<char> bytes = PickleForTorchLoad(c10::IValue(root));
   char name[64];
   std::snprintf(name, sizeof(name), "%s%09lld%s", kPrefix,
                 static_cast<long long>(pos.global_step), kSuffix);

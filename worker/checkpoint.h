@@ -54,6 +54,14 @@ struct CheckpointState {
   int64_t rollbacks = 0;
 };
 
+// `value` (dicts, lists, tuples, tensors, strings and numbers) as the bytes
+// of a file in torch.save's format that Python's torch.load reads with its
+// default weights_only=True (torch 2.6 and later). torch::pickle_save tags
+// typed dicts and lists with torch.jit._pickle globals, which that loader
+// refuses; here every dict and list is written as a plain Python one.
+// LibTorch's own loader (torch::pickle_load) reads both forms.
+std::vector<char> PickleForTorchLoad(const c10::IValue& value);
+
 // Writes `bytes` to `path` atomically: a temporary file beside it, fsync,
 // rename over `path`, fsync of the folder. Nothing is left behind on error.
 absl::Status WriteFileAtomically(const std::string& path,

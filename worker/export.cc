@@ -1,7 +1,6 @@
 #include "worker/export.h"
 
 #include <ATen/core/Dict.h>
-#include <torch/serialize.h>
 
 #include "worker/checkpoint.h"
 
@@ -12,7 +11,7 @@ absl::Status ExportBackbone(const ResNet& encoder, const std::string& path) {
   for (const auto& [name, tensor] : encoder->BackboneState()) {
     state.insert(name, tensor.detach().contiguous().clone());
   }
-  return WriteFileAtomically(path, torch::pickle_save(c10::IValue(state)));
+  return WriteFileAtomically(path, PickleForTorchLoad(c10::IValue(state)));
 }
 
 }  // namespace momentum::worker

@@ -1,9 +1,9 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """Cross-check the C++ MoCo trainer against the Python reference.
 
 usage: crosscheck.py INIT RESULT [--rtol 1e-4] [--show N]
 
-INIT and RESULT are written by the C++ side with torch::pickle_save (or by
+INIT and RESULT are written by the C++ side with PickleForTorchLoad (or by
 selftest.py with torch.save); both load with torch.load.
 
 INIT   = {"config": {...}, "encoder_q": {name: tensor}, "encoder_k": {...},

@@ -1,10 +1,10 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """Check that an exported backbone loads into torchvision's ResNet.
 
 usage: export_check.py FILE ARCH [--width 64] [--in-channels 3] [--small-stem]
 
 FILE is a dict {name: tensor} with torchvision names, written by the C++ side
-with torch::pickle_save (or by Python with torch.save). ARCH is resnet18 or
+with PickleForTorchLoad (or by Python with torch.save). ARCH is resnet18 or
 resnet50. With the defaults the model is torchvision.models.<ARCH>() itself;
 --width other than 64, --in-channels or --small-stem build the same torchvision
 structure through moco_ref.build_encoder (names unchanged, fc 1000 classes).

@@ -1,6 +1,8 @@
 // ExportBackbone against torchvision: the exported file is loaded by
 // tests/reference/export_check.py, a real Python subprocess, into
 // torchvision's ResNet (or the same structure at another width or stem).
+// Checkpoints load in Python too, with plain torch.load
+// (tests/reference/checkpoint_check.py).
 #include "worker/export.h"
 
 #include <ATen/core/Dict.h>
@@ -24,7 +26,11 @@
 #include <thread>
 #include <vector>
 
+#include "nlohmann/json.hpp"
 #include "tests/worker/test_data.h"
+#include "worker/checkpoint.h"
+#include "worker/moco.h"
+#include "worker/optim.h"
 
 extern char** environ;
 
@@ -228,6 +234,71 @@ TEST(ExportTest, UnrenamableTargetNamesPathAndLeavesNoTemporaryFile) {
     left.push_back(entry.path().filename().string());
   }
   EXPECT_EQ(left, std::vector<std::string>{"backbone.pt"});
+  fs::remove_all(dir);
+}
+
+// A user reads a checkpoint with Python's plain torch.load, whose default
+// since torch 2.6 is weights_only=True: it refuses the torch.jit._pickle
+// globals that torch::pickle_save writes for typed dicts and lists. The
+// values Python reads are those of the model that wrote the file.
+TEST(ExportTest, CheckpointLoadsWithPlainTorchLoadInPython) {
+  const std::string dir = testing::TempDir("checkpoint-torch-load");
+  MocoOptions options;
+  options.encoder.width = 4;
+  options.encoder.in_channels = 1;
+  options.encoder.small_stem = true;
+  options.encoder.out_dim = 8;
+  options.queue_size = 12;
+  options.bn_groups = 2;
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(5);
+  Moco model(options, gen);
+  Sgd sgd(model.encoder_q()->parameters(), 0.9, 1e-4);
+  model.MomentumUpdate();
+  auto out = model.Forward(at::randn({4, 1, 8, 8}), at::randn({4, 1, 8, 8}),
+                           at::randperm(4, gen, at::kLong));
+  sgd.ZeroGrad();
+  out.loss.backward();
+  sgd.Step(0.1);
+  model.Enqueue(out.all_keys);
+  CheckpointState state;
+  state.position = {0, 1, 1, 4, 0.5};
+  state.shuffle_rng_state = gen.get_state();
+  state.knn_history = {{0.5, 1, 0.25}};
+  state.spec_yaml = "seed: 5\n";
+  auto path = SaveCheckpoint(dir, model, sgd, state, 1);
+  ASSERT_TRUE(path.ok()) << path.status();
+
+  const std::string python = Env("MOMENTUM_PYTHON");
+  const std::string source = Env("MOMENTUM_SOURCE_DIR");
+  ASSERT_FALSE(python.empty() || source.empty())
+      << "run through ctest: MOMENTUM_PYTHON and MOMENTUM_SOURCE_DIR unset";
+  ProcessResult r = worker::Run(
+      {python, source + "/tests/reference/checkpoint_check.py", *path}, dir,
+      std::chrono::seconds(120));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  // The JSON line is the last line printed.
+  const std::string line =
+      r.output.substr(r.output.rfind('{', r.output.find("\"format\"")));
+  const auto json = nlohmann::json::parse(line, nullptr,
+                                          /*allow_exceptions=*/false);
+  ASSERT_FALSE(json.is_discarded()) << r.output;
+  EXPECT_EQ(json["global_step"], 1);
+  EXPECT_EQ(json["queue_ptr"], model.queue_ptr());
+  EXPECT_EQ(json["queue_shape"], (std::vector<int64_t>{8, 12}));
+  EXPECT_DOUBLE_EQ(json["queue_sum"].get<double>(),
+                   model.queue().to(at::kDouble).sum().item<double>());
+  const auto params = StateOf(*model.encoder_q());
+  EXPECT_EQ(json["encoder_q"].size(), params.size());
+  for (const auto& [name, tensor] : params) {
+    ASSERT_TRUE(json["encoder_q"].contains(name)) << name;
+    EXPECT_DOUBLE_EQ(json["encoder_q"][name].get<double>(),
+                     tensor.to(at::kDouble).sum().item<double>())
+        << name;
+  }
+  EXPECT_EQ(json["sgd_momentum"], model.encoder_q()->parameters().size());
+  EXPECT_EQ(json["knn_history"],
+            (std::vector<std::vector<double>>{{0.5, 1, 0.25}}));
+  EXPECT_EQ(json["spec"], "seed: 5\n");
   fs::remove_all(dir);
 }
 

@@ -72,7 +72,7 @@ c10::impl::GenericDict FinalState(Moco& model,
 
 int Write(const std::string& path, const c10::impl::GenericDict& dict) {
   absl::Status s = momentum::worker::WriteFileAtomically(
-      path, torch::pickle_save(c10::IValue(dict)));
+      path, momentum::worker::PickleForTorchLoad(c10::IValue(dict)));
   if (!s.ok()) {
     std::cerr << s.message() << "\n";
     return 1;
