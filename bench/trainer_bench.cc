@@ -22,7 +22,6 @@ namespace mw = momentum::worker;
 using Clock = std::chrono::steady_clock;
 
 int main(int argc, char** argv) {
-  mw::TuneMallocForTraining();
   CLI::App app{"C++ MoCo step throughput"};
   mw::MocoOptions o;
   o.encoder.width = 16;
@@ -61,7 +60,13 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"synthetic", "augment"}));
   app.add_option("--data", data);
   app.add_option("--workers", loader_threads, "loader threads (augment)");
+  bool malloc_tuning = true;
+  app.add_flag("--malloc-tuning,!--no-malloc-tuning", malloc_tuning,
+               "keep large blocks on the heap, as momentum-worker does "
+               "(worker/malloc_tuning.h)");
   CLI11_PARSE(app, argc, argv);
+  // Before the first large allocation; parsing the flags makes none.
+  if (malloc_tuning) mw::TuneMallocForTraining();
 
   // The trainer's thread layout (worker/trainer.cc).
   o.concurrent_key = concurrent_key && threads >= 2;
