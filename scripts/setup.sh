@@ -180,8 +180,11 @@ momentum_python_env() {
     fi
   ) 9>"$venv.lock"
   if [ -z "${MOMENTUM_VENV:-}" ] && [ "$(readlink "$root/.venv" 2>/dev/null)" != "$venv" ]; then
-    rm -rf "$root/.venv"
-    ln -s "$venv" "$root/.venv"
+    if [ -e "$root/.venv" ] && [ ! -L "$root/.venv" ]; then
+      echo "setup: $root/.venv exists and is not the link setup.sh makes; move it away, or set MOMENTUM_VENV=$root/.venv to install into it" >&2
+      return 1
+    fi
+    ln -sfn "$venv" "$root/.venv"
   fi
 }
 
