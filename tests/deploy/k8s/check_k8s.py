@@ -623,12 +623,19 @@ def policy_violations(objects, name, gpu, binaries):
     agent_nps = [n for n in nps if selects(n["spec"].get("podSelector"), agent_labels)]
     if not agent_nps:
         v.append(f"{name}: no NetworkPolicy selects the agent pods (c10d is unauthenticated)")
-    for n in agent_nps:
+    def ingress_rules(n):
+        """The policy's ingress rules, after the checks every policy needs:
+        Ingress among its types, and no rule open to every source."""
         if "Ingress" not in (n["spec"].get("policyTypes") or []):
             bad(n, "spec.policyTypes", "must include Ingress")
-        for i, rule in enumerate(n["spec"].get("ingress") or []):
+        rules = list(enumerate(n["spec"].get("ingress") or []))
+        for i, rule in rules:
             if not rule.get("from"):
                 bad(n, f"spec.ingress[{i}].from", "empty: allows every source")
+        return rules
+
+    for n in agent_nps:
+        for i, rule in ingress_rules(n):
             for j, peer in enumerate(rule.get("from") or []):
                 ml = (peer.get("podSelector") or {}).get("matchLabels") or {}
                 ok = (not peer.get("ipBlock") and not peer.get("namespaceSelector") and peer.get("podSelector")
@@ -642,11 +649,7 @@ def policy_violations(objects, name, gpu, binaries):
         if not cn:
             v.append(f"{name}: no NetworkPolicy selects the coordinator")
         for n in cn:
-            if "Ingress" not in (n["spec"].get("policyTypes") or []):
-                bad(n, "spec.policyTypes", "must include Ingress")
-            for i, rule in enumerate(n["spec"].get("ingress") or []):
-                if not rule.get("from"):
-                    bad(n, f"spec.ingress[{i}].from", "empty: allows every source")
+            for i, rule in ingress_rules(n):
                 if not rule.get("ports"):
                     bad(n, f"spec.ingress[{i}].ports", "empty: opens every port")
     # Every Momentum pod carries the label the agents' policy trusts.
