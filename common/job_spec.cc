@@ -131,6 +131,7 @@ constexpr Field kFields[] = {
     MOMENTUM_SPEC_FIELD(resources.nproc),
     MOMENTUM_SPEC_FIELD(resources.backend),
     MOMENTUM_SPEC_FIELD(resources.device),
+    MOMENTUM_SPEC_FIELD(resources.precision),
     MOMENTUM_SPEC_FIELD(resources.timeout_s),
     MOMENTUM_SPEC_FIELD(scheduling.priority),
     MOMENTUM_SPEC_FIELD(scheduling.max_restarts),
@@ -702,7 +703,8 @@ void CheckFields(const JobSpec& spec, RuleChecker& check) {
   check.AtLeast("resources.threads", resources.threads, 0);
   check.AtLeast("resources.nproc", resources.nproc, 1);
   check.OneOf("resources.backend", resources.backend, {"auto", "gloo", "nccl"});
-  check.OneOf("resources.device", resources.device, {"cpu", "cuda"});
+  check.OneOf("resources.device", resources.device, {"auto", "cpu", "cuda"});
+  check.OneOf("resources.precision", resources.precision, {"fp32", "bf16"});
   check.Greater("resources.timeout_s", resources.timeout_s, 0);
 
   check.InRange("scheduling.priority",
@@ -778,9 +780,9 @@ void CheckAcrossFields(const JobSpec& spec, RuleChecker& check) {
         spec.eval.knn_k, " and ", spec.eval.max_train));
   }
 
-  if (spec.resources.backend == "nccl" && spec.resources.device != "cuda") {
+  if (spec.resources.backend == "nccl" && spec.resources.device == "cpu") {
     check.Fail(absl::StrCat(
-        "resources.backend nccl requires resources.device cuda, got ",
+        "resources.backend nccl requires resources.device cuda or auto, got ",
         Quote(spec.resources.device)));
   }
 }

@@ -117,11 +117,17 @@ struct LoggingSpec {
 };
 
 struct ResourcesSpec {
-  int64_t threads = 0;           // intra-op threads; 0: all cores
-  int64_t nproc = 1;             // ranks (distributed training, later)
+  int64_t threads = 0;  // intra-op threads; 0: all cores
+  int64_t nproc = 1;    // ranks (distributed training, later)
+  // auto: NCCL on CUDA, Gloo on the CPU.
   std::string backend = "auto";  // auto | gloo | nccl
-  std::string device = "cpu";    // cpu | cuda
-  double timeout_s = 300;        // collective and store timeout
+  // auto: cuda when a GPU is visible to the rank (the coordinator resolves
+  // it at submission: cuda when it offers GPUs). Each rank owns one GPU.
+  std::string device = "auto";  // auto | cpu | cuda
+  // bf16: autocast of convolutions and matrix products to bfloat16;
+  // normalisation, logits, loss, queue and optimiser stay float32.
+  std::string precision = "fp32";  // fp32 | bf16
+  double timeout_s = 300;          // collective and store timeout
 };
 
 // How the coordinator schedules the job (ignored by a worker run alone).

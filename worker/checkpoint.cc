@@ -55,10 +55,20 @@ c10::IValue Untyped(const c10::IValue& value) {
   return value;
 }
 
+}  // namespace
+
+at::Tensor OnHost(const at::Tensor& tensor) {
+  return tensor.detach().to(at::kCPU).contiguous();
+}
+
+namespace {
+
 c10::Dict<std::string, at::Tensor> ToDict(
     const std::vector<std::pair<std::string, at::Tensor>>& state) {
   c10::Dict<std::string, at::Tensor> dict;
-  for (const auto& [name, tensor] : state) dict.insert(name, tensor.detach());
+  // Host tensors in the default layout: a checkpoint reads the same on any
+  // device.
+  for (const auto& [name, tensor] : state) dict.insert(name, OnHost(tensor));
   return dict;
 }
 
@@ -205,7 +215,7 @@ absl::StatusOr<std::string> SaveCheckpoint(const std::string& dir, Moco& model,
   root.insert("spec", state.spec_yaml);
   root.insert("encoder_q", ToDict(StateOf(*model.encoder_q())));
   root.insert("encoder_k", ToDict(StateOf(*model.encoder_k())));
-  root.insert("queue", model.queue());
+  root.insert("queue", OnHost(model.queue()));
   root.insert("queue_ptr", model.queue_ptr());
   root.insert(
       "queue_steps",
@@ -213,7 +223,7 @@ absl::StatusOr<std::string> SaveCheckpoint(const std::string& dir, Moco& model,
   c10::impl::GenericList buffers(c10::TensorType::get());
   for (const at::Tensor& b : sgd.momentum_buffers()) {
     // An empty tensor marks a parameter that has not stepped yet.
-    buffers.push_back(b.defined() ? b : at::Tensor(at::empty({0})));
+    buffers.push_back(b.defined() ? OnHost(b) : at::Tensor(at::empty({0})));
   }
   root.insert("sgd_momentum", buffers);
   const RunPosition& pos = state.position;
@@ -329,7 +339,10 @@ absl::StatusOr<CheckpointState> LoadCheckpoint(const std::string& path,
     }
     for (size_t i = 0; i < buffers.size(); ++i) {
       at::Tensor b = buffers.get(i).toTensor();
-      sgd.momentum_buffers()[i] = b.numel() == 0 ? at::Tensor() : b.clone();
+      // On the parameter's device, in its layout.
+      sgd.momentum_buffers()[i] =
+          b.numel() == 0 ? at::Tensor()
+                         : at::empty_like(sgd.params()[i]).copy_(b);
     }
     state.spec_yaml = get("spec")->toStringRef();
     // Absent from checkpoints of one-process runs written before it existed.

@@ -62,6 +62,11 @@ struct CheckpointState {
 // LibTorch's own loader (torch::pickle_load) reads both forms.
 std::vector<char> PickleForTorchLoad(const c10::IValue& value);
 
+// `tensor` as checkpoints and exports keep it: detached, in host memory, in
+// the default (contiguous) layout, so that a file written on a GPU reads on
+// a CPU and the other way round. Itself when it is that already.
+at::Tensor OnHost(const at::Tensor& tensor);
+
 // Writes `bytes` to `path` atomically: a temporary file beside it, fsync,
 // rename over `path`, fsync of the folder. Nothing is left behind on error.
 absl::Status WriteFileAtomically(const std::string& path,

@@ -51,8 +51,10 @@ absl::StatusOr<std::pair<at::Tensor, at::Tensor>> ShardFeatures(
   *total = n;
   auto [begin, end] = ShardRange(n, group.rank(), group.world_size());
   if (begin == end) {
-    return std::make_pair(at::empty({0, encoder->feature_dim()}, at::kFloat),
-                          at::empty({0}, at::kLong));
+    const at::Device device = encoder->parameters().front().device();
+    return std::make_pair(at::empty({0, encoder->feature_dim()},
+                                    at::dtype(at::kFloat).device(device)),
+                          at::empty({0}, at::dtype(at::kLong).device(device)));
   }
   ShardView shard(dataset, begin, end);
   return ExtractFeatures(encoder, shard, format, spec.batch_size,
@@ -104,6 +106,9 @@ absl::StatusOr<std::pair<at::Tensor, at::Tensor>> ExtractFeatures(
   const bool was_training = encoder->is_training();
   encoder->eval();
   EvalLoader loader(&dataset, format, batch_size, loader_threads, limit);
+  // The bank lives where the encoder does (on its GPU, in shards over the
+  // ranks, when it trains there).
+  const at::Device device = encoder->parameters().front().device();
   std::vector<at::Tensor> features, labels;
   absl::Status status;
   while (true) {
@@ -113,9 +118,9 @@ absl::StatusOr<std::pair<at::Tensor, at::Tensor>> ExtractFeatures(
       break;
     }
     if (!batch->has_value()) break;
-    at::Tensor f = encoder->features((*batch)->images);
+    at::Tensor f = encoder->features((*batch)->images.to(device));
     features.push_back(f.div(f.norm(2, 1, /*keepdim=*/true).clamp_min(1e-12)));
-    labels.push_back((*batch)->label);
+    labels.push_back((*batch)->label.to(device));
   }
   encoder->train(was_training);
   if (!status.ok()) return status;

@@ -187,8 +187,10 @@ class TrainPlan : public Plan<TrainBatch> {
     batch.step_in_epoch = step;
     // Raw buffers filled here; no ATen operator (and so no intra-op thread
     // pool) runs on a loader thread.
-    batch.query = at::empty({per_rank, channels, size, size}, at::kFloat);
-    batch.key = at::empty({per_rank, channels, size, size}, at::kFloat);
+    const at::TensorOptions views =
+        at::TensorOptions().dtype(at::kFloat).pinned_memory(o.pin_memory);
+    batch.query = at::empty({per_rank, channels, size, size}, views);
+    batch.key = at::empty({per_rank, channels, size, size}, views);
     batch.index = at::empty({per_rank}, at::kLong);
     batch.label = at::empty({per_rank}, at::kLong);
     float* query = batch.query.data_ptr<float>();

@@ -56,6 +56,9 @@ struct LoaderOptions {
   uint64_t seed = 0;
   AugmentSpec augment;
   ViewFormat format;
+  // Batches in page-locked host memory (for asynchronous copies to a GPU;
+  // needs a CUDA build and a GPU).
+  bool pin_memory = false;
 };
 
 // The permutation of [0, n) used as the order of `epoch`: Fisher-Yates with

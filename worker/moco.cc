@@ -62,18 +62,50 @@ Moco::Moco(const MocoOptions& options, at::Generator generator)
   encoder_k_->train();
 }
 
+void Moco::To(const RankDevice& where) {
+  where_ = where;
+  const bool channels_last = where.device.is_cuda();
+  for (ResNet* encoder : {&encoder_q_, &encoder_k_}) {
+    (*encoder)->to(where.device);
+    if (channels_last) {
+      at::NoGradGuard no_grad;
+      // The 4-d weights in the layout cuDNN's fastest kernels read.
+      for (at::Tensor& p : (*encoder)->parameters()) {
+        if (p.dim() == 4) {
+          p.set_data(p.data().contiguous(at::MemoryFormat::ChannelsLast));
+        }
+      }
+    }
+  }
+  queue_ = queue_.to(where.device);
+  params_q_ = encoder_q_->parameters();
+  params_k_ = encoder_k_->parameters();
+}
+
+at::Tensor Moco::Encode(ResNet& encoder, const at::Tensor& x) {
+  at::Tensor input = x.device() == where_.device
+                         ? x
+                         : x.to(where_.device, /*non_blocking=*/true);
+  if (where_.device.is_cuda()) {
+    input = input.contiguous(at::MemoryFormat::ChannelsLast);
+  }
+  AutocastScope autocast(where_);
+  return encoder->forward(input).to(at::kFloat);
+}
+
 void Moco::MomentumUpdate() {
   at::NoGradGuard no_grad;
   const double m = options_.momentum;
-  for (size_t i = 0; i < params_q_.size(); ++i) {
-    params_k_[i].mul_(m).add_(params_q_[i].detach(), 1.0 - m);
-  }
+  // θk·m + θq·(1−m), the same two roundings as mul_ then add_, in one
+  // kernel per list.
+  at::_foreach_mul_(params_k_, m);
+  at::_foreach_add_(params_k_, params_q_, 1.0 - m);
 }
 
 at::Tensor Moco::EncodeKeys(const at::Tensor& x_k, const at::Tensor& perm) {
   at::NoGradGuard no_grad;
   if (!perm.defined() || perm.numel() == 0 || options_.bn_groups == 0) {
-    return Normalize(encoder_k_->forward(x_k));
+    return Normalize(Encode(encoder_k_, x_k));
   }
   const int64_t n = x_k.size(0);
   TORCH_CHECK(perm.numel() == n, "shuffle permutation has ", perm.numel(),
@@ -84,7 +116,7 @@ at::Tensor Moco::EncodeKeys(const at::Tensor& x_k, const at::Tensor& perm) {
   at::Tensor shuffled = x_k.index_select(0, perm);
   std::vector<at::Tensor> parts;
   for (const at::Tensor& chunk : shuffled.chunk(groups, 0)) {
-    parts.push_back(encoder_k_->forward(chunk));
+    parts.push_back(Encode(encoder_k_, chunk));
   }
   at::Tensor k = at::cat(parts, 0);
   at::Tensor inverse = at::empty_like(perm);
@@ -111,7 +143,7 @@ at::Tensor Moco::EncodeKeysAcrossRanks(const at::Tensor& x_k,
               " BatchNorm groups");
   std::vector<at::Tensor> parts;
   for (const at::Tensor& chunk : mine.chunk(groups, 0)) {
-    parts.push_back(encoder_k_->forward(chunk));
+    parts.push_back(Encode(encoder_k_, chunk));
   }
   auto keys = group_->AllGather(at::cat(parts, 0).contiguous());
   TORCH_CHECK(keys.ok(), "gathering the keys: ", keys.status().ToString());
@@ -131,12 +163,12 @@ absl::Status Moco::AverageGradients() {
 
 at::Tensor Moco::EncodeQueries(const at::Tensor& x_q) {
   const int64_t groups = options_.query_bn_groups;
-  if (groups <= 1) return Normalize(encoder_q_->forward(x_q));
+  if (groups <= 1) return Normalize(Encode(encoder_q_, x_q));
   TORCH_CHECK(x_q.size(0) % groups == 0, "query batch ", x_q.size(0),
               " not divisible into ", groups, " BatchNorm groups");
   std::vector<at::Tensor> parts;
   for (const at::Tensor& chunk : x_q.chunk(groups, 0)) {
-    parts.push_back(encoder_q_->forward(chunk));
+    parts.push_back(Encode(encoder_q_, chunk));
   }
   return Normalize(at::cat(parts, 0));
 }
@@ -184,15 +216,22 @@ Moco::Output Moco::Forward(const at::Tensor& x_q, const at::Tensor& x_k,
   return out;
 }
 
-void Moco::Enqueue(const at::Tensor& keys) {
+void Moco::Enqueue(const at::Tensor& keys, const at::Tensor& found_inf) {
   at::NoGradGuard no_grad;
   const int64_t n = keys.size(0);
   const int64_t k = options_.queue_size;
   // With more keys than slots only the last K survive, as if written one by
   // one.
   const int64_t skip = n > k ? n - k : 0;
-  at::Tensor idx = (at::arange(skip, n, at::kLong) + queue_ptr_).remainder_(k);
-  queue_.index_copy_(1, idx, keys.slice(0, skip).t().to(queue_.dtype()));
+  at::Tensor idx =
+      (at::arange(skip, n, queue_.options().dtype(at::kLong)) + queue_ptr_)
+          .remainder_(k);
+  at::Tensor columns = keys.slice(0, skip).t().to(queue_.options());
+  if (found_inf.defined()) {
+    columns = at::where(found_inf.to(queue_.device()).ne(0),
+                        queue_.index_select(1, idx), columns);
+  }
+  queue_.index_copy_(1, idx, columns);
   ++enqueued_steps_;
   for (int64_t i = skip; i < n; ++i) {
     queue_slot_steps_[(queue_ptr_ + i) % k] = enqueued_steps_;

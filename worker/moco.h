@@ -31,6 +31,7 @@
 
 #include "absl/status/status.h"
 #include "common/job_spec.h"
+#include "worker/device.h"
 #include "worker/resnet.h"
 
 namespace momentum::worker {
@@ -102,6 +103,14 @@ class Moco {
   void SetProcessGroup(ProcessGroup* group) { group_ = group; }
   ProcessGroup* process_group() const { return group_; }
 
+  // Moves both encoders and the queue to `where.device` (channels_last on
+  // CUDA) and autocasts the encoders to bfloat16 from now on when
+  // `where.bf16`; the features leave the encoders as float32, so that the
+  // normalisation, logits, loss and queue stay float32. Call before making
+  // an optimiser of the parameters.
+  void To(const RankDevice& where);
+  const RankDevice& where() const { return where_; }
+
   // θk ← m·θk + (1−m)·θq over the parameters (not the BatchNorm statistics).
   void MomentumUpdate();
   // Normalised keys of x_k. With `perm` defined (a permutation of [0, N)),
@@ -126,10 +135,13 @@ class Moco {
   Output Forward(const at::Tensor& x_q, const at::Tensor& x_k,
                  const at::Tensor& perm);
   // Writes keys [N, dim] into the queue at the pointer (wrapping around) and
-  // advances it by N modulo K. Counts as one step of the queue's age
+  // advances it by N modulo K. With `found_inf` (a one-element tensor on the
+  // queue's device) the slots keep their keys where it is not 0, decided on
+  // the device; the pointer and the ages advance all the same (a trainer
+  // rolls such a step back). Counts as one step of the queue's age
   // bookkeeping: the slots written get step enqueued_steps() + 1 (a
   // trainer calls it once per global step, so that is the global step).
-  void Enqueue(const at::Tensor& keys);
+  void Enqueue(const at::Tensor& keys, const at::Tensor& found_inf = {});
 
   // Enqueue() calls so far (the group's global step after the last one).
   int64_t enqueued_steps() const { return enqueued_steps_; }
@@ -162,6 +174,9 @@ class Moco {
   std::vector<int64_t> queue_slot_steps_;  // K entries
   std::vector<at::Tensor> params_q_, params_k_;
   ProcessGroup* group_ = nullptr;
+  RankDevice where_;
+  // encoder->forward(x) under the autocast of where_, as float32.
+  at::Tensor Encode(ResNet& encoder, const at::Tensor& x);
 };
 
 // InfoNCE logits [N, 1+K] = [q·k, q·queue] / T and the cross-entropy loss with

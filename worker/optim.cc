@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 
 namespace momentum::worker {
 
@@ -17,24 +18,25 @@ void Sgd::ZeroGrad() {
   }
 }
 
-void Sgd::Step(double lr) {
+void Sgd::Step(double lr, const at::Tensor& found_inf) {
   at::NoGradGuard no_grad;
+  std::vector<at::Tensor> params, grads, buffers;
   for (size_t i = 0; i < params_.size(); ++i) {
-    at::Tensor& p = params_[i];
-    const at::Tensor& grad = p.grad();
+    const at::Tensor& grad = params_[i].grad();
     if (!grad.defined()) continue;
-    at::Tensor d = weight_decay_ != 0 ? grad.add(p, weight_decay_) : grad;
-    at::Tensor& buf = buffers_[i];
+    params.push_back(params_[i]);
+    grads.push_back(grad);
     if (momentum_ != 0) {
-      if (!buf.defined()) {
-        buf = d.clone();
-      } else {
-        buf.mul_(momentum_).add_(d);
-      }
-      d = buf;
+      if (!buffers_[i].defined()) buffers_[i] = at::zeros_like(params_[i]);
+      buffers.push_back(buffers_[i]);
     }
-    p.add_(d, -lr);
   }
+  if (params.empty()) return;
+  std::optional<at::Tensor> skip;
+  if (found_inf.defined()) skip = found_inf;
+  at::_fused_sgd_(params, grads, buffers, weight_decay_, momentum_, lr,
+                  /*dampening=*/0, /*nesterov=*/false, /*maximize=*/false,
+                  /*is_first_step=*/false, /*grad_scale=*/std::nullopt, skip);
 }
 
 double RunFraction(const OptimSpec& spec, const Progress& progress, bool end) {

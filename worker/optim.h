@@ -21,15 +21,22 @@
 
 namespace momentum::worker {
 
-// Not thread-safe. The momentum buffers are created on the first Step().
+// Not thread-safe. The momentum buffers are created on the first Step(), as
+// zeros: with dampening 0, buf ← momentum·0 + d is the first step's buf = d,
+// bit for bit.
 class Sgd {
  public:
   Sgd(std::vector<at::Tensor> params, double momentum, double weight_decay);
 
   void ZeroGrad();
   // p ← p − lr·buf, buf ← momentum·buf + (grad + wd·p) (buf = grad + wd·p on
-  // the first step). Parameters without a gradient are skipped.
-  void Step(double lr);
+  // the first step). Parameters without a gradient are skipped. One fused
+  // kernel per device and dtype (torch.optim.SGD's fused=True), which
+  // equals the per-tensor update bit for bit on the CPU. With `found_inf`
+  // (a one-element float tensor on the parameters' device) the update,
+  // momentum included, happens only where it holds 0, decided on the device
+  // without waiting for it.
+  void Step(double lr, const at::Tensor& found_inf = at::Tensor());
 
   const std::vector<at::Tensor>& params() const { return params_; }
   // One per parameter; undefined until the parameter's first step.

@@ -107,6 +107,15 @@ bool IsLoopback(const std::string& host) {
   return absl::StartsWith(host, "127.") || host == "localhost" || host == "::1";
 }
 
+// Where `options.backend` keeps its tensors: the rank's GPU for NCCL.
+at::Device BackendDevice(const DistOptions& options) {
+  if (options.backend != "nccl") return at::Device(at::kCPU);
+  return at::Device(at::kCUDA,
+                    static_cast<c10::DeviceIndex>(options.cuda_device >= 0
+                                                      ? options.cuda_device
+                                                      : options.local_rank));
+}
+
 // The one place that knows the backends: builds `options.backend` for this
 // rank over `store`, blocking until every rank has joined. Throws what c10d
 // throws.
@@ -127,10 +136,9 @@ c10::intrusive_ptr<CollectiveBackend> MakeBackend(
     // signal and restarts the gang from the newest checkpoint; a rank that
     // is itself stuck (SIGSTOP) is named by the coordinator's hang timeout.
     ::setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3", /*overwrite=*/1);
-    // One GPU per rank, picked by its rank on the machine; the trainer's
-    // tensors live there.
-    const at::Device device(at::kCUDA,
-                            static_cast<c10::DeviceIndex>(options.local_rank));
+    // One GPU per rank (worker/device.h picks it); the trainer's tensors
+    // live there.
+    const at::Device device = BackendDevice(options);
     c10::cuda::set_device(device.index());
     auto nccl = c10d::ProcessGroupNCCL::Options::create();
     nccl->timeout = options.timeout;
@@ -243,6 +251,9 @@ absl::StatusOr<DistOptions> DistOptionsFromEnv() {
 }
 
 struct ProcessGroup::Impl {
+  // Where the backend's tensors live: the CPU for Gloo, the rank's GPU for
+  // NCCL.
+  at::Device device = at::Device(at::kCPU);
   c10::intrusive_ptr<c10d::Store> store;
   // Declared after the store so that it is destroyed first.
   c10::intrusive_ptr<CollectiveBackend> backend;
@@ -260,7 +271,7 @@ ProcessGroup::~ProcessGroup() = default;
 absl::StatusOr<std::unique_ptr<ProcessGroup>> ProcessGroup::Create(
     const DistOptions& options) {
   MOMENTUM_RETURN_IF_ERROR(ValidateOptions(options));
-  if (options.world_size == 1) {
+  if (options.world_size == 1 && !options.open_single) {
     return std::unique_ptr<ProcessGroup>(new ProcessGroup(options, nullptr));
   }
   if (options.master_addr.empty()) {
@@ -299,7 +310,7 @@ absl::StatusOr<std::unique_ptr<ProcessGroup>> ProcessGroup::Create(
     const DistOptions& options, c10::intrusive_ptr<c10d::Store> store) {
   MOMENTUM_RETURN_IF_ERROR(ValidateOptions(options));
   if (!store) return absl::InvalidArgumentError("store must not be null");
-  if (options.world_size == 1) {
+  if (options.world_size == 1 && !options.open_single) {
     return std::unique_ptr<ProcessGroup>(new ProcessGroup(options, nullptr));
   }
   std::string address = "the given store";
@@ -325,6 +336,7 @@ absl::StatusOr<std::unique_ptr<ProcessGroup>> ProcessGroup::Join(
       c10::make_intrusive<c10d::PrefixStore>("momentum/", std::move(store));
   try {
     impl->backend = MakeBackend(options, impl->store, host);
+    impl->device = BackendDevice(options);
   } catch (...) {
     return StatusFromException(
         std::current_exception(),
@@ -346,11 +358,17 @@ absl::Status ProcessGroup::RunCollective(absl::string_view op, StartFn start) {
   const auto begin = std::chrono::steady_clock::now();
   try {
     c10::intrusive_ptr<c10d::Work> work = start();
-    // Gloo bounds each collective by the timeout itself and throws
-    // (c10d::TimeoutError in 2.x, a c10::DistNetworkError). NCCL's watchdog
-    // ends the process at the timeout (MakeBackend). The longer bound here
-    // only keeps a backend that does neither from hanging.
-    work->wait(2 * timeout_);
+    if (impl_->device.is_cuda()) {
+      // NCCL: the current stream waits for the collective, the host does
+      // not (a wait with a timeout would block the host until the device is
+      // done); NCCL's watchdog ends the process at the timeout (MakeBackend).
+      work->wait();
+    } else {
+      // Gloo bounds each collective by the timeout itself and throws
+      // (c10d::TimeoutError in 2.x, a c10::DistNetworkError). The longer
+      // bound here only keeps a backend that does not from hanging.
+      work->wait(2 * timeout_);
+    }
   } catch (...) {
     broken_ = StatusFromException(std::current_exception(), context);
     return broken_;
@@ -366,8 +384,8 @@ absl::StatusOr<at::Tensor> ProcessGroup::AllGather(const at::Tensor& local) {
     return absl::InvalidArgumentError(
         "AllGather needs a tensor with at least one dimension");
   }
-  if (world_size_ == 1) return local.clone();
-  at::Tensor input = local.contiguous();
+  if (is_local()) return local.clone();
+  at::Tensor input = OnBackendDevice(local).contiguous();
   std::vector<int64_t> shape = input.sizes().vec();
   const int64_t rows = shape[0];
   shape[0] *= world_size_;
@@ -383,7 +401,7 @@ absl::StatusOr<at::Tensor> ProcessGroup::AllGather(const at::Tensor& local) {
   MOMENTUM_RETURN_IF_ERROR(RunCollective("AllGather", [&] {
     return impl_->backend->allgather(outputs, inputs, opts);
   }));
-  return result;
+  return result.to(local.device());
 }
 
 absl::Status ProcessGroup::Broadcast(at::Tensor& tensor, int64_t root) {
@@ -394,9 +412,9 @@ absl::Status ProcessGroup::Broadcast(at::Tensor& tensor, int64_t root) {
     return absl::InvalidArgumentError(absl::StrCat(
         "Broadcast root must be in [0, ", world_size_, "), got ", root));
   }
-  if (world_size_ == 1) return absl::OkStatus();
+  if (is_local()) return absl::OkStatus();
   // The backends write into the tensor's storage as if it were dense.
-  at::Tensor buffer = tensor.contiguous();
+  at::Tensor buffer = OnBackendDevice(tensor).contiguous();
   std::vector<at::Tensor> tensors{buffer};
   c10d::BroadcastOptions opts;
   opts.rootRank = root;
@@ -427,7 +445,7 @@ absl::Status ProcessGroup::AllReduceMean(std::vector<at::Tensor>& tensors,
               : std::string("undefined")));
     }
   }
-  if (world_size_ == 1) return absl::OkStatus();
+  if (is_local()) return absl::OkStatus();
   at::NoGradGuard no_grad;
   size_t begin = 0;
   while (begin < tensors.size()) {
@@ -452,7 +470,8 @@ absl::Status ProcessGroup::AllReduceBucket(std::vector<at::Tensor>& tensors,
                                            size_t begin, size_t end) {
   // A lone dense tensor is reduced in place; otherwise the bucket is copied
   // into one flat buffer and back.
-  const bool in_place = end - begin == 1 && tensors[begin].is_contiguous();
+  const bool in_place = end - begin == 1 && tensors[begin].is_contiguous() &&
+                        tensors[begin].device() == impl_->device;
   at::Tensor flat;
   if (in_place) {
     flat = tensors[begin];
@@ -461,7 +480,7 @@ absl::Status ProcessGroup::AllReduceBucket(std::vector<at::Tensor>& tensors,
     for (size_t i = begin; i < end; ++i) {
       pieces.push_back(tensors[i].reshape(-1));
     }
-    flat = at::cat(pieces);
+    flat = OnBackendDevice(at::cat(pieces));
   }
   // Divided before the sum, as DistributedDataParallel does: with three or
   // more ranks the rounding then matches PyTorch's bit for bit.
@@ -484,8 +503,12 @@ absl::Status ProcessGroup::AllReduceBucket(std::vector<at::Tensor>& tensors,
   return absl::OkStatus();
 }
 
+at::Tensor ProcessGroup::OnBackendDevice(const at::Tensor& tensor) const {
+  return tensor.device() == impl_->device ? tensor : tensor.to(impl_->device);
+}
+
 absl::Status ProcessGroup::Barrier() {
-  if (world_size_ == 1) return absl::OkStatus();
+  if (is_local()) return absl::OkStatus();
   c10d::BarrierOptions opts;
   opts.timeout = timeout_;
   return RunCollective("Barrier",

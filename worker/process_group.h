@@ -2,7 +2,10 @@
 // a c10d TCPStore, then blocking collectives (all-gather, broadcast, bucketed
 // all-reduce mean, barrier) that return absl::Status instead of throwing.
 // Gloo on CPU; NCCL on CUDA in a build with MOMENTUM_WITH_CUDA. With one rank
-// every collective is a local no-op and nothing is opened.
+// every collective is a local no-op and nothing is opened (unless
+// DistOptions::open_single). A tensor on another device than the backend's
+// goes through a copy on the backend's device: host tensors through the GPU
+// with NCCL, CUDA tensors through host memory with Gloo.
 //
 // Usage, one rank of a job started by torchrun or the launcher:
 //   MOMENTUM_ASSIGN_OR_RETURN(DistOptions options, DistOptionsFromEnv());
@@ -45,6 +48,13 @@ struct DistOptions {
   // Bounds the rendezvous and every collective.
   std::chrono::milliseconds timeout{300000};
   std::string backend = "gloo";  // "gloo", or "nccl" with MOMENTUM_WITH_CUDA
+  // The CUDA device of this rank with NCCL; -1: local_rank
+  // (worker/device.h resolves it).
+  int64_t cuda_device = -1;
+  // Opens the backend even for a group of one rank, whose collectives
+  // then run through it (checks of a backend on one GPU); otherwise one
+  // rank opens nothing.
+  bool open_single = false;
   // The address this rank's Gloo connections bind and its peers reach it at
   // (MOMENTUM_LOCAL_ADDR; a node agent sets its advertised address). Empty:
   // loopback when the store is on loopback, else the address the hostname
@@ -131,6 +141,11 @@ class ProcessGroup {
                                size_t end);
   template <typename StartFn>
   absl::Status RunCollective(absl::string_view op, StartFn start);
+
+  // `tensor` on the backend's device: itself, or a copy there.
+  at::Tensor OnBackendDevice(const at::Tensor& tensor) const;
+  // True when collectives are local no-ops (one rank, nothing opened).
+  bool is_local() const { return impl_ == nullptr; }
 
   int64_t rank_;
   int64_t world_size_;

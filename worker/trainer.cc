@@ -102,13 +102,10 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(
         std::to_string(spec.optim.batch_size) + " and " +
         std::to_string(world));
   }
-  if (spec.resources.device != "cpu") {
-    return absl::InvalidArgumentError(
-        "resources.device must be cpu: the trainer of this release runs on "
-        "the CPU only, also when momentum-worker is built with CUDA, got " +
-        spec.resources.device);
-  }
+  auto where = ResolveRankDevice(spec.resources, dist.local_rank);
+  if (!where.ok()) return where.status();
   std::unique_ptr<Trainer> trainer(new Trainer(spec, dist));
+  trainer->where_ = *where;
   if (const char* step = std::getenv("MOMENTUM_FAULT_NAN_STEP")) {
     trainer->inject_nan_step_ = std::atoll(step);
   }
@@ -143,10 +140,13 @@ absl::Status Trainer::Init() {
   format_ =
       ResolveViewFormat(spec_.data, *data_.train, spec_.model.in_channels);
 
+  PrepareDevice(where_);
   if (world > 1) {
     DistOptions options = dist_;
     options.timeout = std::chrono::milliseconds(
         static_cast<int64_t>(spec_.resources.timeout_s * 1000));
+    options.backend = where_.backend;
+    if (where_.device.is_cuda()) options.cuda_device = where_.device.index();
     auto group = ProcessGroup::Create(options);
     if (!group.ok()) return group.status();
     group_ = std::move(*group);
@@ -161,6 +161,8 @@ absl::Status Trainer::Init() {
   lo.seed = spec_.seed;
   lo.augment = spec_.data.augment;
   lo.format = format_;
+  // Page-locked batches copy to the GPU without the host waiting.
+  lo.pin_memory = where_.device.is_cuda();
   loader_ = std::make_unique<TrainLoader>(data_.train.get(), lo);
   steps_per_epoch_ = loader_->steps_per_epoch();
   if (steps_per_epoch_ == 0) {
@@ -174,6 +176,8 @@ absl::Status Trainer::Init() {
   at::Generator init_rng = at::make_generator<at::CPUGeneratorImpl>(spec_.seed);
   MocoOptions mo = MocoOptionsFromSpec(spec_, world);
   model_ = std::make_unique<Moco>(mo, init_rng);
+  // Initialised on the CPU (the same values on every device), then moved.
+  model_->To(where_);
   model_->SetProcessGroup(group_.get());
   sgd_ = std::make_unique<Sgd>(model_->encoder_q()->parameters(),
                                spec_.optim.momentum, spec_.optim.weight_decay);
@@ -383,10 +387,12 @@ absl::StatusOr<TrainSummary> Trainer::Run(const std::atomic<bool>* stop,
   std::ofstream metrics;
   if (lead()) metrics.open(metrics_path, std::ios::app);
 
-  auto bound_reached = [&]() -> std::string {
+  // `timed`: the time bound counts too.
+  auto bound_reached = [&](bool timed) -> std::string {
     if (optim.epochs > 0 && pos.epoch >= optim.epochs) return "epochs";
     if (optim.steps > 0 && pos.global_step >= optim.steps) return "steps";
-    if (optim.time_budget_s > 0 && pos.train_seconds >= optim.time_budget_s) {
+    if (timed && optim.time_budget_s > 0 &&
+        pos.train_seconds >= optim.time_budget_s) {
       return "time_budget";
     }
     return "";
@@ -396,8 +402,24 @@ absl::StatusOr<TrainSummary> Trainer::Run(const std::atomic<bool>* stop,
   int64_t steps_this_call = 0;
   double window_seconds = 0, last_step_seconds = 0;
   int64_t window_images = 0;
-  double window_loss = 0;
   int64_t window_steps = 0;
+  // What the steps leave on the device, read by settle() only: the step
+  // never waits for the device. found_inf: the last step's gradients were
+  // not finite (the optimiser and the enqueue skip it on the device);
+  // first_bad: the first such step since the last settle() and its loss (-1:
+  // none); the window's summed loss, the last step's loss and health.
+  const at::TensorOptions doubles =
+      at::TensorOptions().dtype(at::kDouble).device(where_.device);
+  at::Tensor found_inf = at::zeros(
+      {1}, at::TensorOptions().dtype(at::kFloat).device(where_.device));
+  const at::Tensor unit_scale = at::ones({1}, found_inf.options());
+  at::Tensor first_bad = at::full({2}, -1.0, doubles);
+  at::Tensor window_loss_sum = at::zeros({1}, doubles);
+  at::Tensor last_loss = at::zeros({1}, doubles);
+  at::Tensor last_health = at::zeros({4}, doubles);
+  // Their values as of the last settle().
+  double window_loss = 0, loss_value = 0;
+  BatchHealth health;
   StepPhases window_phases, run_phases;
   auto comm_seconds = [this] {
     return group_ != nullptr ? group_->collective_seconds() : 0.0;
@@ -407,14 +429,13 @@ absl::StatusOr<TrainSummary> Trainer::Run(const std::atomic<bool>* stop,
   // Reloads the newest checkpoint that loads, with the learning rate scaled
   // down, after a step every rank judged bad alike (non-finite gradients,
   // collapsed features); errors when it may not or cannot.
-  auto roll_back = [&](const std::string& what,
-                       const nlohmann::json& values) -> absl::Status {
+  auto roll_back = [&](const std::string& what, const nlohmann::json& values,
+                       int64_t bad_step) -> absl::Status {
     if (state.rollbacks >= spec_.faults.max_rollbacks) {
       return absl::InternalError(
           absl::StrCat(what, "; rolled back ", state.rollbacks,
                        " times already (faults.max_rollbacks)"));
     }
-    const int64_t bad_step = pos.global_step;
     int64_t written_by = 0;
     auto back = RestoreNewest(ckpt_dir, &state, &written_by);
     if (!back.ok()) return back.status();
@@ -429,8 +450,9 @@ absl::StatusOr<TrainSummary> Trainer::Run(const std::atomic<bool>* stop,
     last_ckpt_step = pos.global_step;
     window_seconds = 0;
     window_images = 0;
-    window_loss = 0;
     window_steps = 0;
+    window_loss_sum.zero_();
+    first_bad.fill_(-1);
     window_phases = StepPhases();
     if (lead()) {
       TruncateMetrics(metrics_path, pos.global_step);
@@ -449,11 +471,56 @@ absl::StatusOr<TrainSummary> Trainer::Run(const std::atomic<bool>* stop,
     loader_->StartEpoch(pos.epoch, pos.step_in_epoch);
     return absl::OkStatus();
   };
+  // Waits for the device and reads what the steps since the last call left
+  // there. A non-finite step among them fails the run
+  // (faults.on_nonfinite fail) or rolls it back: true. Every rank holds the
+  // same averaged gradients, so every rank decides alike. Called where the
+  // run logs, checkpoints, evaluates or ends, before anything of a skipped
+  // step could be kept.
+  auto settle = [&]() -> absl::StatusOr<bool> {
+    const auto begin = Clock::now();
+    const at::Tensor host =
+        at::cat({first_bad, window_loss_sum, last_loss, last_health})
+            .to(at::kCPU);
+    // The device's work of the steps, which their host clocks did not see
+    // (on CUDA the phases time the host); it counts as the optimizer's, the
+    // phase whose work the device finishes last.
+    const double waited = Seconds(begin, Clock::now());
+    pos.train_seconds += waited;
+    window_seconds += waited;
+    window_phases.optimizer += waited;
+    run_phases.optimizer += waited;
+    const double* v = host.data_ptr<double>();
+    window_loss = v[2];
+    loss_value = v[3];
+    health = {v[4], v[5], v[6], v[7]};
+    last_report_.positive_logit_mean = health.positive_logit_mean;
+    last_report_.negative_logit_mean = health.negative_logit_mean;
+    last_report_.feature_std_mean = health.feature_std_mean;
+    last_report_.feature_std_min = health.feature_std_min;
+    if (v[0] < 0) return false;
+    const int64_t bad_step = static_cast<int64_t>(v[0]);
+    const std::string what = absl::StrCat("the gradients of step ", bad_step,
+                                          " are not finite (loss on rank ",
+                                          dist_.rank, ": ", v[1], ")");
+    if (spec_.faults.on_nonfinite == "fail") {
+      return absl::InternalError(what + "; learning rate too high?");
+    }
+    absl::Status s = roll_back(what, {{"loss", v[1]}}, bad_step);
+    if (!s.ok()) return s;
+    return true;
+  };
+  // With NCCL the ranks agree on the time and on stopping at logging steps
+  // only: the agreement is a host value, and each one waits for the device.
+  const bool agree_each_step = where_.backend != "nccl";
   std::string reason;
   while (true) {
     const double comm_at_top = comm_seconds();
-    bool stop_requested = stop != nullptr && stop->load();
-    if (group_ != nullptr) {
+    // Time and signals count only where every rank sees the same values.
+    const bool agreed = group_ == nullptr || agree_each_step ||
+                        pos.global_step % spec_.logging.every_steps == 0;
+    bool stop_requested = agreed && stop != nullptr && stop->load();
+    if (group_ != nullptr && agreed) {
       // The ranks agree on the training time (their mean; it drives the time
       // bound and the schedule) and stop together when any was asked to.
       std::vector<at::Tensor> shared = {at::tensor(
@@ -463,15 +530,18 @@ absl::StatusOr<TrainSummary> Trainer::Run(const std::atomic<bool>* stop,
       pos.train_seconds = shared[0][0].item<double>();
       stop_requested = shared[0][1].item<double>() > 0;
     }
-    reason = bound_reached();
-    if (!reason.empty()) break;
-    if (stop_requested) {
-      reason = "signal";
-      break;
-    }
-    if (max_steps_this_call > 0 && steps_this_call >= max_steps_this_call) {
+    reason = bound_reached(agreed);
+    if (reason.empty() && stop_requested) reason = "signal";
+    if (reason.empty() && max_steps_this_call > 0 &&
+        steps_this_call >= max_steps_this_call) {
       reason = "limit";
-      break;
+    }
+    if (!reason.empty() || pos.step_in_epoch == steps_per_epoch_) {
+      // The run ends, evaluates or checkpoints: only after good steps.
+      auto rolled_back = settle();
+      if (!rolled_back.ok()) return rolled_back.status();
+      if (*rolled_back) continue;
+      if (!reason.empty()) break;
     }
     if (pos.step_in_epoch == steps_per_epoch_) {
       // Epoch end: evaluate if due, then move on and checkpoint the new
@@ -500,10 +570,13 @@ absl::StatusOr<TrainSummary> Trainer::Run(const std::atomic<bool>* stop,
     const double comm_at_start = comm_seconds();
     auto batch_or = loader_->Next();
     if (!batch_or.ok()) return batch_or.status();
+    TrainBatch& b = *batch_or;
+    // Asynchronous from page-locked memory on CUDA; a no-op on the CPU.
+    const at::Tensor x_q = b.query.to(where_.device, /*non_blocking=*/true);
+    const at::Tensor x_k = b.key.to(where_.device, /*non_blocking=*/true);
     const auto data_done = Clock::now();
     Clock::time_point momentum_done, forward_done, backward_done, averaged_done;
     double comm_before_forward = 0, comm_after_forward = 0;
-    TrainBatch& b = *batch_or;
     Progress progress;
     progress.step = pos.global_step;
     progress.steps_per_epoch = steps_per_epoch_;
@@ -511,9 +584,6 @@ absl::StatusOr<TrainSummary> Trainer::Run(const std::atomic<bool>* stop,
     progress.step_seconds = last_step_seconds;
     const double lr = LearningRate(optim, progress) * state.lr_scale;
 
-    double loss_value = 0;
-    bool grads_finite = true;
-    BatchHealth health;
     try {
       model_->MomentumUpdate();
       momentum_done = Clock::now();
@@ -523,14 +593,16 @@ absl::StatusOr<TrainSummary> Trainer::Run(const std::atomic<bool>* stop,
         // One permutation of the group's batch drawn on rank 0 (moco.bn
         // shuffle), or of each rank's own batch (split).
         const bool across = model_->options().shuffle_across_ranks;
+        // Drawn on the host generator, the same on every device.
         perm = at::randperm(across ? batch : b.key.size(0), shuffle_rng_,
-                            at::kLong);
+                            at::kLong)
+                   .to(where_.device);
         if (across && group_ != nullptr) {
           absl::Status s = group_->Broadcast(perm, 0);
           if (!s.ok()) return s;
         }
       }
-      Moco::Output out = model_->Forward(b.query, b.key, perm);
+      Moco::Output out = model_->Forward(x_q, x_k, perm);
       forward_done = Clock::now();
       comm_after_forward = comm_seconds();
       if (pos.global_step == inject_nan_step_ && state.rollbacks == 0 &&
@@ -543,41 +615,34 @@ absl::StatusOr<TrainSummary> Trainer::Run(const std::atomic<bool>* stop,
       absl::Status averaged = model_->AverageGradients();
       if (!averaged.ok()) return averaged;
       averaged_done = Clock::now();
-      loss_value = out.loss.item<double>();
       // Every rank holds the same averaged gradients: one test, one decision
-      // on all ranks, before anything is updated.
-      at::Tensor total = at::zeros({}, at::kDouble);
+      // on all ranks, made on the device before anything is updated.
+      std::vector<at::Tensor> grads;
       for (const at::Tensor& p : model_->encoder_q()->parameters()) {
-        if (p.grad().defined()) total += p.grad().sum(at::kDouble);
+        if (p.grad().defined()) grads.push_back(p.grad());
       }
-      grads_finite = std::isfinite(total.item<double>());
-      if (grads_finite) {
-        sgd_->Step(lr);
-        model_->Enqueue(out.all_keys);
-        health = ReadBatchHealth(out.health);
-      }
+      found_inf.zero_();
+      at::_amp_foreach_non_finite_check_and_unscale_(grads, found_inf,
+                                                     unit_scale);
+      sgd_->Step(lr, found_inf);
+      model_->Enqueue(out.all_keys, found_inf);
+      const at::Tensor loss = out.loss.detach().to(at::kDouble).reshape({1});
+      window_loss_sum.add_(loss);
+      last_loss.copy_(loss);
+      last_health.copy_(out.health);
+      const at::Tensor first =
+          found_inf.ne(0).logical_and(first_bad.narrow(0, 0, 1).lt(0));
+      first_bad.copy_(at::where(
+          first,
+          at::cat({at::full({1}, static_cast<double>(pos.global_step), doubles),
+                   loss}),
+          first_bad));
     } catch (const c10::Error& e) {
       return absl::InternalError("training step " +
                                  std::to_string(pos.global_step) + ": " +
                                  e.what_without_backtrace());
     }
     const auto step_done = Clock::now();
-    if (!grads_finite) {
-      const std::string what = absl::StrCat(
-          "the gradients of step ", pos.global_step,
-          " are not finite (loss on rank ", dist_.rank, ": ", loss_value, ")");
-      if (spec_.faults.on_nonfinite == "fail") {
-        return absl::InternalError(what + "; learning rate too high?");
-      }
-      absl::Status s = roll_back(what, {{"loss", loss_value}});
-      if (!s.ok()) return s;
-      continue;
-    }
-    if (!std::isfinite(loss_value)) {
-      return absl::InternalError("loss is " + std::to_string(loss_value) +
-                                 " at step " + std::to_string(pos.global_step) +
-                                 " (learning rate too high?)");
-    }
     last_step_seconds = Seconds(step_start, step_done);
     StepPhases phases;
     const double comm_in_forward = comm_after_forward - comm_before_forward;
@@ -600,7 +665,6 @@ absl::StatusOr<TrainSummary> Trainer::Run(const std::atomic<bool>* stop,
     ++steps_this_call;
     window_seconds += last_step_seconds;
     window_images += batch;
-    window_loss += loss_value;
     ++window_steps;
     // The series of the last step (worker/step_report.h); the window's
     // fields follow when the window closes.
@@ -608,14 +672,19 @@ absl::StatusOr<TrainSummary> Trainer::Run(const std::atomic<bool>* stop,
     last_report_.epoch =
         pos.epoch + static_cast<double>(pos.step_in_epoch) / steps_per_epoch_;
     last_report_.learning_rate = lr;
-    last_report_.positive_logit_mean = health.positive_logit_mean;
-    last_report_.negative_logit_mean = health.negative_logit_mean;
-    last_report_.feature_std_mean = health.feature_std_mean;
-    last_report_.feature_std_min = health.feature_std_min;
     last_report_.queue_staleness_steps = model_->QueueStaleness();
 
     if (pos.global_step % spec_.logging.every_steps == 0) {
+      auto rolled_back = settle();
+      if (!rolled_back.ok()) return rolled_back.status();
+      if (*rolled_back) continue;
       const double rank_loss = window_loss / window_steps;
+      if (!std::isfinite(rank_loss)) {
+        return absl::InternalError(
+            absl::StrCat("loss is ", rank_loss, " over steps ",
+                         pos.global_step - window_steps, " to ",
+                         pos.global_step - 1, " (learning rate too high?)"));
+      }
       double step_loss = loss_value, mean_loss = rank_loss;
       double group_std = health.feature_std_mean;
       if (group_ != nullptr) {
@@ -695,20 +764,23 @@ absl::StatusOr<TrainSummary> Trainer::Run(const std::atomic<bool>* stop,
       Report(report);
       window_seconds = 0;
       window_images = 0;
-      window_loss = 0;
+      window_loss_sum.zero_();
       window_steps = 0;
       window_phases = StepPhases();
       if (!collapse.empty()) {
         if (spec_.faults.on_collapse == "fail") {
           return absl::InternalError(collapse + " (faults.on_collapse: fail)");
         }
-        absl::Status s = roll_back(collapse, collapse_values);
+        absl::Status s = roll_back(collapse, collapse_values, pos.global_step);
         if (!s.ok()) return s;
         continue;
       }
     }
     if (spec_.checkpoint.every_steps > 0 &&
         pos.global_step % spec_.checkpoint.every_steps == 0) {
+      auto rolled_back = settle();
+      if (!rolled_back.ok()) return rolled_back.status();
+      if (*rolled_back) continue;
       auto path = Checkpoint(&state);
       if (!path.ok()) return path.status();
       summary.checkpoint = *path;

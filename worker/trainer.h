@@ -23,6 +23,7 @@
 #include "common/job_spec.h"
 #include "worker/checkpoint.h"
 #include "worker/dataset.h"
+#include "worker/device.h"
 #include "worker/loader.h"
 #include "worker/moco.h"
 #include "worker/optim.h"
@@ -93,6 +94,7 @@ class Trainer {
   Moco& model() { return *model_; }
   const JobSpec& spec() const { return spec_; }
   int64_t steps_per_epoch() const { return steps_per_epoch_; }
+  const RankDevice& where() const { return where_; }
 
  private:
   Trainer(const JobSpec& spec, const DistOptions& dist);
@@ -114,6 +116,7 @@ class Trainer {
 
   JobSpec spec_;
   DistOptions dist_;
+  RankDevice where_;  // the rank's device, backend and precision
   std::unique_ptr<ProcessGroup> group_;
   std::string spec_yaml_;
   DatasetPair data_;

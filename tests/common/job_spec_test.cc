@@ -104,6 +104,7 @@ void ExpectSameSpec(const JobSpec& a, const JobSpec& b) {
   EXPECT_EQ(a.resources.nproc, b.resources.nproc);
   EXPECT_EQ(a.resources.backend, b.resources.backend);
   EXPECT_EQ(a.resources.device, b.resources.device);
+  EXPECT_EQ(a.resources.precision, b.resources.precision);
   EXPECT_EQ(a.resources.timeout_s, b.resources.timeout_s);
 }
 
@@ -175,6 +176,7 @@ JobSpec NonDefaultSpec() {
   spec.resources.nproc = 2;
   spec.resources.backend = "nccl";
   spec.resources.device = "cuda";
+  spec.resources.precision = "bf16";
   spec.resources.timeout_s = 60;
   return spec;
 }
@@ -406,9 +408,10 @@ TEST(JobSpecTest, RejectsCrossFieldViolationsNamingBothFields) {
   EXPECT_EQ(ParseError("optim: {batch_size: 250}\nresources: {nproc: 4}\n"),
             "job.yaml: optim.batch_size must be divisible by "
             "resources.nproc, got 250 and 4");
-  EXPECT_EQ(ParseError("resources: {backend: nccl}\n"),
+  EXPECT_EQ(ParseError("resources: {backend: nccl, device: cpu}\n"),
             "job.yaml: resources.backend nccl requires resources.device "
-            "cuda, got \"cpu\"");
+            "cuda or auto, got \"cpu\"");
+  EXPECT_EQ(ParseOk("resources: {backend: nccl}\n").resources.device, "auto");
   // Shuffled BN across ranks does not split the per-rank batch.
   EXPECT_EQ(ParseOk("moco: {bn: shuffle, bn_groups: 3}\n").moco.bn_groups, 3);
 }
@@ -555,7 +558,7 @@ TEST(JobSpecTest, DocsListEveryField) {
   }
   std::vector<std::string> paths;
   CollectPaths(YAML::Load(JobSpecToYaml(JobSpec())), "", &paths);
-  EXPECT_EQ(paths.size(), 74u);
+  EXPECT_EQ(paths.size(), 75u);
   for (const std::string& path : paths) {
     EXPECT_THAT(docs, HasSubstr("`" + path + "`"));
   }

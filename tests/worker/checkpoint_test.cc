@@ -51,6 +51,76 @@ void ExpectSameState(const torch::nn::Module& a, const torch::nn::Module& b) {
   }
 }
 
+// What a GPU run keeps (channels_last weights, as Moco::To lays them out on
+// CUDA) is written as dense host tensors, and loads into a model in the
+// default layout with the same values: a checkpoint does not depend on the
+// device or the layout that wrote it.
+TEST(CheckpointTest, WritesDenseHostTensorsWhateverTheLayout) {
+  const std::string dir = testing::TempDir("ckpt-layout");
+  torch::manual_seed(1);
+  Moco model(Small(), Gen(1));
+  {
+    at::NoGradGuard no_grad;
+    for (auto* encoder : {&model.encoder_q(), &model.encoder_k()}) {
+      for (at::Tensor& p : (*encoder)->parameters()) {
+        if (p.dim() == 4) {
+          p.set_data(p.data().contiguous(at::MemoryFormat::ChannelsLast));
+        }
+      }
+    }
+  }
+  Sgd sgd(model.encoder_q()->parameters(), 0.9, 1e-4);
+  TrainOneStep(model, sgd);
+  // A convolution of several input channels (with one, both layouts agree).
+  const auto params = model.encoder_q()->parameters();
+  size_t conv = 0;
+  while (params[conv].dim() != 4 || params[conv].size(1) == 1) ++conv;
+  ASSERT_FALSE(params[conv].is_contiguous());
+  ASSERT_FALSE(sgd.momentum_buffers()[conv].is_contiguous());
+  CheckpointState state;
+  state.spec_yaml = "name: x\n";
+  state.shuffle_rng_state = Gen(7).get_state();
+  state.position = {0, 1, 1, 4, 0.1};  // after TrainOneStep
+  auto path = SaveCheckpoint(dir, model, sgd, state, 3);
+  ASSERT_TRUE(path.ok()) << path.status();
+
+  std::ifstream in(*path, std::ios::binary);
+  std::vector<char> bytes((std::istreambuf_iterator<char>(in)),
+                          std::istreambuf_iterator<char>());
+  int64_t tensors = 0;
+  std::vector<c10::IValue> pending = {torch::pickle_load(bytes)};
+  while (!pending.empty()) {
+    c10::IValue v = pending.back();
+    pending.pop_back();
+    if (v.isTensor()) {
+      EXPECT_TRUE(v.toTensor().device().is_cpu());
+      EXPECT_TRUE(v.toTensor().is_contiguous());
+      ++tensors;
+    } else if (v.isGenericDict()) {
+      for (const auto& e : v.toGenericDict()) pending.push_back(e.value());
+    } else if (v.isList()) {
+      for (const c10::IValue& e : v.toListRef()) pending.push_back(e);
+    }
+  }
+  EXPECT_GT(tensors, 20);
+
+  torch::manual_seed(2);
+  Moco other(Small(), Gen(2));
+  Sgd other_sgd(other.encoder_q()->parameters(), 0.9, 1e-4);
+  auto loaded = LoadCheckpoint(*path, other, other_sgd);
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  ExpectSameState(*model.encoder_q(), *other.encoder_q());
+  ExpectSameState(*model.encoder_k(), *other.encoder_k());
+  for (size_t i = 0; i < sgd.momentum_buffers().size(); ++i) {
+    EXPECT_TRUE(
+        at::equal(sgd.momentum_buffers()[i], other_sgd.momentum_buffers()[i]));
+    // In the loading model's layout.
+    EXPECT_EQ(other_sgd.momentum_buffers()[i].strides(),
+              other_sgd.params()[i].strides());
+  }
+  fs::remove_all(dir);
+}
+
 TEST(CheckpointTest, RoundTripRestoresEverything) {
   const std::string dir = testing::TempDir("ckpt-roundtrip");
   torch::manual_seed(1);

@@ -104,6 +104,27 @@ TEST(MocoTest, EnqueueOfMoreKeysThanSlotsKeepsTheLast) {
   EXPECT_EQ(model.queue_ptr(), (2 + 5) % 3);
 }
 
+// A step flagged non-finite on the device keeps the queue's keys (the
+// pointer and the ages move on: a trainer rolls such a step back); an
+// unflagged one writes them as Enqueue() without a flag does.
+TEST(MocoTest, EnqueueFlaggedNonFiniteKeepsTheKeys) {
+  Moco flagged(Small(10, 2), Gen(6));
+  Moco plain(Small(10, 2), Gen(6));
+  const at::Tensor before = flagged.queue().clone();
+  at::Tensor keys = at::randn({4, 8});
+  flagged.Enqueue(keys, at::ones({1}));
+  EXPECT_TRUE(at::equal(flagged.queue(), before));
+  EXPECT_EQ(flagged.queue_ptr(), 4);
+  at::Tensor more = at::randn({4, 8});
+  flagged.Enqueue(more, at::zeros({1}));
+  plain.Enqueue(keys);
+  plain.Enqueue(more);
+  // Slots 4..7 hold `more` in both; slots 0..3 differ only by the skip.
+  EXPECT_TRUE(
+      at::equal(flagged.queue().slice(1, 4, 8), plain.queue().slice(1, 4, 8)));
+  EXPECT_TRUE(at::equal(flagged.queue().slice(1, 0, 4), before.slice(1, 0, 4)));
+}
+
 TEST(MocoTest, LogitsAndLossMatchDirectComputation) {
   at::Tensor q = at::randn({3, 4}, at::kDouble);
   at::Tensor k = at::randn({3, 4}, at::kDouble);

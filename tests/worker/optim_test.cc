@@ -35,6 +35,30 @@ TEST(SgdTest, SkipsParametersWithoutGradient) {
   EXPECT_FALSE(sgd.momentum_buffers()[0].defined());
 }
 
+// A step flagged non-finite on the device (found_inf 1) changes neither the
+// parameters nor the momentum; an unflagged one (0) equals a step without a
+// flag, bit for bit.
+TEST(SgdTest, FoundInfSkipsTheWholeUpdate) {
+  at::Tensor a = at::randn({5, 3}).set_requires_grad(true);
+  at::Tensor b = a.detach().clone().set_requires_grad(true);
+  Sgd flagged({a}, 0.9, 1e-4);
+  Sgd plain({b}, 0.9, 1e-4);
+  const at::Tensor grad = at::randn({5, 3});
+  a.mutable_grad() = grad.clone();
+  b.mutable_grad() = grad.clone();
+  const at::Tensor start = a.detach().clone();
+  flagged.Step(0.1, at::ones({1}));
+  EXPECT_TRUE(at::equal(a, start));
+  EXPECT_TRUE(at::equal(flagged.momentum_buffers()[0], at::zeros({5, 3})));
+  for (int s = 0; s < 3; ++s) {
+    flagged.Step(0.1, at::zeros({1}));
+    plain.Step(0.1);
+    EXPECT_TRUE(at::equal(a, b)) << "step " << s;
+    EXPECT_TRUE(
+        at::equal(flagged.momentum_buffers()[0], plain.momentum_buffers()[0]));
+  }
+}
+
 OptimSpec Spec() {
   OptimSpec s;
   s.lr = 0.03;

@@ -100,18 +100,28 @@ DistOptions RankOptions(int64_t rank, int64_t world_size,
   return options;
 }
 
-// Builds a group of `world_size` ranks on threads, one TCPStore client each,
-// then runs body(group) on every rank. The groups are destroyed only after
-// every rank has finished, so no rank sees a peer leave early.
-void RunRanks(int64_t world_size,
+// The test parameter: a number of ranks, or kOpenSingle for one rank whose
+// collectives run through an opened backend (DistOptions::open_single, what
+// scripts/gpu-check.sh does with NCCL on one GPU).
+constexpr int64_t kOpenSingle = 0;
+
+int64_t WorldOf(int64_t param) { return std::max<int64_t>(param, 1); }
+
+// Builds a group of WorldOf(`param`) ranks on threads, one TCPStore client
+// each, then runs body(group) on every rank. The groups are destroyed only
+// after every rank has finished, so no rank sees a peer leave early.
+void RunRanks(int64_t param,
               const std::function<void(ProcessGroup& group)>& body) {
+  const int64_t world_size = WorldOf(param);
+  const bool open = param == kOpenSingle;
   c10::intrusive_ptr<c10d::TCPStore> server;
-  if (world_size > 1) server = StartStoreServer(kTimeout);
+  if (world_size > 1 || open) server = StartStoreServer(kTimeout);
   std::vector<std::unique_ptr<ProcessGroup>> groups(world_size);
   RunOnThreads(world_size, [&](int64_t rank) {
-    const DistOptions options = RankOptions(rank, world_size, kTimeout);
+    DistOptions options = RankOptions(rank, world_size, kTimeout);
+    options.open_single = open;
     absl::StatusOr<std::unique_ptr<ProcessGroup>> group =
-        world_size == 1
+        world_size == 1 && !open
             ? ProcessGroup::Create(options)
             : ProcessGroup::Create(options,
                                    ConnectStore(server->getPort(), kTimeout));
@@ -126,9 +136,9 @@ void RunRanks(int64_t world_size,
 class ProcessGroupTest : public ::testing::TestWithParam<int64_t> {};
 
 TEST_P(ProcessGroupTest, AllGatherConcatenatesInRankOrder) {
-  const int64_t world_size = GetParam();
+  const int64_t world_size = WorldOf(GetParam());
   constexpr int64_t kRows = 3, kCols = 4;
-  RunRanks(world_size, [&](ProcessGroup& group) {
+  RunRanks(GetParam(), [&](ProcessGroup& group) {
     // Row i of rank r holds 10 r + i in every column.
     const at::Tensor local =
         (at::arange(kRows, at::kFloat) + 10.0 * group.rank())
@@ -151,9 +161,9 @@ TEST_P(ProcessGroupTest, AllGatherConcatenatesInRankOrder) {
 }
 
 TEST_P(ProcessGroupTest, BroadcastGivesTheRootTensorToEveryRank) {
-  const int64_t world_size = GetParam();
+  const int64_t world_size = WorldOf(GetParam());
   const int64_t root = world_size > 1 ? 1 : 0;
-  RunRanks(world_size, [&](ProcessGroup& group) {
+  RunRanks(GetParam(), [&](ProcessGroup& group) {
     const auto mine = [&](int64_t rank) {
       return at::arange(6, at::kDouble).reshape({2, 3}) + 100.0 * rank;
     };
@@ -186,7 +196,7 @@ std::vector<at::Tensor> RankTensors(int64_t rank) {
 }
 
 TEST_P(ProcessGroupTest, AllReduceMeanAveragesAcrossBuckets) {
-  const int64_t world_size = GetParam();
+  const int64_t world_size = WorldOf(GetParam());
   // The mean of each tensor over the ranks, computed directly.
   std::vector<at::Tensor> expected = RankTensors(0);
   for (int64_t rank = 1; rank < world_size; ++rank) {
@@ -195,7 +205,7 @@ TEST_P(ProcessGroupTest, AllReduceMeanAveragesAcrossBuckets) {
   }
   for (at::Tensor& t : expected) t /= static_cast<double>(world_size);
 
-  RunRanks(world_size, [&](ProcessGroup& group) {
+  RunRanks(GetParam(), [&](ProcessGroup& group) {
     // 32 bytes: most tensors alone and reduced in place, [6] and [1] in one
     // flat bucket, the transposed one through a copy, the double one alone
     // by dtype. The default: one flat bucket of floats.
@@ -224,8 +234,8 @@ TEST_P(ProcessGroupTest, BarrierReturnsOnEveryRank) {
 }
 
 TEST_P(ProcessGroupTest, RejectsBadArgumentsBeforeCommunicating) {
-  const int64_t world_size = GetParam();
-  RunRanks(world_size, [&](ProcessGroup& group) {
+  const int64_t world_size = WorldOf(GetParam());
+  RunRanks(GetParam(), [&](ProcessGroup& group) {
     EXPECT_EQ(group.AllGather(at::scalar_tensor(1.0)).status().code(),
               absl::StatusCode::kInvalidArgument);
     at::Tensor t = at::zeros({2});
@@ -246,9 +256,12 @@ TEST_P(ProcessGroupTest, RejectsBadArgumentsBeforeCommunicating) {
   });
 }
 
-INSTANTIATE_TEST_SUITE_P(Worlds, ProcessGroupTest, ::testing::Values(1, 2, 3),
+INSTANTIATE_TEST_SUITE_P(Worlds, ProcessGroupTest,
+                         ::testing::Values(kOpenSingle, 1, 2, 3),
                          [](const ::testing::TestParamInfo<int64_t>& info) {
-                           return "World" + std::to_string(info.param);
+                           return info.param == kOpenSingle
+                                      ? std::string("OpenedSingleRank")
+                                      : "World" + std::to_string(info.param);
                          });
 
 // ---- faults: every failure returns within about the timeout ----

@@ -75,6 +75,49 @@ void ExpectSameModel(Moco& a, Moco& b) {
   EXPECT_EQ(a.queue_ptr(), b.queue_ptr());
 }
 
+// resources.precision bf16 (here on the CPU): the encoders compute in
+// bfloat16, so the first loss differs a little from float32's, while the
+// logits, the loss, the queue and the weights stay float32; the run learns
+// as the float32 run does.
+TEST_F(TrainerTest, Bf16AutocastsTheEncodersOnly) {
+  const std::string out32 = testing::TempDir("bf16-off");
+  const std::string out16 = testing::TempDir("bf16-on");
+  JobSpec spec16 = Spec(out16);
+  spec16.resources.precision = "bf16";
+  auto fp32 = Trainer::Create(Spec(out32));
+  auto bf16 = Trainer::Create(spec16);
+  ASSERT_TRUE(fp32.ok()) << fp32.status();
+  ASSERT_TRUE(bf16.ok()) << bf16.status();
+  EXPECT_FALSE((*fp32)->where().bf16);
+  EXPECT_TRUE((*bf16)->where().bf16);
+  torch::manual_seed(3);
+  const at::Tensor x_q = at::randn({16, 1, 28, 28});
+  const at::Tensor x_k = at::randn({16, 1, 28, 28});
+  const at::Tensor perm = at::randperm(16, at::kLong);
+  Moco::Output a = (*fp32)->model().Forward(x_q, x_k, perm);
+  Moco::Output b = (*bf16)->model().Forward(x_q, x_k, perm);
+  EXPECT_EQ(b.logits.scalar_type(), at::kFloat);
+  EXPECT_EQ(b.loss.scalar_type(), at::kFloat);
+  EXPECT_EQ(b.keys.scalar_type(), at::kFloat);
+  const double la = a.loss.item<double>(), lb = b.loss.item<double>();
+  EXPECT_NE(la, lb);
+  EXPECT_NEAR(lb, la, 0.05 * std::abs(la));
+  b.loss.backward();
+  for (const at::Tensor& p : (*bf16)->model().encoder_q()->parameters()) {
+    EXPECT_EQ(p.scalar_type(), at::kFloat);
+    EXPECT_EQ(p.grad().scalar_type(), at::kFloat);
+  }
+
+  auto s32 = (*fp32)->Run();
+  auto s16 = (*bf16)->Run();
+  ASSERT_TRUE(s32.ok()) << s32.status();
+  ASSERT_TRUE(s16.ok()) << s16.status();
+  EXPECT_EQ((*bf16)->model().queue().scalar_type(), at::kFloat);
+  EXPECT_GT(s16->knn_top1, s32->knn_top1 - 0.15);
+  fs::remove_all(out32);
+  fs::remove_all(out16);
+}
+
 TEST_F(TrainerTest, WritesMetricsSummaryCheckpointsAndExport) {
   const std::string out = testing::TempDir("trainer-outputs");
   auto trainer = Trainer::Create(Spec(out));
