@@ -60,7 +60,7 @@ uint64_t Fingerprint(Moco& m) {
   for (const at::Tensor& t : m.encoder_k()->parameters()) parts.push_back(t);
   parts.push_back(m.queue());
   for (const at::Tensor& t : parts) {
-    at::Tensor c = t.detach().contiguous();
+    at::Tensor c = t.detach().to(at::kCPU).contiguous();
     mix(c.data_ptr(), c.numel() * c.element_size());
   }
   const int64_t ptr = m.queue_ptr();
@@ -184,13 +184,16 @@ TEST_P(MocoDistTest, SplitBatchNormStaysInsideEachRank) {
 // shared queue) on N ranks end where one process ends when it splits the key
 // batch into N groups after the same shuffle and the query batch into N
 // groups.
-TEST_P(MocoDistTest, ThreeStepsOnNRanksEqualOneRankWithSplitBatchNorm) {
-  const int64_t world = GetParam(), per_rank = 4, total = world * per_rank;
+// Three steps of N ranks on `where` (threads of this process, a Gloo group)
+// against one rank on the same device that splits BatchNorm into N groups.
+void ExpectNRanksEqualOneRank(int64_t world, const RankDevice& where) {
+  const int64_t per_rank = 4, total = world * per_rank;
+  const auto on = at::TensorOptions().device(where.device);
   std::vector<at::Tensor> xq, xk, perms;
   for (int s = 0; s < 3; ++s) {
-    xq.push_back(at::randn({total, 1, 12, 12}));
-    xk.push_back(at::randn({total, 1, 12, 12}));
-    perms.push_back(at::randperm(total, at::kLong));
+    xq.push_back(at::randn({total, 1, 12, 12}).to(on));
+    xk.push_back(at::randn({total, 1, 12, 12}).to(on));
+    perms.push_back(at::randperm(total, at::kLong).to(on));
   }
   const double lrs[] = {0.05, 0.1, 0.08};
 
@@ -198,6 +201,7 @@ TEST_P(MocoDistTest, ThreeStepsOnNRanksEqualOneRankWithSplitBatchNorm) {
   MocoOptions o = Small(world);
   o.query_bn_groups = world;
   Moco one(o, at::make_generator<at::CPUGeneratorImpl>(12));
+  one.To(where);
   Sgd one_sgd(one.encoder_q()->parameters(), 0.9, 1e-3);
   for (int s = 0; s < 3; ++s) {
     one.MomentumUpdate();
@@ -209,7 +213,10 @@ TEST_P(MocoDistTest, ThreeStepsOnNRanksEqualOneRankWithSplitBatchNorm) {
   }
 
   std::vector<std::unique_ptr<Moco>> models;
-  for (int64_t r = 0; r < world; ++r) models.push_back(MakeModel(1));
+  for (int64_t r = 0; r < world; ++r) {
+    models.push_back(MakeModel(1));
+    models.back()->To(where);
+  }
   std::vector<std::vector<uint64_t>> fingerprints(world);
   RunRanks(world, [&](int64_t rank, ProcessGroup& group) {
     Moco& m = *models[rank];
@@ -247,6 +254,20 @@ TEST_P(MocoDistTest, ThreeStepsOnNRanksEqualOneRankWithSplitBatchNorm) {
         << "rank " << r;
     EXPECT_EQ(m.queue_ptr(), one.queue_ptr());
   }
+}
+
+TEST_P(MocoDistTest, ThreeStepsOnNRanksEqualOneRankWithSplitBatchNorm) {
+  ExpectNRanksEqualOneRank(GetParam(), RankDevice());
+}
+
+// The same with CUDA tensors: N ranks share the one GPU over Gloo (NCCL
+// refuses two ranks on one GPU). Runs where a GPU is visible
+// (scripts/gpu-check.sh).
+TEST_P(MocoDistTest, ThreeStepsOfNRanksOnOneGpuEqualOneRankWithSplitBatchNorm) {
+  if (VisibleCudaDevices() == 0) GTEST_SKIP() << "no GPU visible";
+  RankDevice gpu;
+  gpu.device = c10::Device(c10::kCUDA, 0);
+  ExpectNRanksEqualOneRank(GetParam(), gpu);
 }
 
 // The kNN monitor in shards across ranks (uneven shards: 97 and 41 images)

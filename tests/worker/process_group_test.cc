@@ -25,6 +25,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "worker/device.h"
 
 namespace momentum::worker {
 namespace {
@@ -263,6 +264,49 @@ INSTANTIATE_TEST_SUITE_P(Worlds, ProcessGroupTest,
                                       ? std::string("OpenedSingleRank")
                                       : "World" + std::to_string(info.param);
                          });
+
+// A NCCL group of one rank on the GPU (NCCL refuses two ranks on one GPU)
+// runs every collective the trainer uses: on device tensors, float32,
+// float64 and int64, in several buckets, and on host tensors, which the
+// group stages through the GPU. Runs where a GPU is visible
+// (scripts/gpu-check.sh).
+TEST(ProcessGroupGpuTest, NcclGroupOfOneRankRunsEveryCollective) {
+  if (VisibleCudaDevices() == 0) GTEST_SKIP() << "no GPU visible";
+  c10::intrusive_ptr<c10d::TCPStore> server = StartStoreServer(kTimeout);
+  DistOptions options = RankOptions(0, 1, kTimeout);
+  options.backend = "nccl";
+  options.cuda_device = 0;
+  options.open_single = true;
+  auto group = ProcessGroup::Create(options, server);
+  ASSERT_TRUE(group.ok()) << group.status();
+  const auto cuda = at::TensorOptions().device(at::kCUDA, 0);
+
+  const at::Tensor keys = at::randn({6, 4}, cuda);
+  absl::StatusOr<at::Tensor> gathered = (*group)->AllGather(keys);
+  ASSERT_TRUE(gathered.ok()) << gathered.status();
+  EXPECT_TRUE(gathered->is_cuda());
+  EXPECT_TRUE(at::equal(gathered->cpu(), keys.cpu()));
+
+  at::Tensor perm = at::randperm(10, cuda.dtype(at::kLong));
+  const at::Tensor sent = perm.clone();
+  ASSERT_TRUE((*group)->Broadcast(perm, 0).ok());
+  EXPECT_TRUE(at::equal(perm.cpu(), sent.cpu()));
+
+  // The mean over one rank is the tensor itself; 64-byte buckets make
+  // several all-reduces, and the host scalars go through the GPU.
+  std::vector<at::Tensor> grads = {at::randn({8}, cuda),
+                                   at::randn({3, 5}, cuda),
+                                   at::randn({2}, cuda.dtype(at::kDouble)),
+                                   at::tensor({1.5, -2.0}, at::kDouble)};
+  std::vector<at::Tensor> before;
+  for (const at::Tensor& g : grads) before.push_back(g.cpu().clone());
+  ASSERT_TRUE((*group)->AllReduceMean(grads, /*bucket_bytes=*/64).ok());
+  for (size_t i = 0; i < grads.size(); ++i) {
+    EXPECT_TRUE(at::allclose(grads[i].cpu(), before[i])) << "tensor " << i;
+  }
+  EXPECT_TRUE(grads[3].is_cpu());
+  EXPECT_TRUE((*group)->Barrier().ok());
+}
 
 // ---- faults: every failure returns within about the timeout ----
 

@@ -4,6 +4,7 @@
 #include <torch/torch.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -55,6 +56,9 @@ class TrainerTest : public ::testing::Test {
     s.checkpoint.keep = 2;
     s.logging.every_steps = 2;
     s.resources.threads = 2;
+    // scripts/gpu-check.sh runs these tests once more on the GPU.
+    const char* device = std::getenv("MOMENTUM_TEST_DEVICE");
+    s.resources.device = device != nullptr ? device : "cpu";
     return s;
   }
 
@@ -116,6 +120,60 @@ TEST_F(TrainerTest, Bf16AutocastsTheEncodersOnly) {
   EXPECT_GT(s16->knn_top1, s32->knn_top1 - 0.15);
   fs::remove_all(out32);
   fs::remove_all(out16);
+}
+
+// Both models' state (encoders with BatchNorm statistics, queue, pointer)
+// bit for bit, wherever each lives.
+void ExpectSameModelOnHost(Moco& a, Moco& b) {
+  for (auto [ea, eb] : {std::make_pair(a.encoder_q(), b.encoder_q()),
+                        std::make_pair(a.encoder_k(), b.encoder_k())}) {
+    auto sa = StateOf(*ea), sb = StateOf(*eb);
+    ASSERT_EQ(sa.size(), sb.size());
+    for (size_t i = 0; i < sa.size(); ++i) {
+      EXPECT_TRUE(at::equal(sa[i].second.cpu(), sb[i].second.cpu()))
+          << sa[i].first;
+    }
+  }
+  EXPECT_TRUE(at::equal(a.queue().cpu(), b.queue().cpu()));
+  EXPECT_EQ(a.queue_ptr(), b.queue_ptr());
+}
+
+// A checkpoint written on the GPU resumes on the CPU and one written on the
+// CPU resumes on the GPU: the resuming trainer holds exactly what was
+// written, and trains on to the end. Runs where a GPU is visible
+// (scripts/gpu-check.sh).
+TEST_F(TrainerTest, CheckpointsMoveBetweenGpuAndCpu) {
+  if (VisibleCudaDevices() == 0) GTEST_SKIP() << "no GPU visible";
+  for (auto [from, to] :
+       {std::make_pair("cuda", "cpu"), std::make_pair("cpu", "cuda")}) {
+    SCOPED_TRACE(absl::StrCat(from, " to ", to));
+    const std::string out = testing::TempDir("across-devices");
+    JobSpec first_spec = Spec(out);
+    first_spec.resources.device = from;
+    auto first = Trainer::Create(first_spec);
+    ASSERT_TRUE(first.ok()) << first.status();
+    auto stopped = (*first)->Run(nullptr, /*max_steps_this_call=*/5);
+    ASSERT_TRUE(stopped.ok()) << stopped.status();
+    ASSERT_EQ(stopped->stop_reason, "limit");
+
+    JobSpec second_spec = Spec(out);
+    second_spec.resources.device = to;
+    auto second = Trainer::Create(second_spec);
+    ASSERT_TRUE(second.ok()) << second.status();
+    EXPECT_EQ((*second)->where().device.is_cuda(), std::string(to) == "cuda");
+    // Asked to stop at once: it resumes, and stops before any step.
+    const std::atomic<bool> stop{true};
+    auto resumed = (*second)->Run(&stop);
+    ASSERT_TRUE(resumed.ok()) << resumed.status();
+    EXPECT_TRUE(resumed->resumed);
+    EXPECT_EQ(resumed->steps, 5);
+    ExpectSameModelOnHost((*second)->model(), (*first)->model());
+    auto finished = (*second)->Run();
+    ASSERT_TRUE(finished.ok()) << finished.status();
+    EXPECT_EQ(finished->steps, 18);
+    EXPECT_GT(finished->knn_top1, 0.3);
+    fs::remove_all(out);
+  }
 }
 
 TEST_F(TrainerTest, WritesMetricsSummaryCheckpointsAndExport) {
