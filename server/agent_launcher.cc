@@ -10,6 +10,11 @@ int64_t AgentLauncher::Slots() const {
   return closed_ ? 0 : slots_;
 }
 
+std::vector<int> AgentLauncher::Gpus() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return closed_ ? std::vector<int>() : gpus_;
+}
+
 absl::Status AgentLauncher::Launch(const LaunchRequest& request) {
   if (closed()) {
     return absl::UnavailableError(absl::StrCat(Name(), " is gone"));
@@ -28,6 +33,7 @@ absl::Status AgentLauncher::Launch(const LaunchRequest& request) {
     launch->set_master_port(static_cast<int32_t>(request.master_port));
     launch->set_spec_yaml(request.spec_yaml);
     for (const std::string& e : request.env) launch->add_env(e);
+    if (!request.gpus.empty()) launch->set_gpu(request.gpus[i]);
     Push(std::move(command));
   }
   return absl::OkStatus();

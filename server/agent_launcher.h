@@ -9,6 +9,7 @@
 #include <deque>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include "momentum/v1/internal.pb.h"
 #include "server/launcher.h"
@@ -17,18 +18,21 @@ namespace momentum::server {
 
 class AgentLauncher : public Launcher {
  public:
+  // `slots` and `gpus` as the agent offered them (AgentHello).
   AgentLauncher(std::string agent_id, std::string hostname, std::string address,
-                int64_t slots)
+                int64_t slots, std::vector<int> gpus)
       : agent_id_(std::move(agent_id)),
         hostname_(std::move(hostname)),
         address_(std::move(address)),
-        slots_(slots) {}
+        slots_(slots),
+        gpus_(std::move(gpus)) {}
 
   std::string Name() const override {
     return "agent " + agent_id_ + " (" + hostname_ + ")";
   }
   std::string Address() const override { return address_; }
   int64_t Slots() const override;
+  std::vector<int> Gpus() const override;
   absl::Status Launch(const LaunchRequest& request) override;
   void Stop(const std::string& job_id, int64_t attempt,
             double grace_seconds) override;
@@ -36,7 +40,7 @@ class AgentLauncher : public Launcher {
   // The next command for the agent; false after `wait` with none, or when
   // closed.
   bool NextCommand(v1::AgentCommand* command, std::chrono::milliseconds wait);
-  // The agent is gone: no slots, no more commands.
+  // The agent is gone: no slots, no GPUs, no more commands.
   void Close();
   bool closed() const;
 
@@ -45,6 +49,7 @@ class AgentLauncher : public Launcher {
 
   const std::string agent_id_, hostname_, address_;
   const int64_t slots_;
+  const std::vector<int> gpus_;
   mutable std::mutex mu_;
   std::condition_variable cv_;
   std::deque<v1::AgentCommand> commands_;

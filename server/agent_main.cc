@@ -1,12 +1,13 @@
-// momentum-agent: offers one machine's worker slots to a coordinator and
-// runs the ranks it is given there, as local processes (the same launcher
-// the coordinator uses for its own slots). It connects to the coordinator
-// (agents need no open port), says hello with its slots and the address
-// other machines reach it at, then follows launch and stop commands and
-// streams back its ranks' output and exits. When the coordinator goes away
-// it stops its ranks and connects again, with back-off.
+// momentum-agent: offers one machine's worker slots and GPUs to a
+// coordinator and runs the ranks it is given there, as local processes (the
+// same launcher the coordinator uses for its own slots). It connects to the
+// coordinator (agents need no open port), says hello with its slots, its
+// GPUs and the address other machines reach it at, then follows launch and
+// stop commands and streams back its ranks' output and exits. When the
+// coordinator goes away it stops its ranks and connects again, with back-off.
 //
-//   momentum-agent --server 10.0.0.1:50051 --slots 8 --advertise 10.0.0.2
+//   momentum-agent --server 10.0.0.1:50051 --slots 8 --gpus auto \
+//       --advertise 10.0.0.2
 #include <grpcpp/grpcpp.h>
 #include <signal.h>
 #include <unistd.h>
@@ -24,6 +25,7 @@
 #include "common/health_server.h"
 #include "common/process.h"
 #include "momentum/v1/internal.grpc.pb.h"
+#include "server/gpus.h"
 #include "server/launcher.h"
 #include "server/local_launcher.h"
 
@@ -101,12 +103,14 @@ void RunSession(v1::InternalService::Stub& stub, const v1::AgentHello& hello,
               << stream->Finish().error_message() << "\n";
     return;
   }
+  const std::vector<int> gpus(hello.gpus().begin(), hello.gpus().end());
   std::cerr << "momentum-agent: registered as " << command.welcome_agent_id()
-            << " with " << hello.slots() << " slots\n";
+            << " with " << hello.slots() << " slots and GPUs "
+            << momentum::server::GpuList(gpus) << "\n";
   // Probes see the agent ready while a coordinator can give it ranks.
   if (health != nullptr) health->SetServing(true);
   {
-    LocalLauncher launcher(worker, hello.slots(), work_dir, &session);
+    LocalLauncher launcher(worker, hello.slots(), gpus, work_dir, &session);
     std::atomic<bool> done{false};
     std::thread heartbeat([&] {
       while (!done && !g_stop) {
@@ -132,6 +136,7 @@ void RunSession(v1::InternalService::Stub& stub, const v1::AgentHello& hello,
         request.attempt = l.attempt();
         request.world_size = l.world_size();
         request.ranks = {l.rank()};
+        if (l.has_gpu()) request.gpus = {l.gpu()};
         request.spec_yaml = l.spec_yaml();
         request.master_addr = l.master_addr();
         request.master_port = l.master_port();
@@ -182,9 +187,12 @@ int main(int argc, char** argv) {
   std::string worker = momentum::FindSiblingBinary("momentum-worker", "worker");
   int64_t slots = std::max(1u, std::thread::hardware_concurrency());
   app.add_option("--server", server, "the coordinator (host:port)")->required();
-  app.add_option("--slots", slots, "ranks this machine runs at once")
+  app.add_option("--slots", slots, "CPU ranks this machine runs at once")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
+  std::string gpus_flag = "auto";
+  app.add_option("--gpus", gpus_flag, momentum::server::kGpusFlagHelp)
+      ->capture_default_str();
   app.add_option("--advertise", advertise,
                  "address other machines reach this one at (for the c10d "
                  "store when rank 0 runs here)")
@@ -219,6 +227,11 @@ int main(int argc, char** argv) {
                  "(SERVING while a coordinator session is up), for "
                  "Kubernetes probes (default: none)");
   CLI11_PARSE(app, argc, argv);
+  const auto gpus = momentum::server::ParseGpusFlag(gpus_flag);
+  if (!gpus.ok()) {
+    std::cerr << "momentum-agent: " << gpus.status().message() << "\n";
+    return 2;
+  }
   auto credentials =
       momentum::ClientCredentials(momentum::ClientTlsFromEnv(tls));
   if (!credentials.ok()) {
@@ -268,6 +281,7 @@ int main(int argc, char** argv) {
   hello.set_advertise_address(advertise);
   hello.set_slots(static_cast<int32_t>(slots));
   hello.set_agent_id(name);
+  for (int gpu : *gpus) hello.add_gpus(gpu);
   auto channel = grpc::CreateChannel(server, *credentials);
   auto stub = v1::InternalService::NewStub(channel);
   auto backoff = std::chrono::milliseconds(200);

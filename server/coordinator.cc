@@ -17,6 +17,7 @@
 #include "common/process.h"
 #include "common/status_macros.h"
 #include "nlohmann/json.hpp"
+#include "server/gpus.h"
 #include "server/local_launcher.h"
 #include "server/server_metrics.h"
 
@@ -103,9 +104,9 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Create(
       JobStore::Open((fs::path(options.state_dir) / "jobs.db").string()));
   std::unique_ptr<Coordinator> c(
       new Coordinator(options, std::move(store), metrics));
-  if (options.local_slots > 0) {
+  if (options.local_slots > 0 || !options.local_gpus.empty()) {
     c->AddLauncher(std::make_shared<LocalLauncher>(
-        options.worker_binary, options.local_slots,
+        options.worker_binary, options.local_slots, options.local_gpus,
         (fs::path(options.state_dir) / "jobs").string(), c.get()));
   }
   // A previous coordinator's running jobs lost their supervisor: relaunch
@@ -215,6 +216,8 @@ absl::StatusOr<v1::Job> Coordinator::Submit(
   MOMENTUM_ASSIGN_OR_RETURN(JobSpec spec,
                             ParseJobSpec(spec_yaml, overrides, "spec"));
   MOMENTUM_RETURN_IF_ERROR(CheckLimits(spec));
+  // Ranks and `get` see cuda or cpu, decided once, here.
+  MOMENTUM_RETURN_IF_ERROR(ResolveDevice(ClusterGpus(), &spec));
   JobRecord job;
   job.name = spec.name;
   job.priority = spec.scheduling.priority;
@@ -498,6 +501,7 @@ void Coordinator::AddLauncher(std::shared_ptr<Launcher> launcher) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     used_slots_[launcher.get()] = 0;
+    used_gpus_[launcher.get()].clear();
     launchers_.push_back(std::move(launcher));
     wake_ = true;
     UpdateMetricsLocked();
@@ -555,37 +559,68 @@ int64_t Coordinator::FreeSlotsLocked(const Launcher* launcher) const {
   return std::max<int64_t>(0, launcher->Slots() - used);
 }
 
-std::vector<std::pair<Launcher*, std::vector<int64_t>>> Coordinator::Place(
-    int64_t world_size) {
-  std::vector<std::pair<Launcher*, std::vector<int64_t>>> placement;
+std::vector<int> Coordinator::FreeGpusLocked(const Launcher* launcher) const {
+  auto it = used_gpus_.find(launcher);
+  std::vector<int> free;
+  for (int gpu : launcher->Gpus()) {
+    if (it == used_gpus_.end() || !it->second.count(gpu)) free.push_back(gpu);
+  }
+  return free;
+}
+
+int64_t Coordinator::ClusterGpus() {
+  std::lock_guard<std::mutex> lock(mu_);
+  int64_t total = 0;
+  for (const auto& l : launchers_) total += l->Gpus().size();
+  return total;
+}
+
+std::vector<Coordinator::Placement> Coordinator::Place(int64_t world_size,
+                                                       bool cuda) {
+  // A rank of a CUDA job takes a GPU and no slot: the GPU is what it
+  // computes on, and its host threads only feed it, so a node's CPU jobs
+  // and GPU jobs do not wait for each other.
+  auto free_of = [&](const Launcher* l) {
+    return cuda ? static_cast<int64_t>(FreeGpusLocked(l).size())
+                : FreeSlotsLocked(l);
+  };
+  std::vector<Placement> placement;
   // One launcher that holds the whole gang, the first added (local) first.
   for (const auto& l : launchers_) {
-    if (FreeSlotsLocked(l.get()) >= world_size) {
-      std::vector<int64_t> ranks;
-      for (int64_t r = 0; r < world_size; ++r) ranks.push_back(r);
-      placement.emplace_back(l.get(), ranks);
-      return placement;
+    if (free_of(l.get()) >= world_size) {
+      Placement all{l.get(), {}, {}};
+      for (int64_t r = 0; r < world_size; ++r) all.ranks.push_back(r);
+      placement.push_back(std::move(all));
+      break;
     }
   }
-  // Else spread it, largest free first; rank 0 where most ranks run.
-  std::vector<std::pair<int64_t, Launcher*>> free;
-  int64_t total = 0;
-  for (const auto& l : launchers_) {
-    const int64_t f = FreeSlotsLocked(l.get());
-    if (f > 0) free.emplace_back(f, l.get());
-    total += f;
+  if (placement.empty()) {
+    // Else spread it, largest free first; rank 0 where most ranks run.
+    std::vector<std::pair<int64_t, Launcher*>> free;
+    int64_t total = 0;
+    for (const auto& l : launchers_) {
+      const int64_t f = free_of(l.get());
+      if (f > 0) free.emplace_back(f, l.get());
+      total += f;
+    }
+    if (total < world_size) return {};
+    std::stable_sort(
+        free.begin(), free.end(),
+        [](const auto& a, const auto& b) { return a.first > b.first; });
+    int64_t next = 0;
+    for (const auto& [f, l] : free) {
+      Placement part{l, {}, {}};
+      for (int64_t i = 0; i < f && next < world_size; ++i)
+        part.ranks.push_back(next++);
+      if (!part.ranks.empty()) placement.push_back(std::move(part));
+      if (next == world_size) break;
+    }
   }
-  if (total < world_size) return {};
-  std::stable_sort(free.begin(), free.end(), [](const auto& a, const auto& b) {
-    return a.first > b.first;
-  });
-  int64_t next = 0;
-  for (const auto& [f, l] : free) {
-    std::vector<int64_t> ranks;
-    for (int64_t i = 0; i < f && next < world_size; ++i)
-      ranks.push_back(next++);
-    if (!ranks.empty()) placement.emplace_back(l, ranks);
-    if (next == world_size) break;
+  if (cuda) {
+    for (Placement& part : placement) {
+      const std::vector<int> free = FreeGpusLocked(part.launcher);
+      part.gpus.assign(free.begin(), free.begin() + part.ranks.size());
+    }
   }
   return placement;
 }
@@ -593,7 +628,8 @@ std::vector<std::pair<Launcher*, std::vector<int64_t>>> Coordinator::Place(
 void Coordinator::Schedule() {
   // Relaunches first (their gang was already admitted once), then the
   // queue by priority and submission order. A job that does not fit stops
-  // the queue: later, smaller jobs do not overtake it.
+  // the queue: later, smaller jobs do not overtake it (whether they want
+  // slots or GPUs).
   absl::StatusOr<std::vector<JobRecord>> active = store_->Active();
   absl::StatusOr<std::vector<JobRecord>> pending = store_->Pending();
   if (!active.ok() || !pending.ok()) return;
@@ -611,37 +647,47 @@ void Coordinator::Schedule() {
       if (now < wait->second) continue;  // backing off; the queue moves on
       not_before_.erase(wait);
     }
-    if (Place(job.world_size).empty()) break;
-    LaunchLocked(job);
+    absl::StatusOr<JobSpec> spec = ParseJobSpec(job.spec_yaml, {}, job.id);
+    if (!spec.ok()) {
+      FailUnlaunchableLocked(job,
+                             absl::StrCat("the stored spec no longer parses: ",
+                                          spec.status().message()));
+      continue;
+    }
+    // The device was resolved at submission: auto is not stored.
+    const std::vector<Placement> placement =
+        Place(job.world_size, spec->resources.device == "cuda");
+    if (placement.empty()) break;
+    LaunchLocked(job, *std::move(spec), placement);
   }
 }
 
-void Coordinator::LaunchLocked(const JobRecord& queued) {
-  const std::vector<std::pair<Launcher*, std::vector<int64_t>>> placement =
-      Place(queued.world_size);
-  if (placement.empty()) return;
-  absl::StatusOr<JobSpec> spec = ParseJobSpec(queued.spec_yaml, {}, queued.id);
-  std::string failure;
+void Coordinator::FailUnlaunchableLocked(const JobRecord& queued,
+                                         const std::string& reason) {
+  absl::StatusOr<JobRecord> after =
+      store_->Transition(queued.id, v1::JOB_STATE_FAILED, reason, NowMs());
+  if (after.ok()) PublishChange(queued, *after);
+}
+
+void Coordinator::LaunchLocked(const JobRecord& queued, JobSpec spec,
+                               const std::vector<Placement>& placement) {
   absl::StatusOr<int64_t> port = PickFreePort();
-  if (!spec.ok()) {
-    failure = absl::StrCat("the stored spec no longer parses: ",
-                           spec.status().message());
-  } else if (!port.ok()) {
-    failure = std::string(port.status().message());
-  }
-  if (!failure.empty()) {
-    absl::StatusOr<JobRecord> after =
-        store_->Transition(queued.id, v1::JOB_STATE_FAILED, failure, NowMs());
-    if (after.ok()) PublishChange(queued, *after);
+  if (!port.ok()) {
+    FailUnlaunchableLocked(queued, std::string(port.status().message()));
     return;
   }
-  spec->output_dir = OutputDirOf(queued);
-  const std::string spec_yaml = JobSpecToYaml(*spec);
+  spec.output_dir = OutputDirOf(queued);
+  const std::string spec_yaml = JobSpecToYaml(spec);
 
   std::string where;
-  for (const auto& [launcher, ranks] : placement) {
-    absl::StrAppend(&where, where.empty() ? "" : ", ", ranks.size(), " on ",
-                    launcher->Name());
+  for (const Placement& part : placement) {
+    absl::StrAppend(&where, where.empty() ? "" : ", ", part.ranks.size(),
+                    " on ", part.launcher->Name());
+    if (!part.gpus.empty()) {
+      absl::StrAppend(&where,
+                      part.gpus.size() == 1 ? " with GPU " : " with GPUs ",
+                      GpuList(part.gpus));
+    }
   }
   // Committed before anything starts.
   absl::StatusOr<JobRecord> after = store_->Transition(
@@ -661,21 +707,29 @@ void Coordinator::LaunchLocked(const JobRecord& queued) {
   run = RunningJob();
   run.attempt = job.attempt;
   run.world_size = job.world_size;
-  run.max_restarts = spec->scheduling.max_restarts;
-  run.restart_backoff_s = spec->scheduling.restart_backoff_s;
-  run.hang_timeout_s = spec->scheduling.hang_timeout_s;
-  run.straggler_factor = spec->scheduling.straggler_factor;
-  const std::string master_addr = placement.front().first->Address();
-  for (const auto& [launcher, ranks] : placement) {
-    used_slots_[launcher] += static_cast<int64_t>(ranks.size());
-    for (int64_t r : ranks) run.ranks[r] = RankSlot{launcher, true};
+  run.max_restarts = spec.scheduling.max_restarts;
+  run.restart_backoff_s = spec.scheduling.restart_backoff_s;
+  run.hang_timeout_s = spec.scheduling.hang_timeout_s;
+  run.straggler_factor = spec.scheduling.straggler_factor;
+  const std::string master_addr = placement.front().launcher->Address();
+  for (const Placement& part : placement) {
+    // A CUDA rank owns its GPU instead of a slot (Place).
+    if (part.gpus.empty()) {
+      used_slots_[part.launcher] += static_cast<int64_t>(part.ranks.size());
+    }
+    for (size_t i = 0; i < part.ranks.size(); ++i) {
+      const int gpu = part.gpus.empty() ? -1 : part.gpus[i];
+      if (gpu >= 0) used_gpus_[part.launcher].insert(gpu);
+      run.ranks[part.ranks[i]] = RankSlot{part.launcher, true, gpu};
+    }
   }
-  for (const auto& [launcher, ranks] : placement) {
+  for (const Placement& part : placement) {
     LaunchRequest request;
     request.job_id = job.id;
     request.attempt = job.attempt;
     request.world_size = job.world_size;
-    request.ranks = ranks;
+    request.ranks = part.ranks;
+    request.gpus = part.gpus;
     request.spec_yaml = spec_yaml;
     request.master_addr = master_addr;
     request.master_port = *port;
@@ -687,13 +741,13 @@ void Coordinator::LaunchLocked(const JobRecord& queued) {
     if (!report_address_.empty()) {
       request.env.push_back("MOMENTUM_COORDINATOR=" + report_address_);
     }
-    absl::Status launched = launcher->Launch(request);
+    absl::Status launched = part.launcher->Launch(request);
     if (!launched.ok()) {
-      for (int64_t r : ranks) {
+      for (int64_t r : part.ranks) {
         exits_.push_back(
             {job.id, job.attempt, r, 1, 0,
-             absl::StrCat("could not be launched on ", launcher->Name(), ": ",
-                          launched.message())});
+             absl::StrCat("could not be launched on ", part.launcher->Name(),
+                          ": ", launched.message())});
       }
       wake_ = true;
     }
@@ -831,8 +885,13 @@ void Coordinator::HandleExit(const Exit& exit) {
   auto slot = run.ranks.find(exit.rank);
   if (slot == run.ranks.end() || !slot->second.running) return;
   slot->second.running = false;
-  auto used = used_slots_.find(slot->second.launcher);
-  if (used != used_slots_.end()) used->second -= 1;
+  // Its slot or GPU is free again.
+  if (slot->second.gpu >= 0) {
+    used_gpus_[slot->second.launcher].erase(slot->second.gpu);
+  } else {
+    auto used = used_slots_.find(slot->second.launcher);
+    if (used != used_slots_.end()) used->second -= 1;
+  }
 
   bool all_ended = true, all_zero = true;
   for (const auto& [rank, s] : run.ranks) all_ended = all_ended && !s.running;
@@ -991,13 +1050,17 @@ std::string Coordinator::LastLines(const std::string& job_id, int64_t rank,
 
 void Coordinator::UpdateMetricsLocked() {
   if (metrics_ == nullptr) return;
-  int64_t total = 0, used = 0;
+  int64_t slots = 0, used_slots = 0, gpus = 0, used_gpus = 0;
   for (const auto& l : launchers_) {
-    total += l->Slots();
+    slots += l->Slots();
+    gpus += l->Gpus().size();
     auto it = used_slots_.find(l.get());
-    if (it != used_slots_.end()) used += it->second;
+    if (it != used_slots_.end()) used_slots += it->second;
+    auto owned = used_gpus_.find(l.get());
+    if (owned != used_gpus_.end()) used_gpus += owned->second.size();
   }
-  metrics_->SetSlots(used, std::max<int64_t>(0, total - used));
+  metrics_->SetSlots(used_slots, std::max<int64_t>(0, slots - used_slots));
+  metrics_->SetGpus(used_gpus, std::max<int64_t>(0, gpus - used_gpus));
   std::map<v1::JobState, int64_t> by_state;
   for (JobState s : {v1::JOB_STATE_PENDING, v1::JOB_STATE_RUNNING,
                      v1::JOB_STATE_RESTARTING, v1::JOB_STATE_SUCCEEDED,

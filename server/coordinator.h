@@ -1,7 +1,8 @@
 // The coordinator's core, behind the gRPC services: stores jobs, schedules
-// them onto launchers' slots as whole gangs, launches and supervises their
-// ranks, keeps their logs and progress, and feeds watchers. Knows nothing of
-// gRPC transport; the services in server/*_service.cc are thin.
+// them onto launchers' slots (CPU jobs) or GPUs (CUDA jobs, one GPU per rank)
+// as whole gangs, launches and supervises their ranks, keeps their logs and
+// progress, and feeds watchers. Knows nothing of gRPC transport; the
+// services in server/*_service.cc are thin.
 //
 // Every change of a job's state is committed to the JobStore, with its
 // reason, before it is acted on (ranks launched or stopped) or published.
@@ -39,9 +40,12 @@ struct CoordinatorOptions {
   std::string state_dir;
   // momentum-worker, for the local launcher.
   std::string worker_binary;
-  // Ranks the coordinator may run as its own children; 0: none (agents
-  // only).
+  // CPU ranks the coordinator may run as its own children; 0: none.
   int64_t local_slots = 1;
+  // GPUs of its own machine, by CUDA index (gpus.h): each rank of a CUDA job
+  // that runs here owns one, and takes no slot. Without slots and GPUs the
+  // coordinator runs no ranks itself (agents only).
+  std::vector<int> local_gpus;
   // How long a stopped rank has between SIGTERM and SIGKILL.
   double grace_seconds = 10;
   // When not empty, a spec's data.path and an absolute output_dir must lie
@@ -107,7 +111,10 @@ class Coordinator : public LaunchEvents {
 
   // The job API. Errors are canonical: INVALID_ARGUMENT naming the spec
   // field, NOT_FOUND naming the job, ... `owner` is who submits (for
-  // per-user limits; "" when unknown).
+  // per-user limits; "" when unknown). Submit stores the spec with
+  // resources.device resolved (never auto: cuda when the launchers offer
+  // GPUs now, else cpu) and refuses a CUDA job with more ranks than the
+  // launchers have GPUs, used or free.
   absl::StatusOr<v1::Job> Submit(const std::string& spec_yaml,
                                  const std::vector<std::string>& overrides,
                                  const std::string& owner = "");
@@ -161,6 +168,14 @@ class Coordinator : public LaunchEvents {
   struct RankSlot {
     Launcher* launcher = nullptr;
     bool running = true;
+    int gpu = -1;  // the GPU it owns on `launcher`; -1: a CPU rank (a slot)
+  };
+  // Ranks of a gang on one launcher, for a CUDA job with the GPU each owns
+  // (same order; empty for a CPU job).
+  struct Placement {
+    Launcher* launcher = nullptr;
+    std::vector<int64_t> ranks;
+    std::vector<int> gpus;
   };
   struct RunningJob {
     int64_t attempt = 0;
@@ -206,13 +221,22 @@ class Coordinator : public LaunchEvents {
   // notice to publish when the rank starts or stops straggling.
   std::optional<v1::Notice> CheckStragglerLocked(RunningJob& run, int64_t rank);
   void Schedule();
-  // Places `world_size` ranks on launchers with free slots; empty when they
-  // do not all fit now.
-  std::vector<std::pair<Launcher*, std::vector<int64_t>>> Place(
-      int64_t world_size);
-  void LaunchLocked(const JobRecord& job);
+  // Places `world_size` ranks on launchers with free slots, or for a CUDA
+  // job (`cuda`) free GPUs, one per rank; empty when they do not all fit now.
+  std::vector<Placement> Place(int64_t world_size, bool cuda);
+  // Commits RUNNING and starts the gang of `queued` (whose stored spec is
+  // `spec`) where `placement` says.
+  void LaunchLocked(const JobRecord& queued, JobSpec spec,
+                    const std::vector<Placement>& placement);
+  // Commits FAILED for a queued job that cannot be launched at all.
+  void FailUnlaunchableLocked(const JobRecord& queued,
+                              const std::string& reason);
   void StopRanksLocked(const std::string& job_id, RunningJob& run);
   int64_t FreeSlotsLocked(const Launcher* launcher) const;
+  // The launcher's GPUs that no rank owns, in the order it offers them.
+  std::vector<int> FreeGpusLocked(const Launcher* launcher) const;
+  // GPUs of all launchers, used or free.
+  int64_t ClusterGpus();
 
   v1::Job ToProto(const JobRecord& job);
   void Publish(const std::string& job_id, const v1::WatchJobEvent& event,
@@ -235,6 +259,8 @@ class Coordinator : public LaunchEvents {
   std::vector<std::shared_ptr<Launcher>> launchers_;
   std::vector<std::shared_ptr<Launcher>> retired_launchers_;
   std::map<const Launcher*, int64_t> used_slots_;
+  // GPUs owned by running ranks (of CUDA jobs), per launcher.
+  std::map<const Launcher*, std::set<int>> used_gpus_;
   std::map<std::string, RunningJob> running_;
   std::deque<Exit> exits_;
   // A restarting job is relaunched no sooner than this.

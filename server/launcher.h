@@ -1,6 +1,7 @@
 // Where the coordinator starts ranks: local processes on its own machine, or
 // the machines of node agents. Both are a Launcher; the coordinator places
-// ranks on launchers with free slots and hears back through LaunchEvents.
+// ranks on launchers with free slots (CPU jobs) or free GPUs (CUDA jobs) and
+// hears back through LaunchEvents.
 #ifndef MOMENTUM_SERVER_LAUNCHER_H_
 #define MOMENTUM_SERVER_LAUNCHER_H_
 
@@ -18,6 +19,10 @@ struct LaunchRequest {
   int64_t attempt = 1;  // 1 for the first launch, +1 per restart
   int64_t world_size = 1;
   std::vector<int64_t> ranks;  // the ranks to start here
+  // A CUDA job's: the GPU each rank of `ranks` owns (same order), one of the
+  // launcher's Gpus(); the rank runs with CUDA_VISIBLE_DEVICES=<gpu>. Empty
+  // for a CPU job, whose ranks run with CUDA_VISIBLE_DEVICES empty.
+  std::vector<int> gpus;
   // The resolved spec (output_dir absolute).
   std::string spec_yaml;
   // Where rank 0 serves the c10d store.
@@ -51,10 +56,14 @@ class Launcher {
   // The address other machines reach this launcher's ranks at (the store
   // address when rank 0 runs here).
   virtual std::string Address() const = 0;
-  // Ranks it may run at once; 0 when it is gone.
+  // CPU ranks it may run at once; 0 when it is gone.
   virtual int64_t Slots() const = 0;
+  // The GPUs it offers, by CUDA index on its machine; empty when it has none
+  // or is gone. A rank of a CUDA job takes one of these instead of a slot.
+  virtual std::vector<int> Gpus() const = 0;
   // Starts the ranks and returns; OnRankExited follows for every rank it
-  // started, and for every rank it could not start.
+  // started, and for every rank it could not start. An error (nothing
+  // started) is for the caller to report for every rank.
   virtual absl::Status Launch(const LaunchRequest& request) = 0;
   // Sends SIGTERM to the ranks of the job's launch, then SIGKILL after
   // `grace_seconds` to those still running. Returns at once.

@@ -5,6 +5,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
@@ -14,6 +15,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/process.h"
+#include "server/gpus.h"
 
 namespace momentum::server {
 namespace {
@@ -42,16 +44,45 @@ std::string PidFile(const fs::path& dir, int64_t rank) {
   return (dir / absl::StrCat("rank-", rank, ".pid")).string();
 }
 
-const std::vector<std::string> kRankVariables = {
-    "RANK",        "LOCAL_RANK",  "WORLD_SIZE", "LOCAL_WORLD_SIZE",
-    "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK", "ROLE_RANK"};
+// Set per rank, never inherited from the launcher's own environment.
+const std::vector<std::string> kRankVariables = {"RANK",
+                                                 "LOCAL_RANK",
+                                                 "WORLD_SIZE",
+                                                 "LOCAL_WORLD_SIZE",
+                                                 "MASTER_ADDR",
+                                                 "MASTER_PORT",
+                                                 "GROUP_RANK",
+                                                 "ROLE_RANK",
+                                                 "CUDA_VISIBLE_DEVICES"};
+
+// OK when the request gives every rank a GPU this launcher offers, or none
+// to all of them (a CPU job).
+absl::Status CheckRequestGpus(const LaunchRequest& request,
+                              const std::vector<int>& offered) {
+  if (request.gpus.empty()) return absl::OkStatus();
+  if (request.gpus.size() != request.ranks.size()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("the launch gives ", request.gpus.size(), " GPUs to ",
+                     request.ranks.size(), " ranks"));
+  }
+  for (int gpu : request.gpus) {
+    if (std::find(offered.begin(), offered.end(), gpu) == offered.end()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("GPU ", gpu, " is not one this launcher offers (",
+                       GpuList(offered), ")"));
+    }
+  }
+  return absl::OkStatus();
+}
 
 }  // namespace
 
 LocalLauncher::LocalLauncher(std::string worker_binary, int64_t slots,
-                             std::string work_dir, LaunchEvents* events)
+                             std::vector<int> gpus, std::string work_dir,
+                             LaunchEvents* events)
     : worker_binary_(std::move(worker_binary)),
       slots_(slots),
+      gpus_(std::move(gpus)),
       work_dir_(std::move(work_dir)),
       events_(events) {}
 
@@ -92,6 +123,7 @@ void LocalLauncher::StartThreadLocked(Fn fn) {
 }
 
 absl::Status LocalLauncher::Launch(const LaunchRequest& request) {
+  if (absl::Status s = CheckRequestGpus(request, gpus_); !s.ok()) return s;
   const fs::path dir = fs::path(work_dir_) / request.job_id /
                        absl::StrCat("attempt-", request.attempt);
   std::error_code ec;
@@ -127,6 +159,10 @@ absl::Status LocalLauncher::Launch(const LaunchRequest& request) {
     options.env.push_back(absl::StrCat("LOCAL_WORLD_SIZE=", local_world));
     options.env.push_back(absl::StrCat("MASTER_ADDR=", request.master_addr));
     options.env.push_back(absl::StrCat("MASTER_PORT=", request.master_port));
+    // The rank's one GPU, which it sees as device 0; a CPU rank sees none.
+    options.env.push_back(absl::StrCat(
+        "CUDA_VISIBLE_DEVICES=",
+        request.gpus.empty() ? "" : absl::StrCat(request.gpus[i])));
     options.cwd = dir.string();
     options.new_process_group = true;
 

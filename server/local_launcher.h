@@ -1,8 +1,9 @@
 // Ranks as child processes of the coordinator on its own machine: the
 // embedded default. Each rank runs `momentum-worker --config spec.yaml` in a
 // process group of its own, with torchrun's variables (RANK, WORLD_SIZE,
-// LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and the request's
-// extra environment; its stdout and stderr come back line by line.
+// LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT), the GPU it owns as
+// CUDA_VISIBLE_DEVICES (empty for a CPU rank: it sees no GPU) and the
+// request's extra environment; its stdout and stderr come back line by line.
 #ifndef MOMENTUM_SERVER_LOCAL_LAUNCHER_H_
 #define MOMENTUM_SERVER_LOCAL_LAUNCHER_H_
 
@@ -24,16 +25,17 @@ namespace momentum::server {
 class LocalLauncher : public Launcher {
  public:
   // `work_dir`: each launch gets `<work_dir>/<job_id>/attempt-<n>/` with the
-  // spec the ranks read; it is their working directory. `events` outlives
-  // the launcher.
-  LocalLauncher(std::string worker_binary, int64_t slots, std::string work_dir,
-                LaunchEvents* events);
+  // spec the ranks read; it is their working directory. `gpus`: the CUDA
+  // indices it offers (gpus.h). `events` outlives the launcher.
+  LocalLauncher(std::string worker_binary, int64_t slots, std::vector<int> gpus,
+                std::string work_dir, LaunchEvents* events);
   // Kills (SIGKILL) whatever still runs and joins its threads.
   ~LocalLauncher() override;
 
   std::string Name() const override { return "local"; }
   std::string Address() const override { return "127.0.0.1"; }
   int64_t Slots() const override { return slots_; }
+  std::vector<int> Gpus() const override { return gpus_; }
   absl::Status Launch(const LaunchRequest& request) override;
   void Stop(const std::string& job_id, int64_t attempt,
             double grace_seconds) override;
@@ -75,6 +77,7 @@ class LocalLauncher : public Launcher {
 
   const std::string worker_binary_;
   const int64_t slots_;
+  const std::vector<int> gpus_;
   const std::string work_dir_;
   LaunchEvents* const events_;
 

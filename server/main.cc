@@ -1,7 +1,8 @@
 // momentum-server: the coordinator. With no flags it listens on
 // 127.0.0.1:50051, keeps its store under ~/.local/state/momentum (or
 // $XDG_STATE_HOME/momentum), serves /metrics on 127.0.0.1:9464 and runs
-// ranks as local processes on as many slots as the machine has cores.
+// ranks as local processes on as many slots as the machine has cores, and
+// the ranks of CUDA jobs on its NVIDIA GPUs, one each (--gpus).
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
@@ -20,6 +21,7 @@
 #include "common/health_server.h"
 #include "common/process.h"
 #include "server/coordinator.h"
+#include "server/gpus.h"
 #include "server/server_metrics.h"
 #include "server/services.h"
 
@@ -65,9 +67,13 @@ int main(int argc, char** argv) {
                  "where the job store, logs and job outputs live")
       ->capture_default_str();
   app.add_option("--slots", slots,
-                 "ranks this machine runs at once (0: only agents run ranks)")
+                 "CPU ranks this machine runs at once (0 with --gpus none: "
+                 "only agents run ranks)")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
+  std::string gpus_flag = "auto";
+  app.add_option("--gpus", gpus_flag, momentum::server::kGpusFlagHelp)
+      ->capture_default_str();
   app.add_option("--worker", worker, "the momentum-worker binary")
       ->capture_default_str();
   app.add_option("--grace-seconds", grace,
@@ -120,6 +126,11 @@ int main(int argc, char** argv) {
                  "once serving, write the bound gRPC and /metrics addresses "
                  "here as JSON");
   CLI11_PARSE(app, argc, argv);
+  const auto gpus = momentum::server::ParseGpusFlag(gpus_flag);
+  if (!gpus.ok()) {
+    std::cerr << "momentum-server: " << gpus.status().message() << "\n";
+    return 2;
+  }
   // Ranks run in folders of their own: every path they are given is
   // absolute.
   state_dir = fs::absolute(state_dir).lexically_normal().string();
@@ -182,6 +193,7 @@ int main(int argc, char** argv) {
   options.state_dir = state_dir;
   options.worker_binary = worker;
   options.local_slots = slots;
+  options.local_gpus = *gpus;
   options.grace_seconds = grace;
   options.data_roots = data_roots;
   options.output_roots = output_roots;
@@ -231,7 +243,7 @@ int main(int argc, char** argv) {
       absl::StrCat(HostOf(metrics_listen), ":", (*metrics)->port());
   std::cerr << "momentum-server: serving on " << address << ", /metrics on "
             << metrics_address << ", state in " << state_dir << ", " << slots
-            << " local slots"
+            << " local slots, local GPUs " << momentum::server::GpuList(*gpus)
             << (tls_on ? (tls.ca.empty() ? ", TLS" : ", mutual TLS")
                        : ", no TLS (loopback only)")
             << (tokens.empty() ? ", no tokens" : ", bearer tokens") << "\n";

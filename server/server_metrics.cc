@@ -21,6 +21,16 @@ using prometheus::Family;
 using prometheus::Gauge;
 using prometheus::Histogram;
 
+namespace {
+
+// A family with a `state` label of "used" and "free".
+void SetUsedFree(Family<Gauge>* family, int64_t used, int64_t free) {
+  family->Add({{"state", "used"}}).Set(static_cast<double>(used));
+  family->Add({{"state", "free"}}).Set(static_cast<double>(free));
+}
+
+}  // namespace
+
 struct ServerMetrics::Families {
   // Training, per job and rank.
   Family<Gauge>* loss;
@@ -42,6 +52,7 @@ struct ServerMetrics::Families {
   Family<Gauge>* jobs;
   Family<Gauge>* job_state;
   Family<Gauge>* slots;
+  Family<Gauge>* gpus;
   Family<Counter>* restarts;
   Family<Counter>* rpcs;
   Family<Histogram>* rpc_seconds;
@@ -121,6 +132,9 @@ absl::StatusOr<std::unique_ptr<ServerMetrics>> ServerMetrics::Create(
                        "1 for a job's current state (one series per job).");
   f->slots = gauge("momentum_worker_slots",
                    "Worker slots of all launchers, used and free.");
+  f->gpus = gauge("momentum_worker_gpus",
+                  "GPUs of all launchers, used (by ranks of CUDA jobs) and "
+                  "free.");
   f->restarts = &prometheus::BuildCounter()
                      .Name("momentum_job_restarts_total")
                      .Help("Gang relaunches of jobs.")
@@ -140,8 +154,8 @@ absl::StatusOr<std::unique_ptr<ServerMetrics>> ServerMetrics::Create(
                      v1::JOB_STATE_FAILED, v1::JOB_STATE_CANCELLED}) {
     f->jobs->Add({{"state", StateName(s)}}).Set(0);
   }
-  f->slots->Add({{"state", "used"}}).Set(0);
-  f->slots->Add({{"state", "free"}}).Set(0);
+  SetUsedFree(f->slots, 0, 0);
+  SetUsedFree(f->gpus, 0, 0);
   f->restarts->Add({});
   m->f_ = std::move(f);
   // Every method's series exist from the start, so rates and quantiles
@@ -235,8 +249,12 @@ void ServerMetrics::SetJobs(const std::map<v1::JobState, int64_t>& by_state) {
 void ServerMetrics::SetSlots(int64_t used, int64_t free) {
   std::lock_guard<std::mutex> lock(mu_);
   ExpireLocked();
-  f_->slots->Add({{"state", "used"}}).Set(static_cast<double>(used));
-  f_->slots->Add({{"state", "free"}}).Set(static_cast<double>(free));
+  SetUsedFree(f_->slots, used, free);
+}
+
+void ServerMetrics::SetGpus(int64_t used, int64_t free) {
+  std::lock_guard<std::mutex> lock(mu_);
+  SetUsedFree(f_->gpus, used, free);
 }
 
 void ServerMetrics::AddRestart(const std::string& reason) {

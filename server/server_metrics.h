@@ -1,8 +1,8 @@
 // The coordinator's Prometheus metrics (prometheus-cpp), served on /metrics:
 // training series per job and rank from the workers' samples, and service
-// series (jobs by state, slots, restarts, RPCs). docs/metrics.md lists every
-// series. Series of a finished job are removed after a retention period, so
-// memory stays bounded however many jobs run.
+// series (jobs by state, slots, GPUs, restarts, RPCs). docs/metrics.md lists
+// every series. Series of a finished job are removed after a retention period,
+// so memory stays bounded however many jobs run.
 #ifndef MOMENTUM_SERVER_SERVER_METRICS_H_
 #define MOMENTUM_SERVER_SERVER_METRICS_H_
 
@@ -42,7 +42,11 @@ class ServerMetrics {
   void OnSample(const std::string& job_id, const v1::MetricSample& sample);
   // Jobs by state, all states given (absent ones 0).
   void SetJobs(const std::map<v1::JobState, int64_t>& by_state);
+  // momentum_worker_slots{state}: CPU slots of all launchers.
   void SetSlots(int64_t used, int64_t free);
+  // momentum_worker_gpus{state}: GPUs of all launchers (ranks of CUDA jobs
+  // own one each).
+  void SetGpus(int64_t used, int64_t free);
   void AddRestart(const std::string& reason);
   // momentum_train_straggler{job_id, rank}: 1 while the rank straggles.
   void SetStraggler(const std::string& job_id, int64_t rank, bool straggling);

@@ -7,6 +7,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "server/agent_launcher.h"
+#include "server/gpus.h"
 
 namespace momentum::server {
 namespace {
@@ -292,11 +293,15 @@ grpc::Status InternalServiceImpl::AgentSession(
     return rpc.Done(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
                                  "AgentHello.advertise_address is empty"));
   }
+  const std::vector<int> gpus(hello.gpus().begin(), hello.gpus().end());
+  if (absl::Status s = CheckGpuIndices(gpus, "AgentHello.gpus"); !s.ok()) {
+    return rpc.Done(ToGrpc(s));
+  }
   const std::string id = hello.agent_id().empty()
                              ? absl::StrCat("agent-", next_agent_++)
                              : hello.agent_id();
   auto launcher = std::make_shared<AgentLauncher>(
-      id, hello.hostname(), hello.advertise_address(), hello.slots());
+      id, hello.hostname(), hello.advertise_address(), hello.slots(), gpus);
   v1::AgentCommand welcome;
   welcome.set_welcome_agent_id(id);
   if (!stream->Write(welcome)) return rpc.Done(grpc::Status::OK);

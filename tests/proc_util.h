@@ -69,9 +69,11 @@ inline pid_t SpawnLogged(std::vector<std::string> args,
   return pid;
 }
 
-inline void StopAndReap(pid_t pid) {
+// Sends `signal` (SIGTERM: a clean stop; SIGKILL: a crash that stops
+// nothing) and waits for the process to end.
+inline void StopAndReap(pid_t pid, int signal = SIGTERM) {
   if (pid <= 0) return;
-  ::kill(pid, SIGTERM);
+  ::kill(pid, signal);
   int status = 0;
   ::waitpid(pid, &status, 0);
 }

@@ -69,7 +69,7 @@ export MOMENTUM_TLS_CA=$pki/ca.pem
 
 ip netns exec "$ns_a" "$bin/server/momentum-server" --listen 10.231.7.1:0 \
   --tls-cert "$pki/server.pem" --tls-key "$pki/server.key" \
-  --metrics-listen 127.0.0.1:0 --state-dir "$work/state" --slots 0 \
+  --metrics-listen 127.0.0.1:0 --state-dir "$work/state" --slots 0 --gpus none \
   --worker "$bin/worker/momentum-worker" --ready-file "$work/ready.json" \
   > "$work/server.log" 2>&1 &
 pids+=($!)
@@ -83,12 +83,12 @@ server=$(/usr/bin/python3 -c 'import json,sys; print(json.load(open(sys.argv[1])
 echo "coordinator on $server in $ns_a"
 
 ip netns exec "$ns_a" "$bin/server/momentum-agent" --server "$server" \
-  --slots 1 --name here --advertise 10.231.7.1 --work-dir "$work/agent-a" \
+  --slots 1 --gpus none --name here --advertise 10.231.7.1 --work-dir "$work/agent-a" \
   --worker "$bin/worker/momentum-worker" > "$work/agent-a.log" 2>&1 &
 pids+=($!)
 sleep 0.5
 ip netns exec "$ns_b" "$bin/server/momentum-agent" --server "$server" \
-  --slots 1 --name there --advertise 10.231.7.2 --work-dir "$work/agent-b" \
+  --slots 1 --gpus none --name there --advertise 10.231.7.2 --work-dir "$work/agent-b" \
   --worker "$bin/worker/momentum-worker" > "$work/agent-b.log" 2>&1 &
 pids+=($!)
 

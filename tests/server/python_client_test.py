@@ -72,6 +72,8 @@ def start_server(binary_dir, work):
         [os.path.join(binary_dir, "server", "momentum-server"),
          "--listen=127.0.0.1:0", "--metrics-listen=127.0.0.1:0",
          f"--state-dir={work}/state", "--slots=2",
+         # CPU jobs on any machine: no GPU is offered.
+         "--gpus=none",
          f"--worker={binary_dir}/worker/momentum-worker",
          f"--ready-file={ready}"], stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 30

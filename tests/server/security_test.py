@@ -67,7 +67,7 @@ def start(binary_dir, work, name, extra, env=None):
     proc = subprocess.Popen(
         [os.path.join(binary_dir, "server", "momentum-server"),
          "--listen=127.0.0.1:0", "--metrics-listen=127.0.0.1:0",
-         f"--state-dir={work}/{name}-state", "--slots=2",
+         f"--state-dir={work}/{name}-state", "--slots=2", "--gpus=none",
          f"--worker={binary_dir}/worker/momentum-worker",
          f"--ready-file={ready}", *extra],
         stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -269,7 +269,7 @@ resources: {{threads: 1, nproc: {nproc}, timeout_s: 60}}
             health_addr = f"127.0.0.1:{free_port()}"
             agent = subprocess.Popen(
                 [os.path.join(binary_dir, "server", "momentum-agent"), "--server", addr,
-                 "--slots=1", f"--work-dir={work}/{name}-agent",
+                 "--slots=1", "--gpus=none", f"--work-dir={work}/{name}-agent",
                  f"--tls-ca={pki}/ca.pem", f"--tls-cert={pki}/client.pem",
                  f"--tls-key={pki}/client.key",
                  f"--token-file={work}/{name}-agent-token",

@@ -102,6 +102,29 @@ TEST(ServerMetricsTest, JobStateIsOneSeriesForTheCurrentState) {
   EXPECT_EQ(Scrape(**m).find("momentum_job_state{"), std::string::npos);
 }
 
+// Slots and GPUs are each a used and a free series, at 0 from the start (a
+// coordinator without GPUs shows 0 and 0), then as set.
+TEST(ServerMetricsTest, SlotsAndGpusAreUsedAndFreeSeries) {
+  auto m = ServerMetrics::Create("127.0.0.1:0", std::chrono::seconds(300));
+  ASSERT_TRUE(m.ok()) << m.status();
+  std::string text = Scrape(**m);
+  for (const char* series : {"momentum_worker_slots{state=\"used\"} 0\n",
+                             "momentum_worker_slots{state=\"free\"} 0\n",
+                             "momentum_worker_gpus{state=\"used\"} 0\n",
+                             "momentum_worker_gpus{state=\"free\"} 0\n"}) {
+    EXPECT_NE(text.find(series), std::string::npos) << series << text;
+  }
+  (*m)->SetSlots(3, 1);
+  (*m)->SetGpus(2, 6);
+  text = Scrape(**m);
+  for (const char* series : {"momentum_worker_slots{state=\"used\"} 3\n",
+                             "momentum_worker_slots{state=\"free\"} 1\n",
+                             "momentum_worker_gpus{state=\"used\"} 2\n",
+                             "momentum_worker_gpus{state=\"free\"} 6\n"}) {
+    EXPECT_NE(text.find(series), std::string::npos) << series << text;
+  }
+}
+
 // Every method's request counter (code OK) and latency histogram exist
 // before any call, at 0.
 TEST(ServerMetricsTest, RpcSeriesExistBeforeTheFirstCall) {

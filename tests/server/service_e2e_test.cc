@@ -61,7 +61,8 @@ class ServerProcess {
         {BinaryDir() + "/server/momentum-server", "--listen=" + listen,
          "--metrics-listen=127.0.0.1:0", "--state-dir=" + dir + "/state",
          "--slots=" + std::to_string(slots),
-         "--worker=" + BinaryDir() + "/worker/momentum-worker",
+         // CPU jobs on any machine (gpu_scheduling_test places GPUs).
+         "--gpus=none", "--worker=" + BinaryDir() + "/worker/momentum-worker",
          "--grace-seconds=" + grace_seconds,
          "--ready-file=" + dir + "/ready.json"},
         dir + "/server.log");
@@ -87,10 +88,7 @@ class ServerProcess {
   }
   // SIGKILL: the server dies without stopping anything.
   void Crash() {
-    if (pid_ <= 0) return;
-    ::kill(pid_, SIGKILL);
-    int status = 0;
-    ::waitpid(pid_, &status, 0);
+    StopAndReap(pid_, SIGKILL);
     pid_ = -1;
   }
 
@@ -212,6 +210,7 @@ class ServiceTest : public ::testing::Test {
         BinaryDir() + "/server/momentum-agent",
         "--server=" + server_->address(),
         "--slots=1",
+        "--gpus=none",
         "--name=" + name,
         "--advertise=127.0.0.1",
         "--work-dir=" + dir_ + "/" + name,

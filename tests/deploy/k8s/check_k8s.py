@@ -499,6 +499,17 @@ def policy_violations(objects, name, gpu, binaries):
             def flag_value(n):
                 return next((val for fl, val in flags if fl == n), None)
 
+            def resolved_flag(n):
+                """The flag's value, a $(VAR) resolved through the container's
+                env from its ConfigMap; None where it cannot be."""
+                value = flag_value(n)
+                var = re.match(r"^\$\((\w+)\)$", value or "")
+                if not var:
+                    return value
+                ref = ((env.get(var.group(1)) or {}).get("valueFrom") or {}).get("configMapKeyRef")
+                cm = find("ConfigMap", ref.get("name")) if ref else None
+                return (cm.get("data") or {}).get(ref["key"]) if cm else None
+
             health = flag_value("health-listen")
             if not health:
                 bad(o, f"{f}.args", "--health-listen missing (the grpc probes need it)")
@@ -531,6 +542,8 @@ def policy_violations(objects, name, gpu, binaries):
                         bad(o, f"{f}.args", f"--{fl} missing (TLS, mutual TLS and tokens are required)")
                 if flag_value("slots") != "0":
                     bad(o, f"{f}.args", "--slots must be 0 (agents run the ranks)")
+                if flag_value("gpus") != "none":
+                    bad(o, f"{f}.args", "--gpus must be none (agents run the ranks)")
                 metrics_port = (flag_value("metrics-listen") or "").split(":")[-1]
                 ann = (t.get("metadata") or {}).get("annotations") or {}
                 if (ann.get("prometheus.io/scrape") != "true" or ann.get("prometheus.io/port") != metrics_port
@@ -555,14 +568,15 @@ def policy_violations(objects, name, gpu, binaries):
                     if not flag_value(fl):
                         bad(o, f"{f}.args", f"--{fl} missing")
                 # Slots: a number, from the agent ConfigMap; on GPU nodes = GPUs.
-                slots = flag_value("slots")
-                sl = re.match(r"^\$\((\w+)\)$", slots or "")
-                if sl:
-                    ref = ((env.get(sl.group(1)) or {}).get("valueFrom") or {}).get("configMapKeyRef")
-                    cm = find("ConfigMap", ref.get("name")) if ref else None
-                    slots = (cm.get("data") or {}).get(ref["key"]) if cm else None
+                slots = resolved_flag("slots")
                 if not re.match(r"^[1-9][0-9]*$", js_str(slots)):
                     bad(o, f"{f}.args", f"--slots must resolve to a positive integer, got {js_str(slots)}")
+                # GPUs: those the pod was given on GPU nodes, none elsewhere.
+                gpus = resolved_flag("gpus")
+                want_gpus = "auto" if gpu else "none"
+                if js_str(gpus) != want_gpus:
+                    bad(o, f"{f}.args", f"--gpus must resolve to {want_gpus}"
+                        f"{' (the GPUs the pod holds)' if gpu else ' (a pod without GPUs)'}, got {js_str(gpus)}")
                 limits = (c.get("resources") or {}).get("limits") or {}
                 if gpu:
                     lim = limits.get("nvidia.com/gpu")
@@ -812,12 +826,17 @@ def live_check(objects, bin_dir, tmp, user_files, python):
         # The agent, with its rendered args, registers its slots.
         ac = pod_template(agent)["spec"]["containers"][0]
         amap = mapper(agent)
-        slots_ref = next(e for e in ac["env"] if e["name"] == "MOMENTUM_SLOTS")["valueFrom"]["configMapKeyRef"]
-        slots = next(x for x in objects if x["kind"] == "ConfigMap" and
-                     x["metadata"]["name"] == slots_ref["name"])["data"][slots_ref["key"]]
+        # $(VAR)s from the ConfigMaps, as the kubelet expands them.
+        from_maps = {}
+        for e in ac["env"]:
+            ref = (e.get("valueFrom") or {}).get("configMapKeyRef")
+            if ref:
+                from_maps[e["name"]] = next(x for x in objects if x["kind"] == "ConfigMap" and
+                                            x["metadata"]["name"] == ref["name"])["data"][ref["key"]]
+        slots = from_maps["MOMENTUM_SLOTS"]
         aargs = map_args(ac, amap,
-                         {"POD_IP": "127.0.0.1", "POD_NAME": "momentum-agent-test", "NODE_NAME": "node-test",
-                          "MOMENTUM_SLOTS": slots},
+                         {**from_maps, "POD_IP": "127.0.0.1", "POD_NAME": "momentum-agent-test",
+                          "NODE_NAME": "node-test"},
                          {"server": f"localhost:{grpc_port}", "health-listen": f"127.0.0.1:{agent_health}",
                           "worker": "/bin/false"})
         ag = Proc([os.path.join(bin_dir, "server", "momentum-agent")] + aargs, os.path.join(tmp, "agent.log"))
@@ -1050,6 +1069,9 @@ def run(src, bin_dir, k8s, tmp, python):
     def daemonset(objs):
         return next(o for o in objs if o["kind"] == "DaemonSet")
 
+    def agent_configmap(objs):
+        return next(o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("momentum-agent"))
+
     negatives = [
         (cpu_r, "image tag latest",
          lambda os_: agent_c(os_).__setitem__("image", "ghcr.io/momentum-ml/momentum-worker-cpu:latest"),
@@ -1103,6 +1125,14 @@ def run(src, bin_dir, k8s, tmp, python):
          lambda os_: agent_c(os_)["resources"]["limits"].pop("nvidia.com/gpu"), "missing in the gpu overlay"),
         (gpu_r, "gpu limit differing from slots",
          lambda os_: agent_c(os_)["resources"]["limits"].__setitem__("nvidia.com/gpu", "3"), "differs from --slots"),
+        (gpu_r, "gpu agent offering no GPU",
+         lambda os_: agent_configmap(os_)["data"].__setitem__("gpus", "none"), "--gpus must resolve to auto"),
+        (cpu_r, "cpu agent offering GPUs",
+         lambda os_: agent_configmap(os_)["data"].__setitem__("gpus", "auto"), "--gpus must resolve to none"),
+        (cpu_r, "coordinator offering GPUs",
+         lambda os_: coord_c(os_).__setitem__(
+             "args", [a for a in coord_c(os_)["args"] if not a.startswith("--gpus")]),
+         "--gpus must be none"),
     ]
     for r, what, mutate, want in negatives:
         if not r:
