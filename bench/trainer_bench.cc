@@ -20,6 +20,7 @@
 #include <nlohmann/json.hpp>
 
 #include "worker/device.h"
+#include "worker/device_augment.h"
 #include "worker/loader.h"
 #include "worker/malloc_tuning.h"
 #include "worker/moco.h"
@@ -73,6 +74,18 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"fp32", "bf16"}));
   app.add_option("--data", data);
   app.add_option("--workers", loader_threads, "loader threads (augment)");
+  bool loader_only = false, scaled_decode = true;
+  app.add_flag("--loader-only", loader_only,
+               "time the loader alone: batches per second of --workers "
+               "threads, no training step (augment, folder)");
+  std::string augment_on = "host";
+  app.add_option("--augment-on", augment_on,
+                 "where colour, blur, flip and normalisation run "
+                 "(data.augment_on): host threads, or batched on --device")
+      ->check(CLI::IsMember({"host", "device"}));
+  app.add_flag("--scaled-decode,!--no-scaled-decode", scaled_decode,
+               "decode JPEGs at the smallest DCT scale that covers the crops "
+               "(data.scaled_decode)");
   bool malloc_tuning = true;
   app.add_flag("--malloc-tuning,!--no-malloc-tuning", malloc_tuning,
                "keep large blocks on the heap, as momentum-worker does "
@@ -99,6 +112,8 @@ int main(int argc, char** argv) {
 
   std::unique_ptr<mw::Dataset> dataset;
   std::unique_ptr<mw::TrainLoader> loader;
+  mw::ViewFormat lo_format;
+  int64_t blur_radius = 0;
   at::Tensor xq, xk;
   if (mode != "synthetic") {
     auto opened = mode == "augment" ? mw::OpenFashionMnist(data, /*train=*/true)
@@ -120,6 +135,10 @@ int main(int argc, char** argv) {
     lo.format.mean.assign(mean.begin(), mean.end());
     lo.format.std.assign(std.begin(), std.end());
     lo.pin_memory = where->device.is_cuda();
+    lo.scaled_decode = scaled_decode;
+    lo.photometric_on_device = augment_on == "device";
+    lo_format = lo.format;
+    blur_radius = mw::MaxBlurRadius(lo.augment, lo.format);
     loader = std::make_unique<mw::TrainLoader>(dataset.get(), lo);
     loader->StartEpoch(0, 0);
   } else {
@@ -147,10 +166,26 @@ int main(int argc, char** argv) {
         std::cerr << b.status().message() << "\n";
         return 1;
       }
-      xq = b->query.to(where->device, /*non_blocking=*/true);
-      xk = b->key.to(where->device, /*non_blocking=*/true);
+      auto on_device = [&](const at::Tensor& t) {
+        return t.to(where->device, /*non_blocking=*/true);
+      };
+      if (b->query_bytes.defined()) {
+        xq = mw::PhotometricOnDevice(on_device(b->query_bytes),
+                                     on_device(b->query_params), lo_format,
+                                     blur_radius);
+        xk = mw::PhotometricOnDevice(on_device(b->key_bytes),
+                                     on_device(b->key_params), lo_format,
+                                     blur_radius);
+      } else {
+        xq = on_device(b->query);
+        xk = on_device(b->key);
+      }
     }
     const auto got = Clock::now();
+    if (loader_only) {
+      last_loss = xk.sum();  // the device's share of the loading
+      continue;
+    }
     model.MomentumUpdate();
     at::Tensor perm;
     if (o.bn_groups > 0) {
@@ -168,7 +203,7 @@ int main(int argc, char** argv) {
       wait_seconds += std::chrono::duration<double>(got - start).count();
     }
   }
-  (void)last_loss.item<double>();
+  if (last_loss.defined()) (void)last_loss.item<double>();
   const double seconds =
       std::chrono::duration<double>(Clock::now() - timed_start).count();
   nlohmann::json j{{"impl", "cpp"},
@@ -184,6 +219,10 @@ int main(int argc, char** argv) {
                    {"device", where->device.str()},
                    {"precision", resources.precision},
                    {"image_size", image_size},
+                   {"loader_only", loader_only},
+                   {"scaled_decode", scaled_decode},
+                   {"augment_on", augment_on},
+                   {"workers", loader_threads},
                    {"steps", steps}};
   std::cout << j.dump() << std::endl;
   return 0;

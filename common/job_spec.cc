@@ -90,6 +90,8 @@ constexpr Field kFields[] = {
     MOMENTUM_SPEC_FIELD(data.loader_threads),
     MOMENTUM_SPEC_FIELD(data.prefetch),
     MOMENTUM_SPEC_FIELD(data.limit),
+    MOMENTUM_SPEC_FIELD(data.scaled_decode),
+    MOMENTUM_SPEC_FIELD(data.augment_on),
     MOMENTUM_SPEC_FIELD(data.augment.crop_min_scale),
     MOMENTUM_SPEC_FIELD(data.augment.crop_max_scale),
     MOMENTUM_SPEC_FIELD(data.augment.jitter_brightness),
@@ -633,6 +635,7 @@ void CheckFields(const JobSpec& spec, RuleChecker& check) {
   check.AtLeast("data.loader_threads", data.loader_threads, 1);
   check.AtLeast("data.prefetch", data.prefetch, 1);
   check.AtLeast("data.limit", data.limit, 0);
+  check.OneOf("data.augment_on", data.augment_on, {"auto", "host", "device"});
 
   const AugmentSpec& augment = data.augment;
   check.InRange("data.augment.crop_min_scale", augment.crop_min_scale, 0, true,

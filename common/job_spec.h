@@ -73,6 +73,13 @@ struct DataSpec {
   int64_t loader_threads = 1;  // decode/augment threads
   int64_t prefetch = 4;        // batches prepared ahead
   int64_t limit = 0;           // use only the first N train images; 0: all
+  // Decode training JPEGs at the smallest DCT scale (n/8 a side) at which
+  // both views' random crops still have image_size pixels a side.
+  bool scaled_decode = true;
+  // Where the colour jitter, grayscale, blur, flip and normalisation of the
+  // training views run: on the loader threads (host), batched on the
+  // rank's device (device), or auto: device when the rank trains on CUDA.
+  std::string augment_on = "auto";  // auto | host | device
   AugmentSpec augment;
 };
 

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <limits>
 #include <vector>
 
 namespace momentum::worker {
@@ -546,58 +547,126 @@ CropBox SampleCropBox(int64_t height, int64_t width, const AugmentSpec& spec,
 
 void AugmentView(const Image& image, const AugmentSpec& spec,
                  const ViewFormat& format, uint64_t seed, float* out) {
-  CheckImage(image);
-  Check(format.size > 0, "format.size must be > 0");
-  Check(format.channels == 1 || format.channels == 3,
-        "format.channels must be 1 or 3");
-  Scratch& s = ThreadScratch();
-  const int64_t size = format.size;
-  const int64_t plane = size * size;
+  AugmentViewInBox(image, SampleCropBox(image.height, image.width, spec, seed),
+                   spec, format, seed, out);
+}
 
-  // Random resized crop.
-  const CropBox box = SampleCropBox(image.height, image.width, spec, seed);
-  ComputeAxisWeights(box.top, box.height, size, 0, size, 1.0, &s.rows);
-  ComputeAxisWeights(box.left, box.width, size, 0, size, 1.0 / 255.0, &s.cols);
-  Resample(image, size, &s);
-  int64_t c_in = image.channels;
+CropBox ScaleCropBox(const CropBox& box, int64_t full_height,
+                     int64_t full_width, int64_t height, int64_t width) {
+  const double sy = static_cast<double>(height) / full_height;
+  const double sx = static_cast<double>(width) / full_width;
+  CropBox scaled;
+  scaled.top = std::min<int64_t>(std::llround(box.top * sy), height - 1);
+  scaled.left = std::min<int64_t>(std::llround(box.left * sx), width - 1);
+  scaled.height = std::clamp<int64_t>(std::llround(box.height * sy), 1,
+                                      height - scaled.top);
+  scaled.width =
+      std::clamp<int64_t>(std::llround(box.width * sx), 1, width - scaled.left);
+  return scaled;
+}
 
+int DecodeEighths(const CropBox* boxes, int count, int64_t size) {
+  int64_t side = std::numeric_limits<int64_t>::max();
+  for (int i = 0; i < count; ++i) {
+    side = std::min({side, boxes[i].height, boxes[i].width});
+  }
+  // 1/8, 1/4 and 1/2: libjpeg-turbo's fast reduced IDCTs; the other
+  // eighths decode no faster than the whole image.
+  for (int n : {1, 2, 4}) {
+    // ceil(side * n / 8) pixels of the crop after scaling, less one for
+    // the rounding of its edges.
+    if ((side * n + 7) / 8 - 1 >= size) return n;
+  }
+  return 8;
+}
+
+PhotometricParams DrawPhotometric(const AugmentSpec& spec, uint64_t seed,
+                                  int64_t channels) {
+  PhotometricParams p;
   // Colour jitter. Every draw is made whether or not the jitter applies and
   // whatever the channels, so the stream does not depend on either.
   Rng jitter_rng = StreamRng(seed, kJitterStream);
-  const bool jitter = jitter_rng.Uniform() < spec.jitter_prob;
-  int order[4] = {0, 1, 2, 3};
+  p.jitter = jitter_rng.Uniform() < spec.jitter_prob;
   for (int i = 3; i > 0; --i) {
-    std::swap(order[i], order[jitter_rng.Below(i + 1)]);
+    std::swap(p.order[i], p.order[jitter_rng.Below(i + 1)]);
   }
-  const auto brightness =
+  p.brightness =
       static_cast<float>(JitterFactor(jitter_rng, spec.jitter_brightness));
-  const auto contrast =
+  p.contrast =
       static_cast<float>(JitterFactor(jitter_rng, spec.jitter_contrast));
-  const auto saturation =
+  p.saturation =
       static_cast<float>(JitterFactor(jitter_rng, spec.jitter_saturation));
-  const auto hue =
+  p.hue =
       static_cast<float>(jitter_rng.Uniform(-spec.jitter_hue, spec.jitter_hue));
-  if (jitter) {
+  // An operation whose amount is 0, or that needs colour, is left out.
+  p.apply[0] = spec.jitter_brightness > 0;
+  p.apply[1] = spec.jitter_contrast > 0;
+  p.apply[2] = spec.jitter_saturation > 0 && channels == 3;
+  p.apply[3] = spec.jitter_hue > 0 && channels == 3;
+  Rng gray_rng = StreamRng(seed, kGrayStream);
+  p.gray = gray_rng.Uniform() < spec.grayscale_prob && channels == 3;
+  Rng blur_rng = StreamRng(seed, kBlurStream);
+  const bool blur = blur_rng.Uniform() < spec.blur_prob;
+  p.sigma = static_cast<float>(
+      blur_rng.Uniform(spec.blur_sigma_min, spec.blur_sigma_max));
+  p.blur = spec.blur && blur && p.sigma > 0.0f;
+  Rng flip_rng = StreamRng(seed, kFlipStream);
+  p.flip = flip_rng.Uniform() < spec.hflip_prob;
+  return p;
+}
+
+namespace {
+
+void CheckCrop(const Image& image, const CropBox& box,
+               const ViewFormat& format) {
+  CheckImage(image);
+  Check(box.top >= 0 && box.left >= 0 && box.height > 0 && box.width > 0 &&
+            box.top + box.height <= image.height &&
+            box.left + box.width <= image.width,
+        "crop box outside the image");
+  Check(format.size > 0, "format.size must be > 0");
+  Check(format.channels == 1 || format.channels == 3,
+        "format.channels must be 1 or 3");
+}
+
+// The random resized crop of `box` into s.work as [C][size][size] floats in
+// [0, 1].
+void ResampleCrop(const Image& image, const CropBox& box, int64_t size,
+                  Scratch* s) {
+  ComputeAxisWeights(box.top, box.height, size, 0, size, 1.0, &s->rows);
+  ComputeAxisWeights(box.left, box.width, size, 0, size, 1.0 / 255.0, &s->cols);
+  Resample(image, size, s);
+}
+
+}  // namespace
+
+void AugmentViewInBox(const Image& image, const CropBox& box,
+                      const AugmentSpec& spec, const ViewFormat& format,
+                      uint64_t seed, float* out) {
+  CheckCrop(image, box, format);
+  Scratch& s = ThreadScratch();
+  const int64_t size = format.size;
+  const int64_t plane = size * size;
+  ResampleCrop(image, box, size, &s);
+  int64_t c_in = image.channels;
+  const PhotometricParams p = DrawPhotometric(spec, seed, c_in);
+
+  if (p.jitter) {
     float* v = s.work.data();
-    for (int op : order) {
+    for (int op : p.order) {
+      if (!p.apply[op]) continue;
       switch (op) {
         case 0:
-          if (spec.jitter_brightness > 0) {
-            AdjustBrightness(brightness, c_in * plane, v);
-          }
+          AdjustBrightness(p.brightness, c_in * plane, v);
           break;
         case 1:
-          if (spec.jitter_contrast > 0) {
-            AdjustContrast(contrast, c_in, plane, v);
-          }
+          AdjustContrast(p.contrast, c_in, plane, v);
           break;
         case 2:
-          if (spec.jitter_saturation > 0 && c_in == 3) {
-            AdjustSaturation(saturation, plane, v);
-          }
+          AdjustSaturation(p.saturation, plane, v);
           break;
         default:
-          if (spec.jitter_hue > 0 && c_in == 3) AdjustHue(hue, plane, v);
+          AdjustHue(p.hue, plane, v);
           break;
       }
     }
@@ -605,8 +674,7 @@ void AugmentView(const Image& image, const AugmentSpec& spec,
 
   // Random grayscale: the three channels become one luma plane, which the
   // output stage replicates again when it writes three channels.
-  Rng gray_rng = StreamRng(seed, kGrayStream);
-  if (gray_rng.Uniform() < spec.grayscale_prob && c_in == 3) {
+  if (p.gray) {
     float* v = s.work.data();
     for (int64_t i = 0; i < plane; ++i) {
       v[i] = kLumaR * v[i] + kLumaG * v[plane + i] + kLumaB * v[2 * plane + i];
@@ -615,17 +683,28 @@ void AugmentView(const Image& image, const AugmentSpec& spec,
   }
 
   // Gaussian blur (MoCo v2).
-  Rng blur_rng = StreamRng(seed, kBlurStream);
-  const bool blur = blur_rng.Uniform() < spec.blur_prob;
-  const auto sigma = static_cast<float>(
-      blur_rng.Uniform(spec.blur_sigma_min, spec.blur_sigma_max));
-  if (spec.blur && blur && sigma > 0.0f) GaussianBlur(sigma, c_in, size, &s);
+  if (p.blur) GaussianBlur(p.sigma, c_in, size, &s);
 
   // Horizontal flip, clamp and normalisation in one pass.
-  Rng flip_rng = StreamRng(seed, kFlipStream);
-  const bool flip = flip_rng.Uniform() < spec.hflip_prob;
   PrepareNormalisation(format, &s);
-  WriteOutput(format, c_in, flip, s, out);
+  WriteOutput(format, c_in, p.flip, s, out);
+}
+
+void CropViewBytes(const Image& image, const CropBox& box,
+                   const ViewFormat& format, int64_t channels, uint8_t* out) {
+  CheckCrop(image, box, format);
+  Check(channels == image.channels || (channels == 3 && image.channels == 1),
+        "CropViewBytes: channels must be the image's, or 3 for a gray one");
+  Scratch& s = ThreadScratch();
+  const int64_t plane = format.size * format.size;
+  ResampleCrop(image, box, format.size, &s);
+  for (int64_t c = 0; c < channels; ++c) {
+    const float* src = &s.work[(image.channels == 1 ? 0 : c) * plane];
+    uint8_t* dst = out + c * plane;
+    for (int64_t i = 0; i < plane; ++i) {
+      dst[i] = static_cast<uint8_t>(std::lround(Clamp01(src[i]) * 255.0f));
+    }
+  }
 }
 
 void EvalView(const Image& image, const ViewFormat& format, float* out) {

@@ -81,6 +81,53 @@ CropBox SampleCropBox(int64_t height, int64_t width, const AugmentSpec& spec,
 void AugmentView(const Image& image, const AugmentSpec& spec,
                  const ViewFormat& format, uint64_t seed, float* out);
 
+// AugmentView with the crop given, in `image`'s pixels; every other random
+// choice still comes from `seed`. AugmentView(image, ...) is
+// AugmentViewInBox(image, SampleCropBox(image.height, image.width, spec,
+// seed), ...).
+void AugmentViewInBox(const Image& image, const CropBox& box,
+                      const AugmentSpec& spec, const ViewFormat& format,
+                      uint64_t seed, float* out);
+
+// The random choices of one view after its crop, drawn from `seed`'s
+// streams: colour jitter (whether, the order of its four operations,
+// their factors), grayscale, blur and flip. `apply[op]` is false for an
+// operation the spec turns off (amount 0) or that needs colour (saturation
+// and hue with `channels` 1); gray needs colour too, and blur needs
+// spec.blur. AugmentViewInBox applies exactly these; the device path
+// (worker/device_augment.h) applies them to batches.
+struct PhotometricParams {
+  bool jitter = false;
+  int order[4] = {0, 1, 2, 3};  // 0 brightness, 1 contrast, 2 saturation, 3 hue
+  bool apply[4] = {false, false, false, false};
+  float brightness = 1, contrast = 1, saturation = 1, hue = 0;
+  bool gray = false;
+  bool blur = false;
+  float sigma = 0;
+  bool flip = false;
+};
+PhotometricParams DrawPhotometric(const AugmentSpec& spec, uint64_t seed,
+                                  int64_t channels);
+
+// The random resized crop of `box` alone, as `channels` planes of
+// format.size^2 bytes (a gray image replicated when `channels` is 3): what
+// the photometric steps on the device start from. Rounds the float crop
+// AugmentViewInBox works on to the nearest of 256 levels.
+void CropViewBytes(const Image& image, const CropBox& box,
+                   const ViewFormat& format, int64_t channels, uint8_t* out);
+
+// `box`, a crop of an image of full_height x full_width, in the same image
+// decoded at height x width (smaller): scaled, rounded to whole pixels and
+// kept inside, at least one pixel a side.
+CropBox ScaleCropBox(const CropBox& box, int64_t full_height,
+                     int64_t full_width, int64_t height, int64_t width);
+
+// The n of the smallest of the scales 1/8, 2/8 and 4/8 (JPEG's fast reduced
+// DCTs) at which every one of `count` crops still has at least `size`
+// pixels a side, so that resizing it to `size` only shrinks; 8 (the full
+// image) when none does.
+int DecodeEighths(const CropBox* boxes, int count, int64_t size);
+
 // The un-augmented view used for evaluation: resize the shorter side to
 // format.size (only when it differs) and centre-crop, then normalise.
 void EvalView(const Image& image, const ViewFormat& format, float* out);

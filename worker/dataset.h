@@ -11,6 +11,7 @@
 #define MOMENTUM_WORKER_DATASET_H_
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -36,6 +37,25 @@ class Dataset {
   // Decodes image `index`. An undecodable or truncated file gives
   // DATA_LOSS naming the file.
   virtual absl::StatusOr<Image> Get(int64_t index) const = 0;
+  // Picks the size to decode at from an image's full size: n of n/8 (1 to
+  // 8; 8 is the full size).
+  using EighthsFn = std::function<int(int64_t height, int64_t width)>;
+  // Decodes image `index` smaller where its format allows it cheaply (JPEG:
+  // libjpeg-turbo's DCT scaling, which decodes n/8 of each side for a
+  // fraction of the work), at the n `eighths` picks; `*full` gets the size
+  // of the full image (pixels left empty). The default decodes the full
+  // image.
+  virtual absl::StatusOr<Image> GetScaled(int64_t index,
+                                          const EighthsFn& eighths,
+                                          Image* full) const {
+    absl::StatusOr<Image> image = Get(index);
+    if (image.ok()) {
+      full->height = image->height;
+      full->width = image->width;
+      full->channels = image->channels;
+    }
+    return image;
+  }
   virtual int64_t Label(int64_t index) const = 0;
   virtual int64_t num_classes() const = 0;
   // Channels of the images (1 or 3), the natural side (28 for

@@ -87,6 +87,8 @@ void JpegEmitMessage(j_common_ptr cinfo, int level) {
 }
 
 struct JpegResult {
+  int64_t full_height = 0;  // the image's size before any scaling
+  int64_t full_width = 0;
   int64_t height = 0;
   int64_t width = 0;
   int64_t channels = 0;
@@ -99,7 +101,7 @@ struct JpegResult {
 // after longjmp we touch nothing but `cinfo` and `*result` through pointers
 // that were not modified after setjmp.
 bool DecodeJpegInto(const uint8_t* data, size_t size, bool header_only,
-                    JpegResult* result) {
+                    const Dataset::EighthsFn* eighths, JpegResult* result) {
   jpeg_decompress_struct cinfo;
   JpegErrorManager err;
   cinfo.err = jpeg_std_error(&err.pub);
@@ -125,8 +127,8 @@ bool DecodeJpegInto(const uint8_t* data, size_t size, bool header_only,
     cinfo.out_color_space = JCS_RGB;
     result->channels = 3;
   }
-  result->height = cinfo.image_height;
-  result->width = cinfo.image_width;
+  result->height = result->full_height = cinfo.image_height;
+  result->width = result->full_width = cinfo.image_width;
   if (header_only) {
     jpeg_destroy_decompress(&cinfo);
     return true;
@@ -139,6 +141,14 @@ bool DecodeJpegInto(const uint8_t* data, size_t size, bool header_only,
     result->error = err.message;
     jpeg_destroy_decompress(&cinfo);
     return false;
+  }
+  if (eighths != nullptr) {
+    const int n = (*eighths)(result->height, result->width);
+    if (n >= 1 && n < 8) {
+      // The DCT scales each 8x8 block to n x n: ceil(side * n / 8) pixels.
+      cinfo.scale_num = static_cast<unsigned int>(n);
+      cinfo.scale_denom = 8;
+    }
   }
   jpeg_start_decompress(&cinfo);
   result->height = cinfo.output_height;
@@ -273,16 +283,25 @@ bool IsJpeg(const std::vector<uint8_t>& bytes) {
 
 // Decodes by content, not by extension. With `header_only` the pixels are
 // left empty (JPEG: only the header is parsed; PNG: channels from IHDR).
-absl::StatusOr<Image> DecodeImageFile(const std::string& path,
-                                      bool header_only) {
+// `eighths` (JPEG only) picks a DCT scale from the full size, which `full`
+// (if given) receives.
+absl::StatusOr<Image> DecodeImageFile(
+    const std::string& path, bool header_only,
+    const Dataset::EighthsFn* eighths = nullptr, Image* full = nullptr) {
   absl::StatusOr<std::vector<uint8_t>> bytes = ReadWholeFile(path);
   if (!bytes.ok()) return bytes.status();
   Image image;
   if (IsJpeg(*bytes)) {
     JpegResult result;
-    if (!DecodeJpegInto(bytes->data(), bytes->size(), header_only, &result)) {
+    if (!DecodeJpegInto(bytes->data(), bytes->size(), header_only, eighths,
+                        &result)) {
       return absl::DataLossError(
           absl::StrCat(path, ": undecodable JPEG: ", result.error));
+    }
+    if (full != nullptr) {
+      full->height = result.full_height;
+      full->width = result.full_width;
+      full->channels = result.channels;
     }
     image.height = result.height;
     image.width = result.width;
@@ -306,6 +325,11 @@ absl::StatusOr<Image> DecodeImageFile(const std::string& path,
     image.width = result.width;
     image.channels = result.channels;
     image.pixels = std::move(result.pixels);
+    if (full != nullptr) {
+      full->height = image.height;
+      full->width = image.width;
+      full->channels = image.channels;
+    }
   } else {
     return absl::DataLossError(absl::StrCat(path, ": neither JPEG nor PNG (",
                                             bytes->size(), " bytes)"));
@@ -341,6 +365,16 @@ class ImageFolderDataset : public Dataset {
           absl::StrCat("image index ", index, " not in [0, ", size(), ")"));
     }
     return DecodeImageFile(files_[index], /*header_only=*/false);
+  }
+
+  absl::StatusOr<Image> GetScaled(int64_t index, const EighthsFn& eighths,
+                                  Image* full) const override {
+    if (index < 0 || index >= size()) {
+      return absl::OutOfRangeError(
+          absl::StrCat("image index ", index, " not in [0, ", size(), ")"));
+    }
+    return DecodeImageFile(files_[index], /*header_only=*/false, &eighths,
+                           full);
   }
 
   int64_t Label(int64_t index) const override { return labels_[index]; }

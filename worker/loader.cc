@@ -20,6 +20,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "worker/device_augment.h"
 
 namespace momentum::worker {
 namespace {
@@ -187,25 +188,50 @@ class TrainPlan : public Plan<TrainBatch> {
     batch.step_in_epoch = step;
     // Raw buffers filled here; no ATen operator (and so no intra-op thread
     // pool) runs on a loader thread.
-    const at::TensorOptions views =
-        at::TensorOptions().dtype(at::kFloat).pinned_memory(o.pin_memory);
-    batch.query = at::empty({per_rank, channels, size, size}, views);
-    batch.key = at::empty({per_rank, channels, size, size}, views);
+    const bool bytes_out = o.photometric_on_device;
+    const int64_t transport = dataset_->channels();
+    const int64_t plane = size * size;
+    if (bytes_out) {
+      const at::TensorOptions u8 =
+          at::TensorOptions().dtype(at::kByte).pinned_memory(o.pin_memory);
+      const at::TensorOptions f32 =
+          at::TensorOptions().dtype(at::kFloat).pinned_memory(o.pin_memory);
+      batch.query_bytes = at::empty({per_rank, transport, size, size}, u8);
+      batch.key_bytes = at::empty({per_rank, transport, size, size}, u8);
+      batch.query_params = at::empty({per_rank, kPhotometricWidth}, f32);
+      batch.key_params = at::empty({per_rank, kPhotometricWidth}, f32);
+    } else {
+      const at::TensorOptions views =
+          at::TensorOptions().dtype(at::kFloat).pinned_memory(o.pin_memory);
+      batch.query = at::empty({per_rank, channels, size, size}, views);
+      batch.key = at::empty({per_rank, channels, size, size}, views);
+    }
     batch.index = at::empty({per_rank}, at::kLong);
     batch.label = at::empty({per_rank}, at::kLong);
-    float* query = batch.query.data_ptr<float>();
-    float* key = batch.key.data_ptr<float>();
     int64_t* index = batch.index.data_ptr<int64_t>();
     int64_t* label = batch.label.data_ptr<int64_t>();
     const int64_t first = step * o.global_batch + o.rank * per_rank;
     for (int64_t i = 0; i < per_rank; ++i) {
       const int64_t item = permutation_[first + i];
-      absl::StatusOr<Image> image = dataset_->Get(item);
+      const uint64_t seeds[2] = {ViewSeed(o.seed, epoch_, item, /*view=*/0),
+                                 ViewSeed(o.seed, epoch_, item, /*view=*/1)};
+      CropBox boxes[2];
+      absl::StatusOr<Image> image = DecodeForCrops(item, seeds, boxes);
       if (!image.ok()) return image.status();
-      AugmentView(*image, o.augment, o.format,
-                  ViewSeed(o.seed, epoch_, item, /*view=*/0), query + i * view);
-      AugmentView(*image, o.augment, o.format,
-                  ViewSeed(o.seed, epoch_, item, /*view=*/1), key + i * view);
+      for (int v = 0; v < 2; ++v) {
+        if (bytes_out) {
+          at::Tensor& bytes = v == 0 ? batch.query_bytes : batch.key_bytes;
+          at::Tensor& params = v == 0 ? batch.query_params : batch.key_params;
+          CropViewBytes(*image, boxes[v], o.format, transport,
+                        bytes.data_ptr<uint8_t>() + i * transport * plane);
+          PackPhotometric(DrawPhotometric(o.augment, seeds[v], image->channels),
+                          params.data_ptr<float>() + i * kPhotometricWidth);
+        } else {
+          at::Tensor& views = v == 0 ? batch.query : batch.key;
+          AugmentViewInBox(*image, boxes[v], o.augment, o.format, seeds[v],
+                           views.data_ptr<float>() + i * view);
+        }
+      }
       index[i] = item;
       label[i] = dataset_->Label(item);
     }
@@ -213,6 +239,42 @@ class TrainPlan : public Plan<TrainBatch> {
   }
 
  private:
+  // Image `item` and both views' crop boxes in its pixels: drawn from the
+  // full size, then (LoaderOptions::scaled_decode) the image decoded at the
+  // smallest DCT scale that still covers both and the boxes scaled to it.
+  absl::StatusOr<Image> DecodeForCrops(int64_t item, const uint64_t seeds[2],
+                                       CropBox boxes[2]) const {
+    const LoaderOptions& o = *options_;
+    if (!o.scaled_decode) {
+      absl::StatusOr<Image> image = dataset_->Get(item);
+      if (!image.ok()) return image;
+      for (int v = 0; v < 2; ++v) {
+        boxes[v] =
+            SampleCropBox(image->height, image->width, o.augment, seeds[v]);
+      }
+      return image;
+    }
+    auto eighths = [&](int64_t height, int64_t width) {
+      for (int v = 0; v < 2; ++v) {
+        boxes[v] = SampleCropBox(height, width, o.augment, seeds[v]);
+      }
+      return DecodeEighths(boxes, 2, o.format.size);
+    };
+    Image full;
+    absl::StatusOr<Image> image = dataset_->GetScaled(item, eighths, &full);
+    if (!image.ok()) return image;
+    // Drawn again from the full size: a dataset that cannot scale never
+    // calls `eighths`.
+    for (int v = 0; v < 2; ++v) {
+      boxes[v] = SampleCropBox(full.height, full.width, o.augment, seeds[v]);
+      if (image->height != full.height || image->width != full.width) {
+        boxes[v] = ScaleCropBox(boxes[v], full.height, full.width,
+                                image->height, image->width);
+      }
+    }
+    return image;
+  }
+
   const Dataset* dataset_;
   const LoaderOptions* options_;
   const int64_t epoch_;

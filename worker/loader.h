@@ -39,8 +39,15 @@
 namespace momentum::worker {
 
 struct TrainBatch {
-  at::Tensor query;  // [B, C, S, S] float32
-  at::Tensor key;    // [B, C, S, S] float32
+  // The views, normalised: [B, C, S, S] float32. Undefined with
+  // LoaderOptions::photometric_on_device, which gives the fields below.
+  at::Tensor query;
+  at::Tensor key;
+  // The views' crops, [B, T, S, S] uint8 (T: the dataset's channels), and
+  // their photometric choices, [B, kPhotometricWidth] float32
+  // (worker/device_augment.h), for PhotometricOnDevice.
+  at::Tensor query_bytes, key_bytes;
+  at::Tensor query_params, key_params;
   at::Tensor index;  // [B] int64, dataset indices
   at::Tensor label;  // [B] int64
   int64_t epoch = 0;
@@ -59,6 +66,12 @@ struct LoaderOptions {
   // Batches in page-locked host memory (for asynchronous copies to a GPU;
   // needs a CUDA build and a GPU).
   bool pin_memory = false;
+  // Decode JPEG files at the smallest DCT scale (n/8) at which both views'
+  // crops still have format.size pixels a side (data.scaled_decode).
+  bool scaled_decode = false;
+  // Only decode and crop here; the photometric steps run batched where the
+  // batch goes (data.augment_on device).
+  bool photometric_on_device = false;
 };
 
 // The permutation of [0, n) used as the order of `epoch`: Fisher-Yates with

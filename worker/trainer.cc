@@ -15,6 +15,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "worker/device_augment.h"
 #include "worker/export.h"
 #include "worker/knn.h"
 #include "worker/log.h"
@@ -163,6 +164,11 @@ absl::Status Trainer::Init() {
   lo.format = format_;
   // Page-locked batches copy to the GPU without the host waiting.
   lo.pin_memory = where_.device.is_cuda();
+  lo.scaled_decode = spec_.data.scaled_decode;
+  lo.photometric_on_device =
+      spec_.data.augment_on == "device" ||
+      (spec_.data.augment_on == "auto" && where_.device.is_cuda());
+  blur_radius_ = MaxBlurRadius(spec_.data.augment, format_);
   loader_ = std::make_unique<TrainLoader>(data_.train.get(), lo);
   steps_per_epoch_ = loader_->steps_per_epoch();
   if (steps_per_epoch_ == 0) {
@@ -572,8 +578,22 @@ absl::StatusOr<TrainSummary> Trainer::Run(const std::atomic<bool>* stop,
     if (!batch_or.ok()) return batch_or.status();
     TrainBatch& b = *batch_or;
     // Asynchronous from page-locked memory on CUDA; a no-op on the CPU.
-    const at::Tensor x_q = b.query.to(where_.device, /*non_blocking=*/true);
-    const at::Tensor x_k = b.key.to(where_.device, /*non_blocking=*/true);
+    at::Tensor x_q, x_k;
+    if (b.query_bytes.defined()) {
+      // The loader cropped; colour, blur, flip and normalisation run here,
+      // batched, on the device (data.augment_on).
+      auto on_device = [&](const at::Tensor& t) {
+        return t.to(where_.device, /*non_blocking=*/true);
+      };
+      x_q =
+          PhotometricOnDevice(on_device(b.query_bytes),
+                              on_device(b.query_params), format_, blur_radius_);
+      x_k = PhotometricOnDevice(on_device(b.key_bytes), on_device(b.key_params),
+                                format_, blur_radius_);
+    } else {
+      x_q = b.query.to(where_.device, /*non_blocking=*/true);
+      x_k = b.key.to(where_.device, /*non_blocking=*/true);
+    }
     const auto data_done = Clock::now();
     Clock::time_point momentum_done, forward_done, backward_done, averaged_done;
     double comm_before_forward = 0, comm_after_forward = 0;

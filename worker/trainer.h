@@ -121,6 +121,7 @@ class Trainer {
   std::string spec_yaml_;
   DatasetPair data_;
   ViewFormat format_;
+  int64_t blur_radius_ = 0;  // MaxBlurRadius of the views
   std::unique_ptr<Moco> model_;
   std::unique_ptr<Sgd> sgd_;
   std::unique_ptr<TrainLoader> loader_;

@@ -61,6 +61,8 @@ void ExpectSameSpec(const JobSpec& a, const JobSpec& b) {
   EXPECT_EQ(a.data.loader_threads, b.data.loader_threads);
   EXPECT_EQ(a.data.prefetch, b.data.prefetch);
   EXPECT_EQ(a.data.limit, b.data.limit);
+  EXPECT_EQ(a.data.scaled_decode, b.data.scaled_decode);
+  EXPECT_EQ(a.data.augment_on, b.data.augment_on);
   const AugmentSpec& x = a.data.augment;
   const AugmentSpec& y = b.data.augment;
   EXPECT_EQ(x.crop_min_scale, y.crop_min_scale);
@@ -134,6 +136,8 @@ JobSpec NonDefaultSpec() {
   spec.data.loader_threads = 3;
   spec.data.prefetch = 2;
   spec.data.limit = 5000;
+  spec.data.scaled_decode = false;
+  spec.data.augment_on = "device";
   AugmentSpec& augment = spec.data.augment;
   augment.crop_min_scale = 0.08;
   augment.crop_max_scale = 0.9;
@@ -558,7 +562,7 @@ TEST(JobSpecTest, DocsListEveryField) {
   }
   std::vector<std::string> paths;
   CollectPaths(YAML::Load(JobSpecToYaml(JobSpec())), "", &paths);
-  EXPECT_EQ(paths.size(), 75u);
+  EXPECT_EQ(paths.size(), 77u);
   for (const std::string& path : paths) {
     EXPECT_THAT(docs, HasSubstr("`" + path + "`"));
   }

@@ -110,6 +110,53 @@ TEST(AugmentTest, OutputHasFormatShapeAndUnitRange) {
   }
 }
 
+// AugmentView draws its crop with SampleCropBox; given that box,
+// AugmentViewInBox gives the same view bit for bit.
+TEST(AugmentTest, ViewInTheSampledBoxIsTheView) {
+  Image image;
+  image.height = 37;
+  image.width = 53;
+  image.channels = 3;
+  image.pixels.resize(37 * 53 * 3);
+  for (size_t i = 0; i < image.pixels.size(); ++i) {
+    image.pixels[i] = static_cast<uint8_t>(i * 7 % 251);
+  }
+  AugmentSpec spec;
+  ViewFormat format;
+  format.size = 16;
+  const size_t n = 3 * 16 * 16;
+  for (uint64_t seed = 0; seed < 8; ++seed) {
+    std::vector<float> a(n), b(n);
+    AugmentView(image, spec, format, seed, a.data());
+    AugmentViewInBox(image, SampleCropBox(37, 53, spec, seed), spec, format,
+                     seed, b.data());
+    EXPECT_EQ(a, b) << "seed " << seed;
+  }
+}
+
+// The smallest n/8 at which every crop keeps `size` pixels a side, from the
+// closed form: a side s scales to ceil(s n / 8), less one for rounding.
+TEST(AugmentTest, DecodeEighthsAndScaleCropBox) {
+  const CropBox boxes[2] = {{0, 0, 200, 300}, {5, 7, 100, 150}};
+  // side 100: n = 2 gives 25 - 1 = 24 < 32, n = 4 gives 50 - 1 = 49.
+  EXPECT_EQ(DecodeEighths(boxes, 2, 32), 4);
+  EXPECT_EQ(DecodeEighths(boxes, 1, 32), 2);  // side 200: 50 - 1 = 49
+  EXPECT_EQ(DecodeEighths(boxes, 2, 50), 8);  // 4/8 gives 49: the full image
+  EXPECT_EQ(DecodeEighths(boxes, 1, 24), 1);  // side 200: 25 - 1 = 24
+  // A 300x400 image decoded at 75x100: a quarter a side, rounded.
+  const CropBox scaled = ScaleCropBox({10, 22, 100, 200}, 300, 400, 75, 100);
+  EXPECT_EQ(scaled.top, 3);   // 2.5 rounds away from zero
+  EXPECT_EQ(scaled.left, 6);  // 5.5
+  EXPECT_EQ(scaled.height, 25);
+  EXPECT_EQ(scaled.width, 50);
+  // Kept inside, at least a pixel.
+  const CropBox edge = ScaleCropBox({299, 399, 1, 1}, 300, 400, 38, 50);
+  EXPECT_EQ(edge.top, 37);
+  EXPECT_EQ(edge.left, 49);
+  EXPECT_EQ(edge.height, 1);
+  EXPECT_EQ(edge.width, 1);
+}
+
 TEST(AugmentTest, SameSeedGivesIdenticalView) {
   const AugmentSpec spec;
   const Image image = MakeImage(32, 32, 3, 7);

@@ -5,6 +5,7 @@
 #include <zlib.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <filesystem>
@@ -13,6 +14,7 @@
 
 #include "absl/status/status.h"
 #include "tests/worker/image_fixtures.h"
+#include "worker/augment.h"
 
 namespace momentum::worker {
 namespace {
@@ -363,6 +365,82 @@ TEST(ImageFolderTest, ListsClassesAndFilesSortedAndDecodes) {
   EXPECT_EQ(image->height, 4);
   EXPECT_EQ(image->width, 5);
   EXPECT_EQ(image->pixels, rgb_png);
+}
+
+// A smooth 400x300 RGB picture: gradients and a disc, as a photo's large
+// structures are (what a crop shrunk to a few dozen pixels keeps).
+std::vector<uint8_t> Smooth(int width, int height) {
+  std::vector<uint8_t> rgb(static_cast<size_t>(width) * height * 3);
+  for (int y = 0; y < height; ++y) {
+    for (int x = 0; x < width; ++x) {
+      const bool disc = (x - 250) * (x - 250) + (y - 120) * (y - 120) < 60 * 60;
+      uint8_t* p = &rgb[(static_cast<size_t>(y) * width + x) * 3];
+      p[0] = static_cast<uint8_t>(255 * x / width);
+      p[1] = static_cast<uint8_t>(disc ? 230 : 255 * y / height);
+      p[2] = static_cast<uint8_t>(disc ? 40 : 128);
+    }
+  }
+  return rgb;
+}
+
+// data.scaled_decode: a JPEG decodes at the n/8 the chooser picks, at the
+// size libjpeg-turbo's DCT scaling gives (ceil(side * n / 8)), reporting the
+// full size; and a view cut from that smaller decode (its crop box scaled)
+// stays close to the same view of the full decode.
+TEST(ImageFolderTest, ScaledDecodeShrinksJpegsAndKeepsTheirViews) {
+  ScopedTempDir dir("dataset_test");
+  WriteJpeg(dir.path() + "/a/x.jpg", 400, 300, 3, Smooth(400, 300), 95);
+  auto dataset = OpenImageFolder(dir.path());
+  ASSERT_TRUE(dataset.ok()) << dataset.status();
+  int64_t asked_height = 0, asked_width = 0;
+  Image full_size;
+  auto quarter = (*dataset)->GetScaled(
+      0,
+      [&](int64_t h, int64_t w) {
+        asked_height = h;
+        asked_width = w;
+        return 2;
+      },
+      &full_size);
+  ASSERT_TRUE(quarter.ok()) << quarter.status();
+  EXPECT_EQ(asked_height, 300);
+  EXPECT_EQ(asked_width, 400);
+  EXPECT_EQ(full_size.height, 300);
+  EXPECT_EQ(full_size.width, 400);
+  EXPECT_EQ(quarter->height, 75);
+  EXPECT_EQ(quarter->width, 100);
+  EXPECT_EQ(quarter->pixels.size(), 75u * 100u * 3u);
+
+  auto full = (*dataset)->Get(0);
+  ASSERT_TRUE(full.ok());
+  AugmentSpec spec;  // the geometry only: crop and flip
+  spec.jitter_prob = 0;
+  spec.grayscale_prob = 0;
+  spec.blur_prob = 0;
+  ViewFormat format;
+  format.size = 32;
+  const size_t n = 3 * 32 * 32;
+  int scaled_views = 0;
+  for (uint64_t seed = 1; seed <= 20; ++seed) {
+    const CropBox box = SampleCropBox(300, 400, spec, seed);
+    const int eighths = DecodeEighths(&box, 1, format.size);
+    if (eighths == 8) continue;
+    ++scaled_views;
+    Image size_seen;
+    auto small = (*dataset)->GetScaled(
+        0, [&](int64_t, int64_t) { return eighths; }, &size_seen);
+    ASSERT_TRUE(small.ok());
+    const CropBox scaled =
+        ScaleCropBox(box, 300, 400, small->height, small->width);
+    EXPECT_GE(std::min(scaled.height, scaled.width), format.size);
+    std::vector<float> a(n), b(n);
+    AugmentView(*full, spec, format, seed, a.data());
+    AugmentViewInBox(*small, scaled, spec, format, seed, b.data());
+    double total = 0;
+    for (size_t i = 0; i < n; ++i) total += std::abs(a[i] - b[i]);
+    EXPECT_LT(total / n, 0.03) << "seed " << seed << " at " << eighths << "/8";
+  }
+  EXPECT_GT(scaled_views, 10);
 }
 
 TEST(ImageFolderTest, GrayOnlyFolderHasOneChannel) {

@@ -12,6 +12,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "worker/device_augment.h"
 
 namespace momentum::worker {
 namespace {
@@ -194,6 +195,39 @@ TEST(LoaderTest, BatchesHoldTheAugmentedViewsOfTheirIndices) {
       }
     }
     EXPECT_FALSE(at::equal(batch.query, batch.key));
+  }
+}
+
+// data.augment_on device: the loader gives each view's crop as bytes and its
+// photometric choices; PhotometricOnDevice of them is the view the host
+// loader gives, up to rounding the crop to 256 levels (at most half a level
+// before normalisation, std 0.25 here: 2/255, grown by the jitter's factors
+// and smoothed by the blur).
+TEST(LoaderTest, DeviceAugmentBatchesGiveTheHostViews) {
+  FakeDataset dataset(12);
+  LoaderOptions host = Options(4, 0, 1, 2);
+  LoaderOptions device = host;
+  device.photometric_on_device = true;
+  TrainLoader host_loader(&dataset, host);
+  TrainLoader device_loader(&dataset, device);
+  host_loader.StartEpoch(1, 0);
+  device_loader.StartEpoch(1, 0);
+  absl::Status end;
+  const std::vector<TrainBatch> a = Drain(host_loader, &end);
+  const std::vector<TrainBatch> b = Drain(device_loader, &end);
+  ASSERT_EQ(a.size(), b.size());
+  const int64_t radius = MaxBlurRadius(host.augment, host.format);
+  for (size_t s = 0; s < a.size(); ++s) {
+    EXPECT_FALSE(b[s].query.defined());
+    EXPECT_TRUE(at::equal(a[s].index, b[s].index));
+    EXPECT_EQ(b[s].query_bytes.scalar_type(), at::kByte);
+    EXPECT_EQ(b[s].query_bytes.size(1), dataset.channels());
+    const at::Tensor q = PhotometricOnDevice(
+        b[s].query_bytes, b[s].query_params, host.format, radius);
+    const at::Tensor k = PhotometricOnDevice(b[s].key_bytes, b[s].key_params,
+                                             host.format, radius);
+    EXPECT_LT((q - a[s].query).abs().max().item<double>(), 4.0 / 255 / 0.25);
+    EXPECT_LT((k - a[s].key).abs().max().item<double>(), 4.0 / 255 / 0.25);
   }
 }
 

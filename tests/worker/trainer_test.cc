@@ -162,6 +162,42 @@ TEST_F(TrainerTest, CheckpointsMoveBetweenGpuAndCpu) {
   }
 }
 
+// data.augment_on device (here on the CPU): the same job trains from the
+// loader's bytes and choices, applied to whole batches, and learns as the
+// host-augmented run does.
+TEST_F(TrainerTest, AugmentOnTheDeviceTrainsAsOnTheHost) {
+  const std::string host_out = testing::TempDir("augment-host");
+  const std::string device_out = testing::TempDir("augment-device");
+  JobSpec host = Spec(host_out);
+  host.data.augment_on = "host";
+  host.logging.every_steps = 1;
+  JobSpec device = host;
+  device.output_dir = device_out;
+  device.data.augment_on = "device";
+  auto a = Trainer::Create(host);
+  auto b = Trainer::Create(device);
+  ASSERT_TRUE(a.ok()) << a.status();
+  ASSERT_TRUE(b.ok()) << b.status();
+  auto sa = (*a)->Run();
+  auto sb = (*b)->Run();
+  ASSERT_TRUE(sa.ok()) << sa.status();
+  ASSERT_TRUE(sb.ok()) << sb.status();
+  EXPECT_EQ(sb->steps, sa->steps);
+  // The losses of step 1 see nearly the same views; a 40-image
+  // kNN after 18 steps is too coarse to compare beyond "it learned".
+  auto first_loss = [](const std::string& out) {
+    std::ifstream in(out + "/metrics.jsonl");
+    std::string line;
+    std::getline(in, line);
+    return nlohmann::json::parse(line)["loss"].get<double>();
+  };
+  const double host_loss = first_loss(host_out);
+  EXPECT_NEAR(first_loss(device_out), host_loss, 0.03 * host_loss);
+  EXPECT_GT(sb->knn_top1, 0.4);
+  fs::remove_all(host_out);
+  fs::remove_all(device_out);
+}
+
 TEST_F(TrainerTest, WritesMetricsSummaryCheckpointsAndExport) {
   const std::string out = testing::TempDir("trainer-outputs");
   auto trainer = Trainer::Create(Spec(out));
