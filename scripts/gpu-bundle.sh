@@ -14,7 +14,7 @@ momentum_install_packages
 momentum_python_env
 build=${MOMENTUM_BUILD_DIR:-build}
 binaries=(tests/process_group_test tests/moco_test tests/moco_dist_test
-  tests/trainer_test bench/trainer_bench worker/momentum-worker
+  tests/trainer_test tests/device_augment_test bench/trainer_bench worker/momentum-worker
   server/momentum-server client/momentum)
 targets=()
 for b in "${binaries[@]}"; do targets+=("$(basename "$b")"); done
@@ -31,9 +31,10 @@ for b in "${binaries[@]}"; do
   strip -o "$out/bin/$(basename "$b")" "$build/$b"
 done
 # Every library ldd resolves outside the venv (torch and nvidia come from
-# the GPU machine's wheel), except glibc's own and the C++ runtime, which
-# the machine has in newer versions.
-skip='^(libc|libm|libdl|librt|libpthread|libutil|ld-linux-x86-64|libstdc\+\+|libgcc_s)\.so'
+# the GPU machine's wheel), except glibc's own, the C++ runtime, OpenSSL 3
+# and zlib, which that machine has (its Python needs them) in newer
+# versions of the same ABI.
+skip='^(libc|libm|libdl|librt|libpthread|libutil|ld-linux-x86-64|libstdc\+\+|libgcc_s|libssl|libcrypto|libz)\.so'
 for b in "$out"/bin/*; do
   ldd "$build/$(printf '%s\n' "${binaries[@]}" | grep "/$(basename "$b")$")" |
     awk '$3 ~ /^\// {print $3}'
@@ -46,6 +47,7 @@ done
 cp /usr/share/datasets/fashion-mnist/*.gz "$out/data/fashion-mnist/"
 du -sh "$out"
 size=$(du -sb "$out" | cut -f1)
+# The device tool carries 64 MiB in all, the tracked tree (2 MB) included.
 if [ "$size" -gt $((60 << 20)) ]; then
   echo "gpu-bundle: $size bytes, over the 60 MiB this bundle may take" >&2
   exit 1

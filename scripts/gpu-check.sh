@@ -11,14 +11,19 @@
 #   4. two ranks on one GPU (Gloo over CUDA tensors) equal one rank with
 #      split BatchNorm;
 #   5. the trainer's tests on CUDA (resume bit for bit, roll-backs) and
-#      checkpoints moving between the GPU and the CPU;
-#   6. throughput of MoCo v2 with ResNet-50 at 224 px, global batch 256,
+#      checkpoints moving between the GPU and the CPU; the batched
+#      photometric augmentation on the GPU equal to the host's;
+#   6. the loader alone on this machine's cores (224 px JPEG views,
+#      photometric steps on the host threads or batched on the GPU), and
+#      throughput of MoCo v2 with ResNet-50 at 224 px, global batch 256,
 #      bf16 and fp32, synthetic and real (JPEG) input: ours and the official
 #      semantics in eager PyTorch (bench/gpu_reference_bench.py), side by
 #      side in this run;
 #   7. the demo job (Fashion-MNIST) on the GPU: seconds to 80% kNN top-1;
 #   8. the service: a CUDA job through momentum-server, a rank killed
-#      mid-run, the gang restarted from its checkpoint, the export written.
+#      mid-run, the gang restarted from its checkpoint, the export written;
+#      with two GPUs or more also a NCCL group of two with a rank hung
+#      (SIGSTOP) and one killed.
 # Meant to finish in under 8 minutes on an H100.
 #   scripts/gpu-check.sh [--quick]   (--quick: fewer bench steps, no demo)
 set -uo pipefail
@@ -40,7 +45,7 @@ else
   b=${MOMENTUM_BUILD_DIR:-$root/build}
   mkdir -p "$out/bin"
   for f in tests/process_group_test tests/moco_test tests/moco_dist_test \
-    tests/trainer_test bench/trainer_bench worker/momentum-worker \
+    tests/trainer_test tests/device_augment_test bench/trainer_bench worker/momentum-worker \
     server/momentum-server client/momentum; do
     ln -sf "$b/$f" "$out/bin/"
   done
@@ -95,18 +100,28 @@ gtest() {  # gtest NAME TIMEOUT BINARY FILTER
 gtest nccl_one_rank 120 process_group_test 'ProcessGroupGpuTest.*'
 gtest gpu_step_equals_cpu 120 moco_test 'MocoGpuTest.*'
 gtest ranks_on_one_gpu 180 moco_dist_test '*OnOneGpu*'
+gtest augment_on_gpu 60 device_augment_test '*'
 MOMENTUM_TEST_DEVICE=cuda gtest trainer_on_cuda 300 trainer_test '*'
 
 # ---- throughput: ResNet-50, 224 px, MoCo v2, global batch 256 ----
+# Threads for the loader and LibTorch: all cores but two.
+workers=$(( $(nproc) > 2 ? $(nproc) - 2 : 1 ))
 images=${MOMENTUM_GPU_IMAGES:-/tmp/momentum-gpu-images}
 # Real input needs many steps: the loaders prefetch during the warm-up.
-steps=60 warmup=10
+steps=40 warmup=10
 [ $quick = 1 ] && steps=20 warmup=5
+# The loader alone, 224 px views of the JPEGs: photometric steps on the host
+# threads against batched on the GPU (data.augment_on).
+for where in host device; do
+  check "loader_${where}" 120 "$bin/trainer_bench" --device cuda --mode folder \
+    --loader-only --augment-on "$where" --in-channels 3 --image-size 224 \
+    --batch 256 --threads "$workers" --workers "$workers" --data "$images" \
+    --steps "$steps" --warmup "$warmup"
+done
 if [ ! -f "$images/.complete" ]; then
   check make_images 180 "$py" bench/make_image_folder.py "$images" \
     --count 5120 && touch "$images/.complete"
 fi
-workers=$(( $(nproc) > 2 ? $(nproc) - 2 : 1 ))
 for precision in bf16 fp32; do
   for mode in synthetic folder; do
     n=$steps pymode=$mode
@@ -116,7 +131,7 @@ for precision in bf16 fp32; do
       --no-small-stem --mlp --image-size 224 --batch 256 --queue 65536 \
       --dim 128 --temperature 0.2 --momentum 0.999 --bn-groups 1 \
       --threads "$workers" --workers "$workers" --mode "$mode" \
-      --data "$images" --steps "$n" --warmup "$warmup"
+      --augment-on device --data "$images" --steps "$n" --warmup "$warmup"
     check "official_${mode}_${precision}" 300 "$py" bench/gpu_reference_bench.py \
       --device cuda --precision "$precision" --arch resnet50 --image-size 224 \
       --batch 256 --queue 65536 --dim 128 --mode "$pymode" --data "$images" \
@@ -131,34 +146,44 @@ if [ $quick = 0 ]; then
     --set "output_dir=$demo" --set "data.path=$data" \
     --set resources.device=cuda --set resources.nproc=1 \
     --set data.loader_threads="$workers" --set eval.every_epochs=1 \
-    --set optim.time_budget_s=240
+    --set optim.time_budget_s=90
 fi
 
 # ---- the service: a CUDA job, a rank killed mid-run, restart, export ----
+# service_check NAME NPROC SIGNAL: a CUDA job of NPROC ranks through the
+# server; once a checkpoint exists one rank gets SIGNAL (KILL: it dies;
+# STOP: it hangs, and the coordinator's hang timeout or NCCL's watchdog must
+# end the gang); the job must finish after a restart, with its export.
 service_check() {
-  local run=$out/service
+  local run=$out/$1 nproc=$2 signal=$3
   mkdir -p "$run"
   "$bin/momentum-server" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 \
     --state-dir "$run/state" --ready-file "$run/ready.json" \
     --worker "$bin/momentum-worker" --gpus auto > "$run/server.log" 2>&1 &
-  local server=$!
-  trap 'kill -TERM $server 2>/dev/null; wait $server 2>/dev/null' RETURN
+  server_pid=$!
+  trap 'kill -TERM $server_pid 2>/dev/null; wait $server_pid 2>/dev/null; trap - RETURN' RETURN
   for _ in $(seq 300); do [ -f "$run/ready.json" ] && break; sleep 0.1; done
   export MOMENTUM_SERVER
   MOMENTUM_SERVER=$("$py" -c 'import json,sys; print(json.load(open(sys.argv[1]))["grpc"])' "$run/ready.json") || return 1
   local job
   job=$("$bin/momentum" submit examples/fashion-mnist.yaml --output json \
     --set "output_dir=$run/job" --set "data.path=$data" \
-    --set resources.device=cuda --set resources.nproc=1 \
-    --set optim.time_budget_s=40 --set checkpoint.every_steps=40 |
+    --set resources.device=cuda --set "resources.nproc=$nproc" \
+    --set optim.time_budget_s=40 --set checkpoint.every_steps=40 \
+    --set resources.timeout_s=30 --set scheduling.hang_timeout_s=30 |
     "$py" -c 'import json,sys; print(json.load(sys.stdin)["id"])') || return 1
   # Kill the rank once a checkpoint exists; the gang must come back from it.
   for _ in $(seq 600); do
     ls "$run/job/checkpoints/"*.pt > /dev/null 2>&1 && break
     sleep 0.2
   done
-  pkill -KILL -f "momentum-worker.*$run/job" || pkill -KILL -f momentum-worker || return 1
-  timeout 240 "$bin/momentum" watch "$job" > "$run/watch.log" 2>&1
+  local victim
+  victim=$(pgrep -f "momentum-worker.*$run/job" | tail -1)
+  [ -n "$victim" ] || victim=$(pgrep -f momentum-worker | tail -1)
+  [ -n "$victim" ] || return 1
+  kill -"$signal" "$victim"
+  timeout 300 "$bin/momentum" watch "$job" > "$run/watch.log" 2>&1
+  kill -KILL "$victim" 2>/dev/null
   "$bin/momentum" get "$job" --output json > "$run/job.json" || return 1
   "$py" - "$run/job.json" "$run/job/backbone.pt" <<'PY'
 import json, os, sys
@@ -169,9 +194,19 @@ assert int(job.get("restarts", 0)) >= 1, "no restart after the kill"
 assert os.path.getsize(sys.argv[2]) > 0
 PY
 }
-start=$(date +%s%N)
-if service_check > "$out/service.log" 2>&1; then status=pass; else status=FAIL; fi
-record service "$status" "$(elapsed "$start")"
+# service NAME NPROC SIGNAL: service_check, timed and recorded.
+service() {
+  local start status
+  start=$(date +%s%N)
+  if service_check "$@" > "$out/$1.log" 2>&1; then status=pass; else status=FAIL; fi
+  record "$1" "$status" "$(elapsed "$start")"
+}
+service service_killed_rank 1 KILL
+# NCCL refuses two ranks on one GPU: the faults of a NCCL group need two.
+if [ "$(nvidia-smi -L 2>/dev/null | wc -l)" -ge 2 ]; then
+  service service_nccl_hung_rank 2 STOP
+  service service_nccl_killed_rank 2 KILL
+fi
 
 "$py" - "$results" "$out" <<'PY'
 import json, os, sys
@@ -210,8 +245,11 @@ for r in results:
             r["status"] = "skipped"
     except (OSError, ValueError, KeyError):
         pass
+loader = {w: (bench(f"loader_{w}") or {}).get("images_per_s") for w in ("host", "device")}
 summary = {"checks": results, "throughput_images_per_s": throughput, "demo": demo,
+           "loader_images_per_s": loader,
            "passed": all(r["status"] == "pass" for r in results)}
 json.dump(summary, open(os.path.join(out, "gpu-check.json"), "w"), indent=1)
-print(json.dumps({"throughput_images_per_s": throughput, "demo": demo, "passed": summary["passed"]}, indent=1))
+print(json.dumps({"throughput_images_per_s": throughput, "loader_images_per_s": loader,
+                  "demo": demo, "passed": summary["passed"]}, indent=1))
 PY
