@@ -8,6 +8,7 @@
 #include <sys/types.h>
 #include <sys/wait.h>
 
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -17,6 +18,20 @@
 extern char** environ;
 
 namespace momentum::testing {
+
+// Where CTest put the binaries (MOMENTUM_BINARY_DIR), else ".".
+inline std::string BinaryDir() {
+  const char* bin = std::getenv("MOMENTUM_BINARY_DIR");
+  return bin ? bin : ".";
+}
+
+// The whole text of `path` ("" when it cannot be read).
+inline std::string ReadFile(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
 
 // Children of `parent`, from /proc.
 inline std::vector<pid_t> ChildrenOf(pid_t parent) {

@@ -36,17 +36,8 @@ using ::momentum::testing::SpawnLogged;
 using ::momentum::testing::StopAndReap;
 using std::chrono::seconds;
 
-std::string BinaryDir() {
-  const char* bin = std::getenv("MOMENTUM_BINARY_DIR");
-  return bin ? bin : ".";
-}
-
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
+using ::momentum::testing::BinaryDir;
+using ::momentum::testing::ReadFile;
 
 // Polls `done` until it holds (true) or a minute passes (false). The limit
 // only ends a broken run; nothing is asserted about time.

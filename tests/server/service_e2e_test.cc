@@ -34,17 +34,8 @@ namespace fs = std::filesystem;
 using std::chrono::seconds;
 using Clock = std::chrono::steady_clock;
 
-std::string BinaryDir() {
-  const char* bin = std::getenv("MOMENTUM_BINARY_DIR");
-  return bin ? bin : ".";
-}
-
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
+using ::momentum::testing::BinaryDir;
+using ::momentum::testing::ReadFile;
 
 using ::momentum::testing::SpawnLogged;
 using ::momentum::testing::StopAndReap;

@@ -8,20 +8,12 @@
 #include <set>
 #include <vector>
 
+#include "tests/worker/image_fixtures.h"
+
 namespace momentum::worker {
 namespace {
 
-Image MakeImage(int64_t height, int64_t width, int64_t channels,
-                uint64_t seed) {
-  Image image;
-  image.height = height;
-  image.width = width;
-  image.channels = channels;
-  image.pixels.resize(height * width * channels);
-  Rng rng(seed);
-  for (uint8_t& p : image.pixels) p = static_cast<uint8_t>(rng.Below(256));
-  return image;
-}
+using testing::RandomImage;
 
 Image ConstantImage(int64_t size, std::vector<uint8_t> value) {
   Image image;
@@ -91,10 +83,10 @@ TEST(AugmentTest, OutputHasFormatShapeAndUnitRange) {
     ViewFormat format;
   };
   const std::vector<Case> cases = {
-      {MakeImage(28, 28, 1, 1), Format(1, 28, 0.286f, 0.353f)},
-      {MakeImage(28, 28, 1, 2), Format(3, 28, 0.286f, 0.353f)},
-      {MakeImage(30, 41, 3, 3), Format(3, 24, 0.45f, 0.22f)},
-      {MakeImage(50, 37, 3, 4), Format(1, 32, 0.45f, 0.22f)},
+      {RandomImage(28, 28, 1, 1), Format(1, 28, 0.286f, 0.353f)},
+      {RandomImage(28, 28, 1, 2), Format(3, 28, 0.286f, 0.353f)},
+      {RandomImage(30, 41, 3, 3), Format(3, 24, 0.45f, 0.22f)},
+      {RandomImage(50, 37, 3, 4), Format(1, 32, 0.45f, 0.22f)},
   };
   for (const Case& c : cases) {
     for (uint64_t seed = 0; seed < 50; ++seed) {
@@ -159,7 +151,7 @@ TEST(AugmentTest, DecodeEighthsAndScaleCropBox) {
 
 TEST(AugmentTest, SameSeedGivesIdenticalView) {
   const AugmentSpec spec;
-  const Image image = MakeImage(32, 32, 3, 7);
+  const Image image = RandomImage(32, 32, 3, 7);
   const ViewFormat format = Format(3, 32, 0.5f, 0.25f);
   const uint64_t seed = ViewSeed(42, 3, 1234, 1);
   EXPECT_EQ(Augment(image, spec, format, seed),
@@ -168,7 +160,7 @@ TEST(AugmentTest, SameSeedGivesIdenticalView) {
 
 TEST(AugmentTest, DifferentIndexEpochOrViewGivesDifferentViews) {
   const AugmentSpec spec;
-  const Image image = MakeImage(32, 32, 3, 7);
+  const Image image = RandomImage(32, 32, 3, 7);
   const ViewFormat format = Format(3, 32, 0.5f, 0.25f);
   const std::vector<float> base =
       Augment(image, spec, format, ViewSeed(42, 3, 10, 0));
@@ -197,7 +189,7 @@ TEST(AugmentTest, ViewSeedsAreDistinct) {
 TEST(AugmentTest, WithoutRandomnessViewIsNormalisedImage) {
   const AugmentSpec spec = NoAugment();
   for (int64_t channels : {1, 3}) {
-    const Image image = MakeImage(28, 28, channels, 11 + channels);
+    const Image image = RandomImage(28, 28, channels, 11 + channels);
     const ViewFormat format = Format(channels, 28, 0.3f, 0.4f);
     const std::vector<float> expected = PlainNormalised(image, 0.3f, 0.4f);
     for (uint64_t seed = 0; seed < 20; ++seed) {
@@ -212,7 +204,7 @@ TEST(AugmentTest, WithoutRandomnessViewIsNormalisedImage) {
 
 TEST(AugmentTest, FlipWithProbabilityOneMirrorsTheIdentityView) {
   AugmentSpec spec = NoAugment();
-  const Image image = MakeImage(28, 28, 3, 5);
+  const Image image = RandomImage(28, 28, 3, 5);
   const ViewFormat format = Format(3, 28, 0.3f, 0.4f);
   const std::vector<float> identity = Augment(image, spec, format, 9);
   spec.hflip_prob = 1.0;
@@ -230,7 +222,7 @@ TEST(AugmentTest, FlipWithProbabilityOneMirrorsTheIdentityView) {
 TEST(AugmentTest, GrayscaleWithProbabilityOneEqualisesChannels) {
   AugmentSpec spec = NoAugment();
   spec.grayscale_prob = 1.0;
-  const Image image = MakeImage(20, 20, 3, 8);
+  const Image image = RandomImage(20, 20, 3, 8);
   const ViewFormat format = Format(3, 20, 0.5f, 0.5f);
   const std::vector<float> out = Augment(image, spec, format, 3);
   const int64_t plane = 20 * 20;
@@ -267,7 +259,7 @@ TEST(AugmentTest, GrayImagesIgnoreSaturationHueAndGrayscale) {
   spec.hflip_prob = 0.5;
   AugmentSpec flip_only = NoAugment();
   flip_only.hflip_prob = 0.5;
-  const Image image = MakeImage(28, 28, 1, 21);
+  const Image image = RandomImage(28, 28, 1, 21);
   const ViewFormat format = Format(1, 28, 0.3f, 0.4f);
   for (uint64_t seed = 0; seed < 20; ++seed) {
     EXPECT_EQ(Augment(image, spec, format, seed),
@@ -399,7 +391,7 @@ TEST(AugmentTest, BlurKeepsAConstantImageAndSmoothsNoise) {
       ASSERT_NEAR(v, 77 / 255.0f, 1e-5f);
     }
   }
-  const Image noise = MakeImage(28, 28, 1, 99);
+  const Image noise = RandomImage(28, 28, 1, 99);
   AugmentSpec sharp = spec;
   sharp.blur_prob = 0.0;
   for (uint64_t seed = 0; seed < 10; ++seed) {
@@ -419,14 +411,14 @@ TEST(AugmentTest, BlurIsOffWhenTheSpecDisablesIt) {
   AugmentSpec spec = NoAugment();
   spec.blur = false;
   spec.blur_prob = 1.0;
-  const Image noise = MakeImage(28, 28, 1, 98);
+  const Image noise = RandomImage(28, 28, 1, 98);
   const ViewFormat format = Format(1, 28, 0, 1);
   EXPECT_EQ(Augment(noise, spec, format, 4),
             Augment(noise, NoAugment(), format, 4));
 }
 
 TEST(AugmentTest, EvalViewOfNaturalSizeIsTheNormalisedImage) {
-  const Image image = MakeImage(28, 28, 1, 31);
+  const Image image = RandomImage(28, 28, 1, 31);
   std::vector<float> out(28 * 28);
   EvalView(image, Format(1, 28, 0.286f, 0.353f), out.data());
   const std::vector<float> expected = PlainNormalised(image, 0.286f, 0.353f);
@@ -437,7 +429,7 @@ TEST(AugmentTest, EvalViewOfNaturalSizeIsTheNormalisedImage) {
 
 TEST(AugmentTest, EvalViewCentreCropsTheLongerSide) {
   // Shorter side already at size: no resampling, only the centre crop.
-  const Image image = MakeImage(20, 30, 3, 32);
+  const Image image = RandomImage(20, 30, 3, 32);
   std::vector<float> out(3 * 20 * 20);
   EvalView(image, Format(3, 20, 0, 1), out.data());
   for (int64_t c = 0; c < 3; ++c) {

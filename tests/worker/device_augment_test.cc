@@ -6,22 +6,13 @@
 #include <cstdint>
 #include <vector>
 
+#include "tests/worker/image_fixtures.h"
 #include "worker/device.h"
 
 namespace momentum::worker {
 namespace {
 
-Image RandomImage(int64_t height, int64_t width, int64_t channels,
-                  uint64_t seed) {
-  Image image;
-  image.height = height;
-  image.width = width;
-  image.channels = channels;
-  image.pixels.resize(height * width * channels);
-  Rng rng(seed);
-  for (uint8_t& p : image.pixels) p = static_cast<uint8_t>(rng.Below(256));
-  return image;
-}
+using testing::RandomImage;
 
 AugmentSpec MocoV2() {
   AugmentSpec spec;  // the defaults: MoCo v2's jitter, gray, blur, flip

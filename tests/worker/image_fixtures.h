@@ -24,7 +24,23 @@
 #include <system_error>
 #include <vector>
 
+#include "worker/augment.h"
+#include "worker/dataset.h"
+
 namespace momentum::worker::testing {
+
+// An image of uniformly random bytes, the same for the same seed.
+inline Image RandomImage(int64_t height, int64_t width, int64_t channels,
+                         uint64_t seed) {
+  Image image;
+  image.height = height;
+  image.width = width;
+  image.channels = channels;
+  image.pixels.resize(height * width * channels);
+  Rng rng(seed);
+  for (uint8_t& p : image.pixels) p = static_cast<uint8_t>(rng.Below(256));
+  return image;
+}
 
 // A fresh folder under gtest's temporary directory, named
 // `prefix`_XXXXXX, removed with everything in it on destruction.
