@@ -32,7 +32,13 @@ MOMENTUM_SERVER=$(/usr/bin/python3 -c 'import json,sys; print(json.load(open(sys
 metrics=$(/usr/bin/python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["metrics"])' "$run/ready.json")
 echo "demo: serving on $MOMENTUM_SERVER, Prometheus metrics on http://$metrics/metrics"
 momentum="$build/client/momentum"
-job=$("$momentum" submit examples/fashion-mnist.yaml --output json "$@" |
+# The example's two ranks each need a GPU of their own where the server
+# offers GPUs (resources.device auto becomes cuda): one rank on a machine
+# with a single GPU.
+gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+fit=()
+if [ "${gpus:-0}" -eq 1 ]; then fit=(--set resources.nproc=1); fi
+job=$("$momentum" submit examples/fashion-mnist.yaml --output json "${fit[@]}" "$@" |
   /usr/bin/python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
 echo "demo: submitted $job; watching it (momentum watch $job)"
 status=0
