@@ -102,8 +102,16 @@ void Moco::MomentumUpdate() {
   at::_foreach_add_(params_k_, params_q_, 1.0 - m);
 }
 
-at::Tensor Moco::EncodeKeys(const at::Tensor& x_k, const at::Tensor& perm) {
+at::Tensor Moco::OnModelDevice(const at::Tensor& tensor) const {
+  if (!tensor.defined() || tensor.device() == where_.device) return tensor;
+  return tensor.to(where_.device, /*non_blocking=*/true);
+}
+
+at::Tensor Moco::EncodeKeys(const at::Tensor& images,
+                            const at::Tensor& permutation) {
   at::NoGradGuard no_grad;
+  const at::Tensor x_k = OnModelDevice(images);
+  const at::Tensor perm = OnModelDevice(permutation);
   if (!perm.defined() || perm.numel() == 0 || options_.bn_groups == 0) {
     return Normalize(Encode(encoder_k_, x_k));
   }
@@ -173,8 +181,14 @@ at::Tensor Moco::EncodeQueries(const at::Tensor& x_q) {
   return Normalize(at::cat(parts, 0));
 }
 
-Moco::Output Moco::Forward(const at::Tensor& x_q, const at::Tensor& x_k,
-                           const at::Tensor& perm) {
+Moco::Output Moco::Forward(const at::Tensor& query_images,
+                           const at::Tensor& key_images,
+                           const at::Tensor& permutation) {
+  // Inputs from anywhere: the batch, the permutation and the model meet on
+  // the model's device.
+  const at::Tensor x_q = OnModelDevice(query_images);
+  const at::Tensor x_k = OnModelDevice(key_images);
+  const at::Tensor perm = OnModelDevice(permutation);
   Output out;
   at::Tensor q;
   if (group_ != nullptr && group_->world_size() > 1) {

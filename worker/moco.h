@@ -132,6 +132,8 @@ class Moco {
   // Normalised queries, with grad.
   at::Tensor EncodeQueries(const at::Tensor& x_q);
   // Queries and keys (the keys concurrently when enabled), logits and loss.
+  // The images and the permutation may live anywhere; they are moved to the
+  // model's device (asynchronously from page-locked memory).
   Output Forward(const at::Tensor& x_q, const at::Tensor& x_k,
                  const at::Tensor& perm);
   // Writes keys [N, dim] into the queue at the pointer (wrapping around) and
@@ -175,6 +177,8 @@ class Moco {
   std::vector<at::Tensor> params_q_, params_k_;
   ProcessGroup* group_ = nullptr;
   RankDevice where_;
+  // `tensor` on where_.device (itself when it is there, or undefined).
+  at::Tensor OnModelDevice(const at::Tensor& tensor) const;
   // encoder->forward(x) under the autocast of where_, as float32.
   at::Tensor Encode(ResNet& encoder, const at::Tensor& x);
 };
