@@ -189,7 +189,8 @@ int main(int argc, char** argv) {
     model.MomentumUpdate();
     at::Tensor perm;
     if (o.bn_groups > 0) {
-      perm = at::randperm(batch, gen, at::kLong).to(where->device);
+      perm = at::randperm(batch, gen, at::kLong)
+                 .to(where->device, /*non_blocking=*/true);
     }
     auto out = model.Forward(xq, xk, perm);
     sgd.ZeroGrad();

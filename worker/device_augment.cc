@@ -209,8 +209,11 @@ at::Tensor PhotometricOnDevice(const at::Tensor& crops,
                              : format.std[format.std.size() == 1 ? 0 : c]);
   }
   const auto on = x.options();
-  const at::Tensor m = at::tensor(mean).to(on).view({1, -1, 1, 1});
-  const at::Tensor s = at::tensor(inv_std).to(on).view({1, -1, 1, 1});
+  // Copied without waiting: a blocking copy to a GPU waits for its queue.
+  const at::Tensor m =
+      at::tensor(mean).to(on, /*non_blocking=*/true).view({1, -1, 1, 1});
+  const at::Tensor s =
+      at::tensor(inv_std).to(on, /*non_blocking=*/true).view({1, -1, 1, 1});
   return x.clamp(0, 1).sub_(m).mul_(s).contiguous();
 }
 

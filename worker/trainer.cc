@@ -613,10 +613,12 @@ absl::StatusOr<TrainSummary> Trainer::Run(const std::atomic<bool>* stop,
         // One permutation of the group's batch drawn on rank 0 (moco.bn
         // shuffle), or of each rank's own batch (split).
         const bool across = model_->options().shuffle_across_ranks;
-        // Drawn on the host generator, the same on every device.
+        // Drawn on the host generator, the same on every device, and
+        // copied without waiting (a blocking copy to a GPU waits for all the
+        // work queued there).
         perm = at::randperm(across ? batch : b.key.size(0), shuffle_rng_,
                             at::kLong)
-                   .to(where_.device);
+                   .to(where_.device, /*non_blocking=*/true);
         if (across && group_ != nullptr) {
           absl::Status s = group_->Broadcast(perm, 0);
           if (!s.ok()) return s;
