@@ -146,7 +146,7 @@ if [ $quick = 0 ]; then
     --set "output_dir=$demo" --set "data.path=$data" \
     --set resources.device=cuda --set resources.nproc=1 \
     --set data.loader_threads="$workers" --set eval.every_epochs=1 \
-    --set optim.time_budget_s=90
+    --set optim.time_budget_s=60
 fi
 
 # ---- the service: a CUDA job, a rank killed mid-run, restart, export ----
@@ -169,7 +169,7 @@ service_check() {
   job=$("$bin/momentum" submit examples/fashion-mnist.yaml --output json \
     --set "output_dir=$run/job" --set "data.path=$data" \
     --set resources.device=cuda --set "resources.nproc=$nproc" \
-    --set optim.time_budget_s=40 --set checkpoint.every_steps=40 \
+    --set optim.time_budget_s=30 --set checkpoint.every_steps=40 \
     --set resources.timeout_s=30 --set scheduling.hang_timeout_s=30 |
     "$py" -c 'import json,sys; print(json.load(sys.stdin)["id"])') || return 1
   # Kill the rank once a checkpoint exists; the gang must come back from it.
