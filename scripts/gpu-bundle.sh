@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
 # Packs what scripts/gpu-check.sh needs on a GPU machine that has torch
-# 2.11.0+cu130 for Python but no C++ development packages: the binaries built
-# here with CUDA (tests that run on a GPU, the bench, the worker, server and
-# client), the Debian shared libraries they load that such a machine lacks,
-# and the Fashion-MNIST files of the demo, into gpu-bundle/ (git-ignored;
-# the device tool carries it: `carry: ["gpu-bundle"]`, 64 MiB at most).
+# 2.11.0+cu130 for Python 3.12 but no C++ development packages and no
+# network, into gpu-bundle/ (git-ignored; the device tool carries it:
+# `carry: ["gpu-bundle"]`, 64 MiB at most with the tree):
+#   binaries.tar.xz  the binaries built here with CUDA (tests that run on a
+#                    GPU, the bench, the worker, server and client) and the
+#                    Debian shared libraries they load that such a machine
+#                    lacks;
+#   data/            the Fashion-MNIST files of the demo;
+#   wheels/          torchvision and Pillow for Python 3.12, from PyPI at the
+#                    versions of scripts/python-requirements.txt, which the
+#                    official MoCo baseline needs if that machine lacks them.
 # LibTorch, CUDA and NCCL are not packed: the machine's torch wheel has them.
 #   scripts/gpu-bundle.sh            build what is missing, then pack
 set -euo pipefail
@@ -45,6 +51,13 @@ done | sort -u | while read -r lib; do
   strip -o "$out/lib/$name" "$(readlink -f "$lib")"
 done
 cp /usr/share/datasets/fashion-mnist/*.gz "$out/data/fashion-mnist/"
+tar -cJf "$out/binaries.tar.xz" -C "$out" bin lib
+rm -rf "$out/bin" "$out/lib"
+python=${MOMENTUM_VENV:-.venv}/bin/python
+pin() { grep -i "^$1==" scripts/python-requirements.txt | head -1; }
+"$python" -m pip download --quiet --only-binary=:all: --no-deps \
+  --python-version 3.12 --platform manylinux_2_28_x86_64 \
+  -d "$out/wheels" "$(pin torchvision)" "$(pin pillow)"
 du -sh "$out"
 size=$(du -sb "$out" | cut -f1)
 # The device tool carries 64 MiB in all, the tracked tree (2 MB) included.

@@ -37,10 +37,23 @@ py=${MOMENTUM_GPU_PYTHON:-python3}
 results="$out/results.jsonl"
 : > "$results"
 
-if [ -d gpu-bundle/bin ]; then
-  bin=$root/gpu-bundle/bin
-  lib=$root/gpu-bundle/lib
+if [ -f gpu-bundle/binaries.tar.xz ]; then
+  unpacked=${TMPDIR:-/tmp}/momentum-gpu-bundle
+  rm -rf "$unpacked"
+  mkdir -p "$unpacked"
+  tar -xJf gpu-bundle/binaries.tar.xz -C "$unpacked"
+  bin=$unpacked/bin
+  lib=$unpacked/lib
   data=$root/gpu-bundle/data/fashion-mnist
+  # The official baseline needs torchvision and Pillow; this machine may
+  # lack them (and has no network): the bundle's wheels, unzipped.
+  if ! "$py" -c 'import torchvision, PIL' 2> /dev/null; then
+    mkdir -p "$unpacked/python"
+    "$py" -c 'import sys, zipfile
+for w in sys.argv[2:]:
+    zipfile.ZipFile(w).extractall(sys.argv[1])' "$unpacked/python" gpu-bundle/wheels/*.whl
+    export PYTHONPATH="$unpacked/python${PYTHONPATH:+:$PYTHONPATH}"
+  fi
 else
   b=${MOMENTUM_BUILD_DIR:-$root/build}
   mkdir -p "$out/bin"
