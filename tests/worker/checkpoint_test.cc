@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <memory>
 #include <vector>
 
 #include "tests/worker/test_data.h"
@@ -49,6 +50,31 @@ void ExpectSameState(const torch::nn::Module& a, const torch::nn::Module& b) {
   for (size_t i = 0; i < sa.size(); ++i) {
     EXPECT_TRUE(at::equal(sa[i].second, sb[i].second)) << sa[i].first;
   }
+}
+
+// Loads `path` into a fresh model of other weights and a fresh optimiser,
+// and checks that both encoders and the momentum buffers are `model`'s and
+// `sgd`'s again.
+struct Reloaded {
+  std::unique_ptr<Moco> model;
+  std::unique_ptr<Sgd> sgd;
+  absl::StatusOr<CheckpointState> state;
+};
+Reloaded ReloadAndCompare(const std::string& path, Moco& model, Sgd& sgd) {
+  torch::manual_seed(2);
+  Reloaded r;
+  r.model = std::make_unique<Moco>(Small(), Gen(2));
+  r.sgd = std::make_unique<Sgd>(r.model->encoder_q()->parameters(), 0.9, 1e-4);
+  r.state = LoadCheckpoint(path, *r.model, *r.sgd);
+  EXPECT_TRUE(r.state.ok()) << r.state.status();
+  if (!r.state.ok()) return r;
+  ExpectSameState(*model.encoder_q(), *r.model->encoder_q());
+  ExpectSameState(*model.encoder_k(), *r.model->encoder_k());
+  for (size_t i = 0; i < sgd.momentum_buffers().size(); ++i) {
+    EXPECT_TRUE(
+        at::equal(sgd.momentum_buffers()[i], r.sgd->momentum_buffers()[i]));
+  }
+  return r;
 }
 
 // What a GPU run keeps (channels_last weights, as Moco::To lays them out on
@@ -104,19 +130,12 @@ TEST(CheckpointTest, WritesDenseHostTensorsWhateverTheLayout) {
   }
   EXPECT_GT(tensors, 20);
 
-  torch::manual_seed(2);
-  Moco other(Small(), Gen(2));
-  Sgd other_sgd(other.encoder_q()->parameters(), 0.9, 1e-4);
-  auto loaded = LoadCheckpoint(*path, other, other_sgd);
-  ASSERT_TRUE(loaded.ok()) << loaded.status();
-  ExpectSameState(*model.encoder_q(), *other.encoder_q());
-  ExpectSameState(*model.encoder_k(), *other.encoder_k());
+  Reloaded other = ReloadAndCompare(*path, model, sgd);
+  ASSERT_TRUE(other.state.ok());
   for (size_t i = 0; i < sgd.momentum_buffers().size(); ++i) {
-    EXPECT_TRUE(
-        at::equal(sgd.momentum_buffers()[i], other_sgd.momentum_buffers()[i]));
     // In the loading model's layout.
-    EXPECT_EQ(other_sgd.momentum_buffers()[i].strides(),
-              other_sgd.params()[i].strides());
+    EXPECT_EQ(other.sgd->momentum_buffers()[i].strides(),
+              other.sgd->params()[i].strides());
   }
   fs::remove_all(dir);
 }
@@ -140,21 +159,14 @@ TEST(CheckpointTest, RoundTripRestoresEverything) {
   ASSERT_TRUE(path.ok()) << path.status();
   EXPECT_EQ(fs::path(*path).filename(), "checkpoint-000000017.pt");
 
-  torch::manual_seed(2);
-  Moco other(Small(), Gen(2));
-  Sgd other_sgd(other.encoder_q()->parameters(), 0.9, 1e-4);
-  auto loaded = LoadCheckpoint(*path, other, other_sgd);
-  ASSERT_TRUE(loaded.ok()) << loaded.status();
-  ExpectSameState(*model.encoder_q(), *other.encoder_q());
-  ExpectSameState(*model.encoder_k(), *other.encoder_k());
+  Reloaded reloaded = ReloadAndCompare(*path, model, sgd);
+  ASSERT_TRUE(reloaded.state.ok());
+  Moco& other = *reloaded.model;
+  auto& loaded = reloaded.state;
   EXPECT_TRUE(at::equal(model.queue(), other.queue()));
   EXPECT_EQ(model.queue_ptr(), other.queue_ptr());
   EXPECT_EQ(other.queue_slot_steps(), model.queue_slot_steps());
   EXPECT_EQ(other.enqueued_steps(), 17);  // the position's global step
-  for (size_t i = 0; i < sgd.momentum_buffers().size(); ++i) {
-    EXPECT_TRUE(
-        at::equal(sgd.momentum_buffers()[i], other_sgd.momentum_buffers()[i]));
-  }
   EXPECT_EQ(loaded->position.epoch, 2);
   EXPECT_EQ(loaded->position.step_in_epoch, 5);
   EXPECT_EQ(loaded->position.global_step, 17);
