@@ -514,6 +514,14 @@ class RuleChecker {
       Fail(absl::StrCat(field, " must be >= ", min, ", got ", value));
   }
 
+  void Between(absl::string_view field, int64_t value, int64_t min,
+               int64_t max) {
+    if (value < min || value > max) {
+      Fail(absl::StrCat(field, " must be in [", min, ", ", max, "], got ",
+                        value));
+    }
+  }
+
   void OneOf(absl::string_view field, int64_t value,
              std::initializer_list<int64_t> allowed) {
     if (std::find(allowed.begin(), allowed.end(), value) == allowed.end()) {
@@ -663,7 +671,7 @@ void CheckFields(const JobSpec& spec, RuleChecker& check) {
   check.Statistics("data.augment.std", augment.std, /*positive=*/true);
 
   const OptimSpec& optim = spec.optim;
-  check.AtLeast("optim.batch_size", optim.batch_size, 1);
+  check.Between("optim.batch_size", optim.batch_size, 1, kMaxBatchSize);
   check.Greater("optim.lr", optim.lr, 0);
   check.InRange("optim.momentum", optim.momentum, 0, false, 1, true);
   check.AtLeast("optim.weight_decay", optim.weight_decay, 0.0);
@@ -704,7 +712,9 @@ void CheckFields(const JobSpec& spec, RuleChecker& check) {
 
   const ResourcesSpec& resources = spec.resources;
   check.AtLeast("resources.threads", resources.threads, 0);
-  check.AtLeast("resources.nproc", resources.nproc, 1);
+  // Past any real cluster; the bound keeps sizes exact in every int32 of
+  // the API and a typo from queueing a job that can never start.
+  check.Between("resources.nproc", resources.nproc, 1, kMaxRanks);
   check.OneOf("resources.backend", resources.backend, {"auto", "gloo", "nccl"});
   check.OneOf("resources.device", resources.device, {"auto", "cpu", "cuda"});
   check.OneOf("resources.precision", resources.precision, {"fp32", "bf16"});

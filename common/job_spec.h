@@ -20,6 +20,11 @@
 
 namespace momentum {
 
+// Most ranks one job may have (resources.nproc), and the largest global
+// batch (optim.batch_size).
+inline constexpr int64_t kMaxRanks = 65536;
+inline constexpr int64_t kMaxBatchSize = int64_t{1} << 24;
+
 struct ModelSpec {
   std::string arch = "resnet18";  // resnet18 | resnet50
   int64_t width = 64;             // base width; torchvision's is 64

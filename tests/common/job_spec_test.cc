@@ -351,7 +351,16 @@ TEST(JobSpecTest, RejectsOutOfRangeNumber) {
   EXPECT_EQ(ParseError("moco:\n  temperature: -1\n"),
             "job.yaml: moco.temperature must be > 0, got -1");
   EXPECT_EQ(ParseError("optim: {batch_size: 0}\n"),
-            "job.yaml: optim.batch_size must be >= 1, got 0");
+            "job.yaml: optim.batch_size must be in [1, 16777216], got 0");
+  // Sizes past any cluster: 2^62 would become 0 in the API's int32.
+  EXPECT_EQ(ParseError("optim: {batch_size: 4611686018427387904}\n"
+                       "resources: {nproc: 4611686018427387904}\n"),
+            "job.yaml: optim.batch_size must be in [1, 16777216], got "
+            "4611686018427387904; resources.nproc must be in [1, 65536], got "
+            "4611686018427387904");
+  EXPECT_EQ(ParseError("optim: {batch_size: 65537}\n"
+                       "resources: {nproc: 65537}\n"),
+            "job.yaml: resources.nproc must be in [1, 65536], got 65537");
   EXPECT_EQ(ParseError("optim: {momentum: 1}\n"),
             "job.yaml: optim.momentum must be in [0, 1), got 1");
   EXPECT_EQ(ParseError("moco: {momentum: 1.5}\n"),
