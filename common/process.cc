@@ -99,6 +99,27 @@ absl::StatusOr<pid_t> Spawn(const SpawnOptions& options) {
   return pid;
 }
 
+std::vector<std::string> RankEnvironment(
+    const RankPlace& place, const std::vector<std::string>& extra) {
+  std::vector<std::string> drop = {
+      "RANK",        "LOCAL_RANK",  "WORLD_SIZE", "LOCAL_WORLD_SIZE",
+      "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK", "ROLE_RANK"};
+  if (place.cuda_visible_devices) drop.push_back("CUDA_VISIBLE_DEVICES");
+  std::vector<std::string> env = extra;
+  const std::vector<std::string> inherited = EnvironmentWithout(drop);
+  env.insert(env.end(), inherited.begin(), inherited.end());
+  env.push_back(absl::StrCat("RANK=", place.rank));
+  env.push_back(absl::StrCat("LOCAL_RANK=", place.local_rank));
+  env.push_back(absl::StrCat("WORLD_SIZE=", place.world_size));
+  env.push_back(absl::StrCat("LOCAL_WORLD_SIZE=", place.local_world_size));
+  env.push_back(absl::StrCat("MASTER_ADDR=", place.master_addr));
+  env.push_back(absl::StrCat("MASTER_PORT=", place.master_port));
+  if (place.cuda_visible_devices) {
+    env.push_back("CUDA_VISIBLE_DEVICES=" + *place.cuda_visible_devices);
+  }
+  return env;
+}
+
 std::vector<std::string> EnvironmentWithout(
     const std::vector<std::string>& drop) {
   std::vector<std::string> env;

@@ -6,6 +6,7 @@
 #include <sys/types.h>
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -40,6 +41,28 @@ absl::StatusOr<pid_t> Spawn(const SpawnOptions& options);
 // This process's environment without the variables named in `drop`.
 std::vector<std::string> EnvironmentWithout(
     const std::vector<std::string>& drop);
+
+// Where one rank of a group sits, as torchrun's variables say it.
+struct RankPlace {
+  int64_t rank = 0;
+  int64_t local_rank = 0;
+  int64_t world_size = 1;
+  int64_t local_world_size = 1;
+  std::string master_addr;
+  int64_t master_port = 0;
+  // CUDA_VISIBLE_DEVICES for the rank: its one GPU, or "" to hide every
+  // GPU; unset (nullopt) leaves the inherited value alone.
+  std::optional<std::string> cuda_visible_devices;
+};
+
+// The one definition of a rank's environment, for every launcher (the
+// coordinator's, an agent's, momentum-worker --nproc): `extra` first
+// (getenv() takes the first of a name, so a caller may pin LOCAL_RANK and
+// the like), then this process's environment without the rank variables,
+// then RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR,
+// MASTER_PORT and, when set, CUDA_VISIBLE_DEVICES.
+std::vector<std::string> RankEnvironment(
+    const RankPlace& place, const std::vector<std::string>& extra = {});
 
 // The program `name` installed next to this one, or in the build tree's
 // `build_subdir` beside this binary's folder (e.g. server/ -> worker/);

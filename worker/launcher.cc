@@ -38,13 +38,6 @@ constexpr std::chrono::milliseconds kPollInterval{10};
 // The signals LaunchLocal forwards to the ranks.
 constexpr int kForwardedSignals[] = {SIGINT, SIGTERM};
 
-// The variables every rank gets; inherited ones of the same names are
-// dropped.
-constexpr absl::string_view kRankVariables[] = {
-    "RANK",        "LOCAL_RANK",  "WORLD_SIZE", "LOCAL_WORLD_SIZE",
-    "MASTER_ADDR", "MASTER_PORT",
-};
-
 // Signals received while LaunchLocal runs, one bit per signal number. Written
 // only by the handler, read and cleared only by the wait loop; a lock-free
 // atomic is safe to touch in a signal handler.
@@ -96,16 +89,14 @@ const char* SignalName(int sig) { return sig == SIGINT ? "SIGINT" : "SIGTERM"; }
 
 std::vector<std::string> RankEnvironment(const LaunchOptions& options,
                                          int64_t port, int64_t rank) {
-  std::vector<std::string> env =
-      momentum::EnvironmentWithout(std::vector<std::string>(
-          std::begin(kRankVariables), std::end(kRankVariables)));
-  env.push_back(absl::StrCat("RANK=", rank));
-  env.push_back(absl::StrCat("LOCAL_RANK=", rank));
-  env.push_back(absl::StrCat("WORLD_SIZE=", options.nproc));
-  env.push_back(absl::StrCat("LOCAL_WORLD_SIZE=", options.nproc));
-  env.push_back(absl::StrCat("MASTER_ADDR=", options.master_addr));
-  env.push_back(absl::StrCat("MASTER_PORT=", port));
-  return env;
+  momentum::RankPlace place;
+  place.rank = rank;
+  place.local_rank = rank;
+  place.world_size = options.nproc;
+  place.local_world_size = options.nproc;
+  place.master_addr = options.master_addr;
+  place.master_port = port;
+  return momentum::RankEnvironment(place);
 }
 
 using momentum::SpawnOptions;
