@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "client/format.h"
+#include "common/job_progress.h"
 
 namespace momentum::client {
 namespace {
@@ -89,20 +90,7 @@ void WatchPrinter::OnEvent(const v1::WatchJobEvent& event, absl::Time now) {
 }
 
 void WatchPrinter::ApplyMetric(const v1::MetricSample& sample) {
-  v1::JobProgress& progress = *job_.mutable_progress();
-  // The kNN monitor runs on the whole group; take its result from whichever
-  // rank reports it.
-  if (sample.knn_top1() >= 0) progress.set_knn_top1(sample.knn_top1());
-  // Rank 0's view stands for the group, as in Job.progress; the other ranks'
-  // samples (their own loss, the same step) would make the line flicker.
-  if (sample.rank() != 0) return;
-  progress.set_epoch(sample.epoch());
-  progress.set_step(sample.step());
-  progress.set_fraction(sample.fraction());
-  progress.set_loss(sample.loss());
-  progress.set_learning_rate(sample.learning_rate());
-  progress.set_images_per_second(sample.images_per_second());
-  progress.set_eta_seconds(sample.eta_seconds());
+  FoldSample(sample, job_.mutable_progress());
 }
 
 void WatchPrinter::PrintStateLine(const std::string& line) {
