@@ -23,6 +23,7 @@
 #include <iostream>
 #include <memory>
 
+#include "common/exit_codes.h"
 #include "common/job_spec.h"
 #include "worker/launcher.h"
 #include "worker/log.h"
@@ -71,6 +72,10 @@ int main(int argc, char** argv) {
       ->take_all();
   app.add_flag("--print-spec", print_spec,
                "print the resolved spec with every default and exit");
+  std::string output_dir;
+  app.add_option("--output-dir", output_dir,
+                 "where to write (replaces the spec's output_dir; the "
+                 "coordinator passes the folder it resolved)");
   app.add_option("--nproc", nproc,
                  "start this many local ranks (default: resources.nproc)")
       ->check(CLI::PositiveNumber);
@@ -86,8 +91,9 @@ int main(int argc, char** argv) {
   auto spec = momentum::LoadJobSpecFile(config, overrides);
   if (!spec.ok()) {
     std::cerr << "momentum-worker: " << spec.status().message() << "\n";
-    return 2;
+    return momentum::kExitBadInput;
   }
+  if (!output_dir.empty()) spec->output_dir = output_dir;
   if (print_spec) {
     std::cout << momentum::JobSpecToYaml(*spec);
     return 0;
@@ -117,7 +123,7 @@ int main(int argc, char** argv) {
       auto from_env = mw::DistOptionsFromEnv();
       if (!from_env.ok()) {
         std::cerr << "momentum-worker: " << from_env.status().message() << "\n";
-        return 2;
+        return momentum::kExitBadInput;
       }
       dist = *from_env;
     } else {
@@ -129,7 +135,7 @@ int main(int argc, char** argv) {
     if (dist.rank >= dist.world_size) {
       std::cerr << "momentum-worker: --rank must be in [0, --world-size), got "
                 << dist.rank << " of " << dist.world_size << "\n";
-      return 2;
+      return momentum::kExitBadInput;
     }
     if (dist.rank != 0) momentum::worker::SetupLog(/*quiet=*/true);
   }
@@ -142,7 +148,7 @@ int main(int argc, char** argv) {
   if (!reporter_options.ok()) {
     std::cerr << "momentum-worker: " << reporter_options.status().message()
               << "\n";
-    return 2;
+    return momentum::kExitBadInput;
   }
   std::unique_ptr<mw::MetricsReporter> reporter;
   if (reporter_options->has_value()) {
@@ -153,8 +159,11 @@ int main(int argc, char** argv) {
   if (!trainer.ok()) {
     std::cerr << "momentum-worker: rank " << dist.rank << ": "
               << trainer.status().message() << "\n";
-    return trainer.status().code() == absl::StatusCode::kInvalidArgument ? 2
-                                                                         : 1;
+    // A bad spec or data path fails every attempt alike: the coordinator
+    // does not restart the job (common/exit_codes.h).
+    const bool bad_input = absl::IsInvalidArgument(trainer.status()) ||
+                           absl::IsNotFound(trainer.status());
+    return bad_input ? momentum::kExitBadInput : momentum::kExitFailed;
   }
   if (reporter != nullptr) {
     (*trainer)->SetReportCallback(
@@ -163,18 +172,31 @@ int main(int argc, char** argv) {
         });
   }
   auto summary = (*trainer)->Run(&g_stop);
+  // The coordinator records the job's result from rank 0's account, so it
+  // needs no access to this machine's disk.
+  if (reporter != nullptr && summary.ok() && summary->stop_reason != "signal") {
+    mw::RunAccount account;
+    account.steps = summary->steps;
+    account.images_seen = summary->images_seen;
+    account.epochs_completed = static_cast<double>(summary->epochs_completed);
+    account.knn_top1 = summary->knn_top1;
+    account.export_path = summary->export_path;
+    account.stop_reason = summary->stop_reason;
+    account.train_seconds = summary->train_seconds;
+    reporter->ReportFinal(account);
+  }
   // Flushes the last reports (a few seconds at most) before the exit code
   // tells the coordinator the rank is done.
   if (reporter != nullptr) reporter->Close();
   if (!summary.ok()) {
     std::cerr << "momentum-worker: rank " << dist.rank << ": "
               << summary.status().message() << "\n";
-    return 1;
+    return momentum::kExitFailed;
   }
   if (summary->stop_reason == "signal") {
     momentum::worker::LogInfo("stopped at step %d; checkpoint %s",
                               summary->steps, summary->checkpoint);
-    return 143;
+    return momentum::kExitStopped;
   }
   if (dist.rank == 0) {
     std::printf(

@@ -131,12 +131,21 @@ MetricsReporter::~MetricsReporter() { Close(); }
 
 void MetricsReporter::Report(const StepReport& report) {
   absl::MutexLock lock(&mu_);
+  PushLocked(report);
+}
+
+void MetricsReporter::ReportFinal(const RunAccount& account) {
+  absl::MutexLock lock(&mu_);
+  PushLocked(account);
+}
+
+void MetricsReporter::PushLocked(Item item) {
   if (closing_) return;
   if (queue_.size() >= std::max<size_t>(options_.max_queued, 1)) {
     queue_.pop_front();
     ++dropped_;
   }
-  queue_.push_back(report);
+  queue_.push_back(std::move(item));
   cv_.SignalAll();
 }
 
@@ -250,7 +259,7 @@ void MetricsReporter::Loop() {
     auto last_write = Clock::now();
     bool drained = false;  // Close() began and the queue is empty
     while (ok) {
-      std::optional<StepReport> next;
+      std::optional<Item> next;
       {
         absl::MutexLock lock(&mu_);
         const auto due = last_write + options_.heartbeat_interval;
@@ -267,8 +276,18 @@ void MetricsReporter::Loop() {
         }
       }
       v1::WorkerReport message;
-      if (next) {
-        *message.mutable_metric() = ToMetricSample(*next);
+      if (next && std::holds_alternative<StepReport>(*next)) {
+        *message.mutable_metric() = ToMetricSample(std::get<StepReport>(*next));
+      } else if (next) {
+        const RunAccount& a = std::get<RunAccount>(*next);
+        v1::RunSummary* summary = message.mutable_summary();
+        summary->set_steps(a.steps);
+        summary->set_images_seen(a.images_seen);
+        summary->set_epochs_completed(a.epochs_completed);
+        summary->set_knn_top1(a.knn_top1);
+        summary->set_export_path(a.export_path);
+        summary->set_stop_reason(a.stop_reason);
+        summary->set_train_seconds(a.train_seconds);
       } else {
         SetNow(message.mutable_heartbeat());
       }

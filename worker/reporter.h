@@ -23,6 +23,7 @@
 #include <optional>
 #include <string>
 #include <thread>
+#include <variant>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
@@ -70,6 +71,18 @@ MetricsReporterOptionsFromEnv(int64_t rank);
 // The sample the coordinator receives for `report`, field by field.
 v1::MetricSample ToMetricSample(const StepReport& report);
 
+// A rank's final account of a run that ended well, as the coordinator
+// records it for the job (v1::RunSummary, field by field).
+struct RunAccount {
+  int64_t steps = 0;
+  int64_t images_seen = 0;
+  double epochs_completed = 0;
+  double knn_top1 = -1;  // -1: no evaluation ran
+  std::string export_path;
+  std::string stop_reason;
+  double train_seconds = 0;
+};
+
 // Streams reports to the coordinator. Thread-safe: any thread may call
 // Report() and the counters; one owner calls Close().
 //
@@ -97,6 +110,9 @@ class MetricsReporter {
   // the queue is full the oldest report is dropped (counted in dropped()).
   // Ignored after Close().
   void Report(const StepReport& report);
+  // Queues the run's final account, sent after every report queued before
+  // it; call it once, before Close(). Ignored after Close().
+  void ReportFinal(const RunAccount& account);
 
   // Sends what is queued, finishes the stream and stops the thread. Blocks
   // for at most about close_timeout; reports still queued then are dropped.
@@ -123,7 +139,10 @@ class MetricsReporter {
 
   mutable absl::Mutex mu_;
   absl::CondVar cv_;  // signalled on any change of the fields below
-  std::deque<StepReport> queue_ ABSL_GUARDED_BY(mu_);
+  // Step reports, and the final account last.
+  using Item = std::variant<StepReport, RunAccount>;
+  void PushLocked(Item item) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  std::deque<Item> queue_ ABSL_GUARDED_BY(mu_);
   int64_t dropped_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t sent_ ABSL_GUARDED_BY(mu_) = 0;
   // Close() began: drain the queue, then finish the stream.

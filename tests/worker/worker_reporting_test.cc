@@ -112,7 +112,7 @@ class WorkerReportingTest : public ::testing::Test {
     std::ofstream(spec_) << "name: reporting-test\n"
                             "seed: 3\n"
                             "output_dir: "
-                         << dir_ << "/run\n"
+                         << dir_ << "/unused\n"
                          << "model: {arch: resnet18, width: 4, in_channels: 1, "
                             "small_stem: true}\n"
                             "moco: {dim: 8, queue_size: 40, bn: split, "
@@ -138,12 +138,14 @@ class WorkerReportingTest : public ::testing::Test {
 TEST_F(WorkerReportingTest, StreamsHelloAndEveryReportToTheCoordinator) {
   FakeCoordinator coordinator;
   ASSERT_TRUE(coordinator.ok());
-  Result r = RunWorker({"--config", spec_},
+  // As the coordinator launches it: the spec as stored, and where to write.
+  Result r = RunWorker({"--config", spec_, "--output-dir", dir_ + "/run"},
                        {{"MOMENTUM_COORDINATOR", coordinator.address()},
                         {"MOMENTUM_JOB_ID", "job-e2e"},
                         {"MOMENTUM_ATTEMPT", "2"}},
                        dir_);
   ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_FALSE(fs::exists(dir_ + "/unused"));
   // The worker closed its stream before it exited.
   ASSERT_TRUE(coordinator.service().WaitFor(
       [](const auto&, int finished) { return finished >= 1; }));
@@ -170,6 +172,18 @@ TEST_F(WorkerReportingTest, StreamsHelloAndEveryReportToTheCoordinator) {
   EXPECT_EQ(metrics[3].step(), 6);
   auto summary = nlohmann::json::parse(ReadFile(dir_ + "/run/summary.json"));
   EXPECT_DOUBLE_EQ(metrics[3].knn_top1(), summary["knn_top1"].get<double>());
+  // Last on the stream, the run's account: what summary.json says, so the
+  // coordinator needs no access to this disk.
+  const v1::WorkerReport& last = streams[0].back();
+  ASSERT_EQ(last.report_case(), v1::WorkerReport::kSummary);
+  EXPECT_EQ(last.summary().steps(), summary["steps"].get<int64_t>());
+  EXPECT_EQ(last.summary().images_seen(),
+            summary["images_seen"].get<int64_t>());
+  EXPECT_DOUBLE_EQ(last.summary().knn_top1(),
+                   summary["knn_top1"].get<double>());
+  EXPECT_EQ(last.summary().export_path(), summary["export"].get<std::string>());
+  EXPECT_EQ(last.summary().stop_reason(), "epochs");
+  EXPECT_EQ(last.summary().steps(), 6);
 
   // metrics.jsonl has the same health values for rank 0.
   std::ifstream lines(dir_ + "/run/metrics.jsonl");
