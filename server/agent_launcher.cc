@@ -2,16 +2,17 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "absl/time/time.h"
 
 namespace momentum::server {
 
 int64_t AgentLauncher::Slots() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   return closed_ ? 0 : slots_;
 }
 
 std::vector<int> AgentLauncher::Gpus() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   return closed_ ? std::vector<int>() : gpus_;
 }
 
@@ -20,6 +21,12 @@ absl::Status AgentLauncher::Launch(const LaunchRequest& request) {
     return absl::UnavailableError(absl::StrCat(Name(), " is gone"));
   }
   const int64_t local_world = static_cast<int64_t>(request.ranks.size());
+  {
+    absl::MutexLock lock(&mu_);
+    for (int64_t rank : request.ranks) {
+      ranks_.emplace(request.job_id, request.attempt, rank);
+    }
+  }
   for (size_t i = 0; i < request.ranks.size(); ++i) {
     v1::AgentCommand command;
     v1::LaunchRank* launch = command.mutable_launch();
@@ -32,6 +39,7 @@ absl::Status AgentLauncher::Launch(const LaunchRequest& request) {
     launch->set_master_addr(request.master_addr);
     launch->set_master_port(static_cast<int32_t>(request.master_port));
     launch->set_spec_yaml(request.spec_yaml);
+    launch->set_output_dir(request.output_dir);
     for (const std::string& e : request.env) launch->add_env(e);
     if (!request.gpus.empty()) launch->set_gpu(request.gpus[i]);
     Push(std::move(command));
@@ -50,18 +58,19 @@ void AgentLauncher::Stop(const std::string& job_id, int64_t attempt,
 }
 
 void AgentLauncher::Push(v1::AgentCommand command) {
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (closed_) return;
-    commands_.push_back(std::move(command));
-  }
-  cv_.notify_all();
+  absl::MutexLock lock(&mu_);
+  if (closed_) return;
+  commands_.push_back(std::move(command));
+  cv_.SignalAll();
 }
 
 bool AgentLauncher::NextCommand(v1::AgentCommand* command,
                                 std::chrono::milliseconds wait) {
-  std::unique_lock<std::mutex> lock(mu_);
-  cv_.wait_for(lock, wait, [&] { return closed_ || !commands_.empty(); });
+  absl::MutexLock lock(&mu_);
+  const absl::Time deadline = absl::Now() + absl::FromChrono(wait);
+  while (!closed_ && commands_.empty()) {
+    if (cv_.WaitWithDeadline(&mu_, deadline)) break;
+  }
   if (closed_ || commands_.empty()) return false;
   *command = std::move(commands_.front());
   commands_.pop_front();
@@ -69,16 +78,26 @@ bool AgentLauncher::NextCommand(v1::AgentCommand* command,
 }
 
 void AgentLauncher::Close() {
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    closed_ = true;
-    commands_.clear();
-  }
-  cv_.notify_all();
+  absl::MutexLock lock(&mu_);
+  closed_ = true;
+  commands_.clear();
+  cv_.SignalAll();
+}
+
+bool AgentLauncher::Runs(const std::string& job_id, int64_t attempt,
+                         int64_t rank) const {
+  absl::MutexLock lock(&mu_);
+  return ranks_.count({job_id, attempt, rank}) > 0;
+}
+
+bool AgentLauncher::Ended(const std::string& job_id, int64_t attempt,
+                          int64_t rank) {
+  absl::MutexLock lock(&mu_);
+  return ranks_.erase({job_id, attempt, rank}) > 0;
 }
 
 bool AgentLauncher::closed() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   return closed_;
 }
 

@@ -5,12 +5,14 @@
 #define MOMENTUM_SERVER_AGENT_LAUNCHER_H_
 
 #include <chrono>
-#include <condition_variable>
 #include <deque>
-#include <mutex>
+#include <set>
 #include <string>
+#include <tuple>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
 #include "momentum/v1/internal.pb.h"
 #include "server/launcher.h"
 
@@ -37,6 +39,12 @@ class AgentLauncher : public Launcher {
   void Stop(const std::string& job_id, int64_t attempt,
             double grace_seconds) override;
 
+  // Whether this agent was told to run the rank and has not reported it
+  // ended: what an agent reports of other ranks is not believed.
+  bool Runs(const std::string& job_id, int64_t attempt, int64_t rank) const;
+  // The rank ended: true (and it is forgotten) when Runs() was true.
+  bool Ended(const std::string& job_id, int64_t attempt, int64_t rank);
+
   // The next command for the agent; false after `wait` with none, or when
   // closed.
   bool NextCommand(v1::AgentCommand* command, std::chrono::milliseconds wait);
@@ -50,10 +58,12 @@ class AgentLauncher : public Launcher {
   const std::string agent_id_, hostname_, address_;
   const int64_t slots_;
   const std::vector<int> gpus_;
-  mutable std::mutex mu_;
-  std::condition_variable cv_;
-  std::deque<v1::AgentCommand> commands_;
-  bool closed_ = false;
+  mutable absl::Mutex mu_;
+  absl::CondVar cv_;
+  std::deque<v1::AgentCommand> commands_ ABSL_GUARDED_BY(mu_);
+  bool closed_ ABSL_GUARDED_BY(mu_) = false;
+  std::set<std::tuple<std::string, int64_t, int64_t>> ranks_
+      ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace momentum::server

@@ -138,6 +138,7 @@ void RunSession(v1::InternalService::Stub& stub, const v1::AgentHello& hello,
         request.ranks = {l.rank()};
         if (l.has_gpu()) request.gpus = {l.gpu()};
         request.spec_yaml = l.spec_yaml();
+        request.output_dir = l.output_dir();
         request.master_addr = l.master_addr();
         request.master_port = l.master_port();
         request.env.assign(l.env().begin(), l.env().end());

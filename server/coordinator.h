@@ -1,101 +1,93 @@
-// The coordinator's core, behind the gRPC services: stores jobs, schedules
-// them onto launchers' slots (CPU jobs) or GPUs (CUDA jobs, one GPU per rank)
-// as whole gangs, launches and supervises their ranks, keeps their logs and
-// progress, and feeds watchers. Knows nothing of gRPC transport; the
-// services in server/*_service.cc are thin.
+// The coordinator's core, behind the gRPC services: the job lifecycle, the
+// job API, the scheduling loop, launch and exit handling. It stores jobs,
+// places them whole (server/placement.h) on launchers' slots (CPU jobs) or
+// GPUs (CUDA jobs, one GPU per rank), launches and supervises their ranks,
+// and restarts or fails their gangs. The pieces it delegates to live in
+// their own units: admission (server/admission.h), gang health
+// (server/gang_health.h), job logs (server/job_logs.h), watchers
+// (server/watch_hub.h) and the job view (server/job_view.h).
 //
 // Every change of a job's state is committed to the JobStore, with its
 // reason, before it is acted on (ranks launched or stopped) or published.
+//
+// Threads and locks. The coordinator owns one thread, the loop, which runs
+// Tick(): it alone launches and stops ranks, handles their exits, checks
+// hangs and schedules, so launches and stops happen in the order they were
+// decided (a cancel that lands while a gang is being launched stops it right
+// after). Everything the loop decides from lives in LoopState, which only
+// the loop touches and which no lock guards. Other threads (gRPC handlers,
+// launchers' threads) hand it work through the inbox under `mu_`, which is
+// held only to move items in and out: no launcher, store call, callback or
+// publication ever runs under it, so nothing can call back into the
+// coordinator under its own lock. The units above lock only themselves and
+// call nothing back. Lock order: `mu_` is a leaf; so are the units' locks.
+//
+// Usage (server/main.cc):
+//   auto c = Coordinator::Create(options, metrics);
+//   (*c)->AddLauncher(std::make_shared<LocalLauncher>(..., c->get()));
+//   (*c)->SetReportAddress("10.0.0.1:50051");
+//   (*c)->Start();
+//   ...
+//   (*c)->Shutdown();   // also done by the destructor
 #ifndef MOMENTUM_SERVER_COORDINATOR_H_
 #define MOMENTUM_SERVER_COORDINATOR_H_
 
-#include <chrono>
-#include <condition_variable>
 #include <cstdint>
 #include <deque>
-#include <fstream>
 #include <map>
 #include <memory>
-#include <mutex>
-#include <optional>
 #include <set>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "common/job_spec.h"
+#include "momentum/v1/internal.pb.h"
 #include "momentum/v1/jobs.pb.h"
+#include "server/admission.h"
+#include "server/clock.h"
+#include "server/gang_health.h"
+#include "server/job_logs.h"
 #include "server/job_store.h"
+#include "server/job_view.h"
 #include "server/launcher.h"
+#include "server/placement.h"
+#include "server/watch_hub.h"
 
 namespace momentum::server {
 
 class ServerMetrics;
 
 struct CoordinatorOptions {
-  // Holds jobs.db and, per job, jobs/<id>/ (logs, attempts, and the output
-  // of a spec whose output_dir is relative).
+  // Holds jobs.db, the lock file and, per job, jobs/<id>/ (logs, attempts,
+  // and the output of a spec whose output_dir is relative).
   std::string state_dir;
-  // momentum-worker, for the local launcher.
-  std::string worker_binary;
-  // CPU ranks the coordinator may run as its own children; 0: none.
-  int64_t local_slots = 1;
-  // GPUs of its own machine, by CUDA index (gpus.h): each rank of a CUDA job
-  // that runs here owns one, and takes no slot. Without slots and GPUs the
-  // coordinator runs no ranks itself (agents only).
-  std::vector<int> local_gpus;
-  // How long a stopped rank has between SIGTERM and SIGKILL.
+  // How long a stopped rank has between SIGTERM and SIGKILL, on cancel,
+  // failure and shutdown alike.
   double grace_seconds = 10;
-  // When not empty, a spec's data.path and an absolute output_dir must lie
-  // under one of these (symlinks resolved); else PERMISSION_DENIED.
-  std::vector<std::string> data_roots;
-  std::vector<std::string> output_roots;
-  // Most ranks one job may ask for; 0: no limit beyond the slots.
-  int64_t max_ranks_per_job = 0;
+  // Limits and path roots.
+  AdmissionOptions admission;
   // Most PENDING jobs one owner may have; 0: no limit. Further submissions
   // are refused with RESOURCE_EXHAUSTED.
   int64_t max_queued_jobs_per_user = 0;
   // Given to every rank (MOMENTUM_TOKEN) to report its metrics with.
   std::string worker_token;
-};
-
-// The events of one WatchJob or GetJobLogs stream, in order. Thread-safe.
-class Subscription {
- public:
-  Subscription(std::string job_id, bool metrics, bool logs)
-      : job_id_(std::move(job_id)), metrics_(metrics), logs_(logs) {}
-
-  const std::string& job_id() const { return job_id_; }
-  bool wants_metrics() const { return metrics_; }
-  bool wants_logs() const { return logs_; }
-
-  // Waits up to `wait` for the next event; false when there is none (yet).
-  bool Next(v1::WatchJobEvent* event, std::chrono::milliseconds wait);
-  // True once closed and drained: the stream is over.
-  bool Done() const;
-
-  void Push(v1::WatchJobEvent event);
-  void Close();
-
- private:
-  const std::string job_id_;
-  const bool metrics_, logs_;
-  mutable std::mutex mu_;
-  std::condition_variable cv_;
-  std::deque<v1::WatchJobEvent> events_;
-  bool closed_ = false;
-  v1::JobState last_state_ = v1::JOB_STATE_UNSPECIFIED;
-  // Bounds a slow reader's backlog: past it, metric samples are dropped.
-  static constexpr size_t kMaxBacklog = 10000;
+  // Open WatchJob and GetJobLogs streams at most.
+  size_t max_watch_streams = 512;
+  // Time; Clock::Real() when null. Tests pass a fake one.
+  const Clock* clock = nullptr;
 };
 
 class Coordinator : public LaunchEvents {
  public:
-  // Opens (or creates) the store under options.state_dir and adds the local
-  // launcher. Jobs that were RUNNING when a previous coordinator stopped are
-  // moved to RESTARTING and relaunched from their checkpoints by Start().
+  // Locks the state directory (FAILED_PRECONDITION naming the directory and
+  // the holder's pid when another server has it), opens (or creates) the
+  // store and moves the jobs that were RUNNING when a previous coordinator
+  // stopped to RESTARTING. Adds no launcher.
   static absl::StatusOr<std::unique_ptr<Coordinator>> Create(
       const CoordinatorOptions& options, ServerMetrics* metrics = nullptr);
   ~Coordinator() override;
@@ -103,10 +95,19 @@ class Coordinator : public LaunchEvents {
   // The address ranks report metrics to (host:port of the internal
   // service); set before Start().
   void SetReportAddress(const std::string& address);
-  // Starts scheduling.
+  // Recover(), then starts the loop thread.
   void Start();
-  // Stops scheduling and the local ranks (SIGTERM, then SIGKILL after the
-  // grace), and ends every watch stream.
+  // Stops what earlier coordinators left running of the unfinished jobs on
+  // the launchers added so far (blocks up to the grace per launcher that
+  // had some). Start() does it; tests that never Start() call it.
+  void Recover();
+  // One pass of the loop: inbox, exits, hangs, queue. The loop thread runs
+  // it; tests that never Start() call it instead. Not reentrant.
+  void Tick();
+  // Stops the loop, then the ranks: SIGTERM, and SIGKILL to those still
+  // running after the grace (they checkpoint meanwhile; their jobs stay
+  // RUNNING in the store for the next coordinator to relaunch); ends every
+  // watch stream. Blocks up to the grace and a little more. Idempotent.
   void Shutdown();
 
   // The job API. Errors are canonical: INVALID_ARGUMENT naming the spec
@@ -114,19 +115,21 @@ class Coordinator : public LaunchEvents {
   // per-user limits; "" when unknown). Submit stores the spec with
   // resources.device resolved (never auto: cuda when the launchers offer
   // GPUs now, else cpu) and refuses a CUDA job with more ranks than the
-  // launchers have GPUs, used or free.
+  // launchers have GPUs, used or free. None of them blocks on the loop.
   absl::StatusOr<v1::Job> Submit(const std::string& spec_yaml,
                                  const std::vector<std::string>& overrides,
                                  const std::string& owner = "");
   absl::StatusOr<v1::Job> GetJob(const std::string& id);
   absl::StatusOr<v1::ListJobsResponse> ListJobs(
       const v1::ListJobsRequest& request);
+  // Commits CANCELLED at once; the loop stops the ranks right after.
   absl::StatusOr<v1::Job> Cancel(const std::string& id,
                                  const std::string& reason);
 
   // A stream of the job's events: first a snapshot of the job, then its
   // state changes (and metric samples and log lines if asked), closed after
-  // the job reached a final state and a last snapshot.
+  // the job reached a final state and a last snapshot. RESOURCE_EXHAUSTED
+  // past options.max_watch_streams.
   absl::StatusOr<std::shared_ptr<Subscription>> Watch(const std::string& id,
                                                       bool metrics, bool logs);
   void Unwatch(const std::shared_ptr<Subscription>& subscription);
@@ -137,18 +140,22 @@ class Coordinator : public LaunchEvents {
                                                     int64_t rank,
                                                     int64_t from_line);
 
-  // A metric sample from a rank of the job's current attempt (samples of
-  // older attempts are ignored).
+  // A metric sample or heartbeat from a rank of the job's current attempt
+  // (reports of other attempts, jobs or ranks are ignored).
   void OnMetric(const std::string& job_id, int64_t attempt,
                 const v1::MetricSample& sample);
-  // A rank's heartbeat: it lives, whether or not it makes progress.
   void OnHeartbeat(const std::string& job_id, int64_t attempt, int64_t rank);
+  // A rank's final account; rank 0's becomes the job's result (kNN, export
+  // path, steps, images) when its gang ends well.
+  void OnSummary(const std::string& job_id, int64_t attempt, int64_t rank,
+                 const v1::RunSummary& summary);
 
-  // Launchers: the local one is added by Create(); agents come and go.
+  // Launchers come and go (agents); a removed launcher's ranks are lost.
   void AddLauncher(std::shared_ptr<Launcher> launcher);
   void RemoveLauncher(const Launcher* launcher);
 
-  // LaunchEvents.
+  // LaunchEvents; any thread, including from inside Launch(). Output of a
+  // rank that is not one of a running gang is dropped.
   void OnRankOutput(const std::string& job_id, int64_t attempt, int64_t rank,
                     const std::string& line) override;
   void OnRankExited(const std::string& job_id, int64_t attempt, int64_t rank,
@@ -162,126 +169,94 @@ class Coordinator : public LaunchEvents {
 
  private:
   Coordinator(const CoordinatorOptions& options,
-              std::unique_ptr<JobStore> store, ServerMetrics* metrics);
+              std::unique_ptr<JobStore> store, ServerMetrics* metrics,
+              int lock_fd);
 
-  // A launched gang.
+  struct Exit {
+    std::string job_id;
+    int64_t attempt = 0;
+    int64_t rank = 0;
+    int exit_code = 0;
+    int signal = 0;
+    std::string description;
+  };
+  // A rank of a launched gang.
   struct RankSlot {
-    Launcher* launcher = nullptr;
+    std::shared_ptr<Launcher> launcher;
     bool running = true;
     int gpu = -1;  // the GPU it owns on `launcher`; -1: a CPU rank (a slot)
-  };
-  // Ranks of a gang on one launcher, for a CUDA job with the GPU each owns
-  // (same order; empty for a CPU job).
-  struct Placement {
-    Launcher* launcher = nullptr;
-    std::vector<int64_t> ranks;
-    std::vector<int> gpus;
   };
   struct RunningJob {
     int64_t attempt = 0;
     int64_t world_size = 0;
     std::map<int64_t, RankSlot> ranks;
     bool stopping = false;  // failed or cancelled: waiting for the ranks
-    std::string first_failure;
+    bool failed = false;
     int64_t max_restarts = 0;
     double restart_backoff_s = 0;
-    double hang_timeout_s = 0;
-    // What each rank last reported, from its first report on.
-    struct Health {
-      std::chrono::steady_clock::time_point last_report, step_changed;
-      int64_t step = -1;
-      double compute_seconds = -1;  // per step, without communication
-      int strikes = 0;              // reports in a row above the limit
-      bool straggler = false;
-    };
-    double straggler_factor = 0;
-    std::map<int64_t, Health> health;
   };
-  struct Exit {
-    std::string job_id;
-    int64_t attempt;
-    int64_t rank;
-    int exit_code;
-    int signal;
-    std::string description;
+  // What only the loop touches (Tick, and Shutdown after the loop ended).
+  struct LoopState {
+    std::map<std::string, RunningJob> running;
+    std::map<const Launcher*, int64_t> used_slots;
+    std::map<const Launcher*, std::set<int>> used_gpus;
+    // A restarting job is relaunched no sooner than this.
+    std::map<std::string, Clock::TimePoint> not_before;
   };
 
   void Loop();
-  // The server's limits and path roots on a parsed spec.
-  absl::Status CheckLimits(const JobSpec& spec) const;
   void HandleExit(const Exit& exit);
-  // Stops the gang for `reason` and commits RESTARTING (restarts left) or
-  // FAILED first.
-  void FailGangLocked(const JobRecord& before, RunningJob& run,
-                      std::string reason);
-  // A rank that has reported before and has now been silent, or stuck at
-  // one step, for the spec's scheduling.hang_timeout_s is hung.
-  void CheckHangsLocked();
-  // Compares `rank`'s compute time with the other ranks' median; returns a
-  // notice to publish when the rank starts or stops straggling.
-  std::optional<v1::Notice> CheckStragglerLocked(RunningJob& run, int64_t rank);
-  void Schedule();
-  // Places `world_size` ranks on launchers with free slots, or for a CUDA
-  // job (`cuda`) free GPUs, one per rank; empty when they do not all fit now.
-  std::vector<Placement> Place(int64_t world_size, bool cuda);
-  // Commits RUNNING and starts the gang of `queued` (whose stored spec is
-  // `spec`) where `placement` says.
-  void LaunchLocked(const JobRecord& queued, JobSpec spec,
-                    const std::vector<Placement>& placement);
-  // Commits FAILED for a queued job that cannot be launched at all.
-  void FailUnlaunchableLocked(const JobRecord& queued,
-                              const std::string& reason);
-  void StopRanksLocked(const std::string& job_id, RunningJob& run);
-  int64_t FreeSlotsLocked(const Launcher* launcher) const;
-  // The launcher's GPUs that no rank owns, in the order it offers them.
-  std::vector<int> FreeGpusLocked(const Launcher* launcher) const;
-  // GPUs of all launchers, used or free.
-  int64_t ClusterGpus();
+  void HandleCancel(const std::string& job_id);
+  // The exits of the launcher's running ranks, which are lost with it.
+  std::vector<Exit> LostRanks(const Launcher* launcher);
+  // Commits RESTARTING (restarts left, unless `retry` is false) or FAILED
+  // for `reason`, then stops the gang.
+  void FailGang(const JobRecord& before, RunningJob& run, std::string reason,
+                bool retry);
+  void StopGang(const std::string& job_id, RunningJob& run);
+  void Schedule(const std::vector<std::shared_ptr<Launcher>>& launchers);
+  // Commits RUNNING and starts the gang of `queued` where `placement` says.
+  void Launch(const JobRecord& queued, const JobSpec& spec,
+              const std::vector<Placement>& placement);
+  void FailUnlaunchable(const JobRecord& queued, const std::string& reason);
+  void ReleaseRank(RankSlot& slot);
+  void UpdateGauges(const std::vector<std::shared_ptr<Launcher>>& launchers);
 
   v1::Job ToProto(const JobRecord& job);
-  void Publish(const std::string& job_id, const v1::WatchJobEvent& event,
-               bool is_metric = false, bool is_log = false);
   void PublishChange(const JobRecord& before, const JobRecord& after);
-  void CloseSubscriptions(const std::string& job_id);
-  std::string LastLines(const std::string& job_id, int64_t rank, int n);
-  void UpdateMetricsLocked();
+  void PushExit(Exit exit);
+  std::vector<std::shared_ptr<Launcher>> Launchers();
 
   const CoordinatorOptions options_;
+  const Clock& clock_;
+  const Admission admission_;
   std::unique_ptr<JobStore> store_;
   ServerMetrics* const metrics_;
-  std::string report_address_;
+  const int lock_fd_;  // holds the state directory's lock
+  GangHealth health_;
+  JobLogs logs_;
+  WatchHub watchers_;
+  ProgressBoard progress_;
 
-  // Scheduling state.
-  std::mutex mu_;
-  std::condition_variable cv_;
-  bool stopping_ = false;
-  bool wake_ = false;
-  std::vector<std::shared_ptr<Launcher>> launchers_;
-  std::vector<std::shared_ptr<Launcher>> retired_launchers_;
-  std::map<const Launcher*, int64_t> used_slots_;
-  // GPUs owned by running ranks (of CUDA jobs), per launcher.
-  std::map<const Launcher*, std::set<int>> used_gpus_;
-  std::map<std::string, RunningJob> running_;
-  std::deque<Exit> exits_;
-  // A restarting job is relaunched no sooner than this.
-  std::map<std::string, std::chrono::steady_clock::time_point> not_before_;
+  LoopState loop_state_;  // the loop thread's only
   std::thread loop_;
 
-  // Rank 0's last reported progress per job.
-  std::mutex progress_mu_;
-  std::map<std::string, v1::JobProgress> progress_;
-
-  // Watchers.
-  std::mutex subs_mu_;
-  std::map<std::string, std::vector<std::shared_ptr<Subscription>>> subs_;
-
-  // Logs: one file per job and rank, and its line count.
-  std::mutex logs_mu_;
-  struct LogFile {
-    std::ofstream out;
-    int64_t lines = 0;
-  };
-  std::map<std::pair<std::string, int64_t>, LogFile> logs_;
+  // The inbox, and what other threads read.
+  absl::Mutex mu_;
+  absl::CondVar wake_cv_;
+  bool started_ ABSL_GUARDED_BY(mu_) = false;
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  bool wake_ ABSL_GUARDED_BY(mu_) = false;
+  std::string report_address_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::shared_ptr<Launcher>> launchers_ ABSL_GUARDED_BY(mu_);
+  std::deque<Exit> exits_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::string> cancelled_ ABSL_GUARDED_BY(mu_);
+  std::vector<const Launcher*> lost_ ABSL_GUARDED_BY(mu_);
+  // (job, attempt) of the gangs launched and not yet ended: a rank's output
+  // is kept only for these.
+  // Their world size, to check reported ranks against.
+  std::map<std::pair<std::string, int64_t>, int64_t> live_gangs_
+      ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace momentum::server

@@ -23,8 +23,10 @@ struct LaunchRequest {
   // launcher's Gpus(); the rank runs with CUDA_VISIBLE_DEVICES=<gpu>. Empty
   // for a CPU job, whose ranks run with CUDA_VISIBLE_DEVICES empty.
   std::vector<int> gpus;
-  // The resolved spec (output_dir absolute).
+  // The spec as stored (resolved), unchanged, and the folder the ranks
+  // write to (absolute), which replaces its output_dir (--output-dir).
   std::string spec_yaml;
+  std::string output_dir;
   // Where rank 0 serves the c10d store.
   std::string master_addr;
   int64_t master_port = 0;
@@ -69,6 +71,15 @@ class Launcher {
   // `grace_seconds` to those still running. Returns at once.
   virtual void Stop(const std::string& job_id, int64_t attempt,
                     double grace_seconds) = 0;
+  // Ranks of the job's `attempt` that an earlier coordinator started here
+  // and that may still run (it died without stopping them): stops them,
+  // returns once they are gone, and says how many there were. Blocks up to
+  // `grace_seconds` and a little more.
+  virtual int StopLeftovers(const std::string& job_id, int64_t attempt,
+                            double grace_seconds) {
+    (void)job_id, (void)attempt, (void)grace_seconds;
+    return 0;
+  }
 };
 
 }  // namespace momentum::server

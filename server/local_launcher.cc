@@ -14,6 +14,8 @@
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/time.h"
+#include "common/exit_codes.h"
 #include "common/process.h"
 #include "server/gpus.h"
 
@@ -43,17 +45,6 @@ uint64_t StartTime(pid_t pid) {
 std::string PidFile(const fs::path& dir, int64_t rank) {
   return (dir / absl::StrCat("rank-", rank, ".pid")).string();
 }
-
-// Set per rank, never inherited from the launcher's own environment.
-const std::vector<std::string> kRankVariables = {"RANK",
-                                                 "LOCAL_RANK",
-                                                 "WORLD_SIZE",
-                                                 "LOCAL_WORLD_SIZE",
-                                                 "MASTER_ADDR",
-                                                 "MASTER_PORT",
-                                                 "GROUP_RANK",
-                                                 "ROLE_RANK",
-                                                 "CUDA_VISIBLE_DEVICES"};
 
 // OK when the request gives every rank a GPU this launcher offers, or none
 // to all of them (a CPU job).
@@ -87,15 +78,28 @@ LocalLauncher::LocalLauncher(std::string worker_binary, int64_t slots,
       events_(events) {}
 
 LocalLauncher::~LocalLauncher() {
+  std::vector<Thread> threads;
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     shutting_down_ = true;
     for (const auto& p : processes_) {
       if (p->running) ::kill(-p->pid, SIGKILL);
     }
+    shutdown_cv_.SignalAll();
+    threads.swap(threads_);
   }
-  shutdown_cv_.notify_all();
-  for (Thread& t : threads_) t.thread.join();
+  for (Thread& t : threads) t.thread.join();
+}
+
+bool LocalLauncher::RunningLocked(const std::string* job_id,
+                                  int64_t attempt) const {
+  for (const auto& p : processes_) {
+    if (p->running && (job_id == nullptr ||
+                       (p->job_id == *job_id && p->attempt == attempt))) {
+      return true;
+    }
+  }
+  return false;
 }
 
 template <typename Fn>
@@ -147,30 +151,32 @@ absl::Status LocalLauncher::Launch(const LaunchRequest& request) {
     const int64_t rank = request.ranks[i];
     SpawnOptions options;
     options.argv = {worker_binary_, "--config", spec_path.string()};
-    // The request's variables come first: getenv() takes the first of a
-    // name, so an agent that launches a machine's ranks one by one can give
-    // their LOCAL_RANK and LOCAL_WORLD_SIZE.
-    options.env = request.env;
-    const std::vector<std::string> ours = EnvironmentWithout(kRankVariables);
-    options.env.insert(options.env.end(), ours.begin(), ours.end());
-    options.env.push_back(absl::StrCat("RANK=", rank));
-    options.env.push_back(absl::StrCat("LOCAL_RANK=", i));
-    options.env.push_back(absl::StrCat("WORLD_SIZE=", request.world_size));
-    options.env.push_back(absl::StrCat("LOCAL_WORLD_SIZE=", local_world));
-    options.env.push_back(absl::StrCat("MASTER_ADDR=", request.master_addr));
-    options.env.push_back(absl::StrCat("MASTER_PORT=", request.master_port));
+    if (!request.output_dir.empty()) {
+      options.argv.insert(options.argv.end(),
+                          {"--output-dir", request.output_dir});
+    }
     // The rank's one GPU, which it sees as device 0; a CPU rank sees none.
-    options.env.push_back(absl::StrCat(
-        "CUDA_VISIBLE_DEVICES=",
-        request.gpus.empty() ? "" : absl::StrCat(request.gpus[i])));
+    RankPlace place;
+    place.rank = rank;
+    place.local_rank = static_cast<int64_t>(i);
+    place.world_size = request.world_size;
+    place.local_world_size = local_world;
+    place.master_addr = request.master_addr;
+    place.master_port = request.master_port;
+    place.cuda_visible_devices =
+        request.gpus.empty() ? "" : absl::StrCat(request.gpus[i]);
+    // The request's variables come first, so that an agent that launches a
+    // machine's ranks one by one can give their LOCAL_RANK and
+    // LOCAL_WORLD_SIZE.
+    options.env = RankEnvironment(place, request.env);
     options.cwd = dir.string();
     options.new_process_group = true;
 
     int fds[2];
     if (::pipe2(fds, O_CLOEXEC) != 0) {
       const std::string why = absl::StrCat("pipe: ", std::strerror(errno));
-      events_->OnRankExited(request.job_id, request.attempt, rank, 1, 0,
-                            "could not be started: " + why);
+      events_->OnRankExited(request.job_id, request.attempt, rank, kExitFailed,
+                            0, "could not be started: " + why);
       continue;
     }
     options.output_fd = fds[1];
@@ -178,8 +184,12 @@ absl::Status LocalLauncher::Launch(const LaunchRequest& request) {
     ::close(fds[1]);
     if (!pid.ok()) {
       ::close(fds[0]);
+      // No such binary, or not executable: every attempt would fail alike.
+      const bool permanent = absl::IsNotFound(pid.status()) ||
+                             absl::IsPermissionDenied(pid.status());
       events_->OnRankExited(
-          request.job_id, request.attempt, rank, 1, 0,
+          request.job_id, request.attempt, rank,
+          permanent ? kExitBadInput : kExitFailed, 0,
           absl::StrCat("could not be started: ", pid.status().message()));
       continue;
     }
@@ -191,7 +201,7 @@ absl::Status LocalLauncher::Launch(const LaunchRequest& request) {
     process->attempt = request.attempt;
     process->rank = rank;
     process->pid = *pid;
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     processes_.push_back(process);
     const int read_fd = fds[0];
     StartThreadLocked(
@@ -209,14 +219,30 @@ void LocalLauncher::Supervise(std::shared_ptr<Process> process, int read_fd) {
     const ssize_t n = ::read(read_fd, buf, sizeof(buf));
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) break;
-    pending.append(buf, static_cast<size_t>(n));
-    size_t start = 0, nl;
-    while ((nl = pending.find('\n', start)) != std::string::npos) {
+    const char* begin = buf;
+    const char* const end = buf + n;
+    // Each byte is looked at once, and a line without its newline is cut
+    // at kMaxOutputLineBytes: memory stays bounded whatever the rank writes.
+    while (begin < end) {
+      const char* nl = static_cast<const char*>(
+          std::memchr(begin, '\n', static_cast<size_t>(end - begin)));
+      const char* stop = nl != nullptr ? nl : end;
+      const size_t room = kMaxOutputLineBytes - pending.size();
+      if (static_cast<size_t>(stop - begin) > room) {
+        pending.append(begin, room);
+        events_->OnRankOutput(process->job_id, process->attempt, process->rank,
+                              pending);
+        pending.clear();
+        begin += room;
+        continue;
+      }
+      pending.append(begin, stop);
+      if (nl == nullptr) break;
       events_->OnRankOutput(process->job_id, process->attempt, process->rank,
-                            pending.substr(start, nl - start));
-      start = nl + 1;
+                            pending);
+      pending.clear();
+      begin = nl + 1;
     }
-    pending.erase(0, start);
   }
   if (!pending.empty()) {
     events_->OnRankOutput(process->job_id, process->attempt, process->rank,
@@ -229,7 +255,7 @@ void LocalLauncher::Supervise(std::shared_ptr<Process> process, int read_fd) {
     got = ::waitpid(process->pid, &status, 0);
   } while (got < 0 && errno == EINTR);
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     process->running = false;
   }
   std::error_code ec;
@@ -248,7 +274,7 @@ void LocalLauncher::Supervise(std::shared_ptr<Process> process, int read_fd) {
 
 void LocalLauncher::Stop(const std::string& job_id, int64_t attempt,
                          double grace_seconds) {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   bool any = false;
   for (const auto& p : processes_) {
     if (p->running && p->job_id == job_id && p->attempt == attempt) {
@@ -264,57 +290,45 @@ void LocalLauncher::Stop(const std::string& job_id, int64_t attempt,
 }
 
 void LocalLauncher::StopAll(double grace_seconds) {
-  std::unique_lock<std::mutex> lock(mu_);
-  auto any_running = [&] {
-    for (const auto& p : processes_) {
-      if (p->running) return true;
-    }
-    return false;
-  };
+  absl::MutexLock lock(&mu_);
   for (const auto& p : processes_) {
     if (p->running) ::kill(-p->pid, SIGTERM);
   }
-  const auto deadline =
-      std::chrono::steady_clock::now() +
-      std::chrono::duration_cast<std::chrono::steady_clock::duration>(
-          std::chrono::duration<double>(grace_seconds));
-  while (any_running() && std::chrono::steady_clock::now() < deadline) {
-    shutdown_cv_.wait_for(lock, std::chrono::milliseconds(100));
+  const absl::Time deadline = absl::Now() + absl::Seconds(grace_seconds);
+  while (RunningLocked(nullptr, 0) && absl::Now() < deadline) {
+    shutdown_cv_.WaitWithTimeout(&mu_, absl::Milliseconds(100));
   }
   for (const auto& p : processes_) {
     if (p->running) ::kill(-p->pid, SIGKILL);
   }
   // Their exits are noted by the waiting threads.
-  while (any_running()) {
-    shutdown_cv_.wait_for(lock, std::chrono::milliseconds(50));
+  while (RunningLocked(nullptr, 0)) {
+    shutdown_cv_.WaitWithTimeout(&mu_, absl::Milliseconds(50));
   }
 }
 
 void LocalLauncher::KillAfter(std::string job_id, int64_t attempt,
                               double grace_seconds) {
-  std::unique_lock<std::mutex> lock(mu_);
-  const auto deadline =
-      std::chrono::steady_clock::now() +
-      std::chrono::duration_cast<std::chrono::steady_clock::duration>(
-          std::chrono::duration<double>(grace_seconds));
-  auto all_gone = [&] {
-    for (const auto& p : processes_) {
-      if (p->running && p->job_id == job_id && p->attempt == attempt) {
-        return false;
-      }
-    }
-    return true;
-  };
+  absl::MutexLock lock(&mu_);
+  const absl::Time deadline = absl::Now() + absl::Seconds(grace_seconds);
   // Woken only by shutdown; polls the ranks a few times a second.
-  while (!shutting_down_ && !all_gone() &&
-         std::chrono::steady_clock::now() < deadline) {
-    shutdown_cv_.wait_for(lock, std::chrono::milliseconds(100));
+  while (!shutting_down_ && RunningLocked(&job_id, attempt) &&
+         absl::Now() < deadline) {
+    shutdown_cv_.WaitWithTimeout(&mu_, absl::Milliseconds(100));
   }
   for (const auto& p : processes_) {
     if (p->running && p->job_id == job_id && p->attempt == attempt) {
       ::kill(-p->pid, SIGKILL);
     }
   }
+}
+
+int LocalLauncher::StopLeftovers(const std::string& job_id, int64_t attempt,
+                                 double grace_seconds) {
+  return StopLeftoverRanks(
+      (fs::path(work_dir_) / job_id / absl::StrCat("attempt-", attempt))
+          .string(),
+      grace_seconds);
 }
 
 int LocalLauncher::StopLeftoverRanks(const std::string& attempt_dir,
@@ -360,7 +374,7 @@ int LocalLauncher::StopLeftoverRanks(const std::string& attempt_dir,
 }
 
 std::vector<pid_t> LocalLauncher::RunningPids() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   std::vector<pid_t> pids;
   for (const auto& p : processes_) {
     if (p->running) pids.push_back(p->pid);

@@ -10,14 +10,14 @@
 #include <sys/types.h>
 
 #include <atomic>
-#include <condition_variable>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
 #include "server/launcher.h"
 
 namespace momentum::server {
@@ -39,6 +39,12 @@ class LocalLauncher : public Launcher {
   absl::Status Launch(const LaunchRequest& request) override;
   void Stop(const std::string& job_id, int64_t attempt,
             double grace_seconds) override;
+  // StopLeftoverRanks() on the attempt's folder.
+  int StopLeftovers(const std::string& job_id, int64_t attempt,
+                    double grace_seconds) override;
+
+  // A rank's line longer than this comes back in pieces of this size.
+  static constexpr size_t kMaxOutputLineBytes = 16 * 1024;
 
   // Every running rank: SIGTERM (a rank checkpoints and exits), SIGKILL to
   // those left after `grace_seconds`; returns once all are gone.
@@ -73,7 +79,7 @@ class LocalLauncher : public Launcher {
   // Starts fn on a thread of its own, after joining the threads that ended
   // and forgetting the processes that were reaped. Call with mu_ held.
   template <typename Fn>
-  void StartThreadLocked(Fn fn);
+  void StartThreadLocked(Fn fn) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const std::string worker_binary_;
   const int64_t slots_;
@@ -81,11 +87,17 @@ class LocalLauncher : public Launcher {
   const std::string work_dir_;
   LaunchEvents* const events_;
 
-  mutable std::mutex mu_;
-  std::condition_variable shutdown_cv_;
-  bool shutting_down_ = false;
-  std::vector<std::shared_ptr<Process>> processes_;
-  std::vector<Thread> threads_;
+  // Whether a rank (of the job's attempt; of any job when `job_id` is
+  // null) still runs.
+  bool RunningLocked(const std::string* job_id, int64_t attempt) const
+      ABSL_SHARED_LOCKS_REQUIRED(mu_);
+
+  // Guards the fields below and each Process's `running`.
+  mutable absl::Mutex mu_;
+  absl::CondVar shutdown_cv_;
+  bool shutting_down_ ABSL_GUARDED_BY(mu_) = false;
+  std::vector<std::shared_ptr<Process>> processes_ ABSL_GUARDED_BY(mu_);
+  std::vector<Thread> threads_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace momentum::server

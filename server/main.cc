@@ -22,6 +22,8 @@
 #include "common/process.h"
 #include "server/coordinator.h"
 #include "server/gpus.h"
+#include "server/local_launcher.h"
+#include "server/report_address.h"
 #include "server/server_metrics.h"
 #include "server/services.h"
 
@@ -37,12 +39,6 @@ std::string DefaultStateDir() {
     return (fs::path(home) / ".local" / "state" / "momentum").string();
   }
   return "momentum-state";
-}
-
-// The host part of host:port.
-std::string HostOf(const std::string& address) {
-  const size_t colon = address.rfind(':');
-  return colon == std::string::npos ? address : address.substr(0, colon);
 }
 
 }  // namespace
@@ -118,6 +114,16 @@ int main(int argc, char** argv) {
                  "largest gRPC message accepted")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
+  std::string advertise;
+  app.add_option("--advertise-address", advertise,
+                 "host (or host:port) ranks reach this server at to report "
+                 "metrics (default: the --listen host; for 0.0.0.0 or [::], "
+                 "this machine's hostname)");
+  int64_t max_watch_streams = 512;
+  app.add_option("--max-watch-streams", max_watch_streams,
+                 "most open watch and log streams (each holds a thread)")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
   std::string health_listen;
   app.add_option("--health-listen", health_listen,
                  "plaintext address that answers only grpc.health.v1.Health, "
@@ -148,7 +154,7 @@ int main(int argc, char** argv) {
 
   // Without TLS nothing leaves this machine.
   const bool tls_on = !tls.cert.empty();
-  const std::string host = HostOf(listen);
+  const std::string host = momentum::server::HostOf(listen);
   const bool loopback = host.rfind("127.", 0) == 0 || host == "localhost" ||
                         host == "[::1]" || host == "::1";
   if (!tls_on && !loopback) {
@@ -191,20 +197,26 @@ int main(int argc, char** argv) {
   }
   momentum::server::CoordinatorOptions options;
   options.state_dir = state_dir;
-  options.worker_binary = worker;
-  options.local_slots = slots;
-  options.local_gpus = *gpus;
   options.grace_seconds = grace;
-  options.data_roots = data_roots;
-  options.output_roots = output_roots;
-  options.max_ranks_per_job = max_ranks;
+  options.admission.data_roots = data_roots;
+  options.admission.output_roots = output_roots;
+  options.admission.max_ranks_per_job = max_ranks;
   options.max_queued_jobs_per_user = max_queued;
   options.worker_token = worker_token;
+  options.max_watch_streams = static_cast<size_t>(max_watch_streams);
   auto coordinator =
       momentum::server::Coordinator::Create(options, metrics->get());
   if (!coordinator.ok()) {
     std::cerr << "momentum-server: " << coordinator.status().message() << "\n";
     return 1;
+  }
+  // Ranks of its own machine: the local launcher, unless it has neither
+  // slots nor GPUs (agents only).
+  if (slots > 0 || !gpus->empty()) {
+    (*coordinator)
+        ->AddLauncher(std::make_shared<momentum::server::LocalLauncher>(
+            worker, slots, *gpus, (fs::path(state_dir) / "jobs").string(),
+            coordinator->get()));
   }
 
   momentum::server::JobServiceImpl jobs(coordinator->get(), metrics->get(),
@@ -224,8 +236,13 @@ int main(int argc, char** argv) {
     std::cerr << "momentum-server: cannot listen on " << listen << "\n";
     return 1;
   }
-  const std::string address = absl::StrCat(HostOf(listen), ":", port);
-  (*coordinator)->SetReportAddress(address);
+  const std::string address =
+      absl::StrCat(momentum::server::HostOf(listen), ":", port);
+  char hostname[256] = {};
+  ::gethostname(hostname, sizeof(hostname) - 1);
+  (*coordinator)
+      ->SetReportAddress(momentum::server::ReportAddress(
+          momentum::server::HostOf(listen), port, advertise, hostname));
   (*coordinator)->Start();
   std::unique_ptr<momentum::HealthServer> health;
   if (!health_listen.empty()) {
@@ -239,8 +256,8 @@ int main(int argc, char** argv) {
     health = *std::move(started);
     health->SetServing(true);
   }
-  const std::string metrics_address =
-      absl::StrCat(HostOf(metrics_listen), ":", (*metrics)->port());
+  const std::string metrics_address = absl::StrCat(
+      momentum::server::HostOf(metrics_listen), ":", (*metrics)->port());
   std::cerr << "momentum-server: serving on " << address << ", /metrics on "
             << metrics_address << ", state in " << state_dir << ", " << slots
             << " local slots, local GPUs " << momentum::server::GpuList(*gpus)
@@ -251,9 +268,10 @@ int main(int argc, char** argv) {
     const std::string tmp = ready_file + ".tmp";
     std::ofstream(tmp) << "{\"grpc\": \"" << address << "\", \"metrics\": \""
                        << metrics_address << "\", \"pid\": " << getpid()
-                       << (health ? absl::StrCat(", \"health\": \"",
-                                                 HostOf(health_listen), ":",
-                                                 health->port(), "\"")
+                       << (health ? absl::StrCat(
+                                        ", \"health\": \"",
+                                        momentum::server::HostOf(health_listen),
+                                        ":", health->port(), "\"")
                                   : "")
                        << "}\n";
     fs::rename(tmp, ready_file);

@@ -1,6 +1,7 @@
 #include "server/services.h"
 
 #include <chrono>
+#include <iostream>
 #include <map>
 #include <thread>
 
@@ -12,18 +13,18 @@
 namespace momentum::server {
 namespace {
 
-using Clock = std::chrono::steady_clock;
+using SteadyClock = std::chrono::steady_clock;
 
 // Counts and times one RPC for /metrics when it goes out of scope.
 class RpcRecord {
  public:
   RpcRecord(ServerMetrics* metrics, const char* method)
-      : metrics_(metrics), method_(method), start_(Clock::now()) {}
+      : metrics_(metrics), method_(method), start_(SteadyClock::now()) {}
   ~RpcRecord() {
     if (metrics_ == nullptr) return;
     metrics_->OnRpc(
         method_, CodeName(code_),
-        std::chrono::duration<double>(Clock::now() - start_).count());
+        std::chrono::duration<double>(SteadyClock::now() - start_).count());
   }
   grpc::Status Done(grpc::Status status) {
     code_ = status.error_code();
@@ -36,7 +37,7 @@ class RpcRecord {
   }
   ServerMetrics* const metrics_;
   const char* const method_;
-  const Clock::time_point start_;
+  const SteadyClock::time_point start_;
   grpc::StatusCode code_ = grpc::StatusCode::OK;
 };
 
@@ -261,6 +262,9 @@ grpc::Status InternalServiceImpl::ReportMetrics(
       v1::MetricSample sample = report.metric();
       sample.set_rank(hello.rank());
       coordinator_->OnMetric(hello.job_id(), hello.attempt(), sample);
+    } else if (report.has_summary()) {
+      coordinator_->OnSummary(hello.job_id(), hello.attempt(), hello.rank(),
+                              report.summary());
     } else if (report.has_heartbeat()) {
       coordinator_->OnHeartbeat(hello.job_id(), hello.attempt(), hello.rank());
     }
@@ -320,12 +324,26 @@ grpc::Status InternalServiceImpl::AgentSession(
   while (stream->Read(&message)) {
     if (message.has_output()) {
       const v1::RankOutput& out = message.output();
+      if (!launcher->Runs(out.job_id(), out.attempt(), out.rank())) {
+        std::cerr << "momentum-server: " << launcher->Name()
+                  << " sent output of a rank it does not run (job \""
+                  << out.job_id().substr(0, 64) << "\" attempt "
+                  << out.attempt() << " rank " << out.rank() << "); dropped\n";
+        continue;
+      }
       for (const std::string& line : out.lines()) {
         coordinator_->OnRankOutput(out.job_id(), out.attempt(), out.rank(),
                                    line);
       }
     } else if (message.has_exited()) {
       const v1::RankExited& e = message.exited();
+      if (!launcher->Ended(e.job_id(), e.attempt(), e.rank())) {
+        std::cerr << "momentum-server: " << launcher->Name()
+                  << " reported the end of a rank it does not run (job \""
+                  << e.job_id().substr(0, 64) << "\" attempt " << e.attempt()
+                  << " rank " << e.rank() << "); ignored\n";
+        continue;
+      }
       std::string description =
           e.signal() != 0 ? absl::StrCat("was killed by signal ", e.signal())
                           : absl::StrCat("exited with code ", e.exit_code());

@@ -8,11 +8,13 @@
 #include <sys/types.h>
 #include <sys/wait.h>
 
+#include <chrono>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 extern char** environ;
@@ -92,6 +94,65 @@ inline void StopAndReap(pid_t pid, int signal = SIGTERM) {
   int status = 0;
   ::waitpid(pid, &status, 0);
 }
+
+// Polls `done` until it holds (true) or `limit` passes (false). The limit
+// only ends a broken run; nothing is asserted about time.
+template <typename Done>
+bool Eventually(Done done,
+                std::chrono::milliseconds limit = std::chrono::seconds(60)) {
+  const auto deadline = std::chrono::steady_clock::now() + limit;
+  while (std::chrono::steady_clock::now() < deadline) {
+    if (done()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  return done();
+}
+
+// A process (momentum-server, momentum-agent) with its output in `log`;
+// SIGTERM and reaped by the destructor.
+class Process {
+ public:
+  Process(std::vector<std::string> args, std::string log)
+      : log_(std::move(log)), pid_(SpawnLogged(std::move(args), log_)) {}
+  ~Process() { Stop(); }
+  Process(const Process&) = delete;
+  Process& operator=(const Process&) = delete;
+
+  // SIGTERM by default; SIGKILL: it dies without stopping anything.
+  void Stop(int signal = SIGTERM) {
+    StopAndReap(pid_, signal);
+    pid_ = -1;
+  }
+  // Its exit status once it ended by itself (-1 if it did not, or was
+  // killed by a signal).
+  int WaitForExit() {
+    int status = 0;
+    if (pid_ <= 0 || ::waitpid(pid_, &status, 0) != pid_) return -1;
+    pid_ = -1;
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  }
+  // Sends `signal` and waits up to `limit` for the exit; its status as
+  // WaitForExit() says, or -2 when it is still running (then it is killed).
+  int SignalAndWait(int signal, std::chrono::milliseconds limit) {
+    if (pid_ <= 0) return -1;
+    ::kill(pid_, signal);
+    int status = 0;
+    const bool ended = Eventually(
+        [&] { return ::waitpid(pid_, &status, WNOHANG) == pid_; }, limit);
+    if (!ended) {
+      Stop(SIGKILL);
+      return -2;
+    }
+    pid_ = -1;
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  }
+  pid_t pid() const { return pid_; }
+  std::string log() const { return ReadFile(log_); }
+
+ private:
+  std::string log_;
+  pid_t pid_;
+};
 
 }  // namespace momentum::testing
 

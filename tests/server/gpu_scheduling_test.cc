@@ -26,30 +26,20 @@
 #include "momentum/v1/jobs.grpc.pb.h"
 #include "tests/http_get.h"
 #include "tests/proc_util.h"
+#include "tests/server/test_job_client.h"
 
 namespace momentum::server {
 namespace {
 
 namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
-using ::momentum::testing::SpawnLogged;
-using ::momentum::testing::StopAndReap;
+using ::momentum::server::testing::TestJobClient;
+using ::momentum::testing::Eventually;
+using ::momentum::testing::Process;
 using std::chrono::seconds;
 
 using ::momentum::testing::BinaryDir;
 using ::momentum::testing::ReadFile;
-
-// Polls `done` until it holds (true) or a minute passes (false). The limit
-// only ends a broken run; nothing is asserted about time.
-template <typename Done>
-bool Eventually(Done done) {
-  const auto deadline = Clock::now() + seconds(60);
-  while (Clock::now() < deadline) {
-    if (done()) return true;
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
-  }
-  return done();
-}
 
 // The fake momentum-worker: `momentum-worker --config SPEC`. It appends one
 // line to <dir>/ranks.log, then exits 0 once <dir>/release-<job id> exists
@@ -74,34 +64,6 @@ struct RankRecord {
   std::string job, attempt, rank, cuda, device;
 };
 
-// A momentum-server or momentum-agent with its log; SIGTERM and reaped by
-// the destructor.
-class Process {
- public:
-  Process(std::vector<std::string> args, std::string log)
-      : log_(std::move(log)), pid_(SpawnLogged(std::move(args), log_)) {}
-  ~Process() { Stop(); }
-
-  // SIGTERM by default; SIGKILL: it dies without stopping anything.
-  void Stop(int signal = SIGTERM) {
-    StopAndReap(pid_, signal);
-    pid_ = -1;
-  }
-  // Its exit status once it ended by itself (-1 if it did not).
-  int WaitForExit() {
-    int status = 0;
-    if (pid_ <= 0 || ::waitpid(pid_, &status, 0) != pid_) return -1;
-    pid_ = -1;
-    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  }
-  pid_t pid() const { return pid_; }
-  std::string log() const { return ReadFile(log_); }
-
- private:
-  std::string log_;
-  pid_t pid_;
-};
-
 class GpuSchedulingTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -110,7 +72,7 @@ class GpuSchedulingTest : public ::testing::Test {
     WriteFakeWorker(dir_);
   }
   void TearDown() override {
-    stub_.reset();
+    client_.reset();
     agents_.clear();
     server_.reset();
     fs::remove_all(dir_);
@@ -136,8 +98,7 @@ class GpuSchedulingTest : public ::testing::Test {
     const std::string metrics = addresses["metrics"].get<std::string>();
     metrics_port_ = std::stoi(metrics.substr(metrics.rfind(':') + 1));
     address_ = addresses["grpc"].get<std::string>();
-    stub_ = v1::JobService::NewStub(
-        grpc::CreateChannel(address_, grpc::InsecureChannelCredentials()));
+    client_ = std::make_unique<TestJobClient>(address_);
   }
 
   // A momentum-agent named `name` joined to the server with `flags`.
@@ -166,37 +127,13 @@ class GpuSchedulingTest : public ::testing::Test {
   }
 
   grpc::Status TrySubmit(const std::string& spec, v1::Job* job) {
-    grpc::ClientContext ctx;
-    v1::SubmitJobRequest request;
-    request.set_spec_yaml(spec);
-    v1::SubmitJobResponse response;
-    grpc::Status status = stub_->SubmitJob(&ctx, request, &response);
-    *job = response.job();
-    return status;
+    return client_->TrySubmit(spec, job);
   }
-  v1::Job Submit(const std::string& spec) {
-    v1::Job job;
-    grpc::Status status = TrySubmit(spec, &job);
-    EXPECT_TRUE(status.ok()) << status.error_message();
-    return job;
-  }
-  v1::Job Get(const std::string& id) {
-    grpc::ClientContext ctx;
-    v1::GetJobRequest request;
-    request.set_job_id(id);
-    v1::Job job;
-    grpc::Status status = stub_->GetJob(&ctx, request, &job);
-    EXPECT_TRUE(status.ok()) << status.error_message();
-    return job;
-  }
-  int32_t StoredJobs() {
-    grpc::ClientContext ctx;
-    v1::ListJobsResponse listed;
-    EXPECT_TRUE(stub_->ListJobs(&ctx, v1::ListJobsRequest(), &listed).ok());
-    return listed.total_size();
-  }
+  v1::Job Submit(const std::string& spec) { return client_->Submit(spec); }
+  v1::Job Get(const std::string& id) { return client_->Get(id); }
+  int32_t StoredJobs() { return client_->StoredJobs(); }
   bool WaitForState(const std::string& id, v1::JobState state) {
-    return Eventually([&] { return Get(id).state() == state; });
+    return client_->WaitForState(id, state);
   }
 
   // Lets the job's ranks exit 0 and waits for it to succeed.
@@ -238,7 +175,7 @@ class GpuSchedulingTest : public ::testing::Test {
   // "used"}`; "" when absent.
   std::string Metric(const std::string& series) {
     const std::string text =
-        testing::HttpGet(metrics_port_, "/metrics").value_or("");
+        ::momentum::testing::HttpGet(metrics_port_, "/metrics").value_or("");
     const size_t at = text.find("\n" + series + " ");
     if (at == std::string::npos) return "";
     const size_t begin = at + series.size() + 2;
@@ -259,7 +196,7 @@ class GpuSchedulingTest : public ::testing::Test {
   std::vector<std::unique_ptr<Process>> agents_;
   std::string address_;
   int metrics_port_ = 0;
-  std::unique_ptr<v1::JobService::Stub> stub_;
+  std::unique_ptr<TestJobClient> client_;
 };
 
 std::set<std::string> GpusOf(const std::map<std::string, RankRecord>& ranks) {
@@ -419,7 +356,7 @@ TEST_F(GpuSchedulingTest, CoordinatorRestartKeepsGpuAccounting) {
             std::set<std::string>({"0", "1"}));
   EXPECT_TRUE(GpusAre(2, 0));
   // Only the relaunched ranks run: the first coordinator's were stopped.
-  EXPECT_EQ(testing::ChildrenOf(server_->pid()).size(), 2u);
+  EXPECT_EQ(::momentum::testing::ChildrenOf(server_->pid()).size(), 2u);
   const v1::Job c = Submit(Spec("c", "device: cuda"));
   EXPECT_EQ(Get(c.id()).state(), v1::JOB_STATE_PENDING);
   for (const v1::Job& job : {a, b}) Release(job.id());

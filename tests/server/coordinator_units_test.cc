@@ -1,0 +1,221 @@
+// The coordinator's units on their own: placement, the watch hub, job logs,
+// admission, the report address and the progress fold.
+#include <gtest/gtest.h>
+#include <stdlib.h>
+
+#include <filesystem>
+#include <fstream>
+#include <memory>
+
+#include "absl/strings/match.h"
+#include "common/job_progress.h"
+#include "server/admission.h"
+#include "server/job_logs.h"
+#include "server/placement.h"
+#include "server/report_address.h"
+#include "server/watch_hub.h"
+#include "tests/server/fake_launcher.h"
+
+namespace momentum::server {
+namespace {
+
+namespace fs = std::filesystem;
+using ::momentum::server::testing::FakeLauncher;
+
+std::shared_ptr<Launcher> L(const std::string& name) {
+  return std::make_shared<FakeLauncher>(name, 0);
+}
+
+TEST(PlacementTest, WholeGangOnTheFirstLauncherThatHoldsIt) {
+  auto a = L("a"), b = L("b");
+  auto p = Place({{a, 1, {}}, {b, 4, {}}}, 3, false);
+  ASSERT_EQ(p.size(), 1u);
+  EXPECT_EQ(p[0].launcher, b);
+  EXPECT_EQ(p[0].ranks, (std::vector<int64_t>{0, 1, 2}));
+  EXPECT_TRUE(p[0].gpus.empty());
+}
+
+TEST(PlacementTest, SpreadMostFreeFirstOrNothing) {
+  auto a = L("a"), b = L("b"), c = L("c");
+  auto p = Place({{a, 1, {}}, {b, 2, {}}, {c, 2, {}}}, 4, false);
+  ASSERT_EQ(p.size(), 2u);
+  EXPECT_EQ(p[0].launcher, b);  // stable among equals
+  EXPECT_EQ(p[0].ranks, (std::vector<int64_t>{0, 1}));
+  EXPECT_EQ(p[1].launcher, c);
+  EXPECT_EQ(p[1].ranks, (std::vector<int64_t>{2, 3}));
+  EXPECT_TRUE(Place({{a, 1, {}}, {b, 2, {}}}, 4, false).empty());
+  EXPECT_TRUE(Place({}, 1, false).empty());
+  EXPECT_TRUE(Place({{a, 4, {}}}, 0, false).empty());
+}
+
+TEST(PlacementTest, CudaRanksTakeFreeGpusAndNoSlots) {
+  auto a = L("a"), b = L("b");
+  auto p = Place({{a, 0, {3}}, {b, 0, {0, 2}}}, 3, true);
+  ASSERT_EQ(p.size(), 2u);
+  EXPECT_EQ(p[0].launcher, b);
+  EXPECT_EQ(p[0].gpus, (std::vector<int>{0, 2}));
+  EXPECT_EQ(p[1].gpus, (std::vector<int>{3}));
+  EXPECT_EQ(p[1].ranks, (std::vector<int64_t>{2}));
+  EXPECT_TRUE(Place({{a, 8, {}}}, 1, true).empty());
+  EXPECT_TRUE(CouldEverFit(4, 0, 4, false));
+  EXPECT_FALSE(CouldEverFit(4, 0, 5, false));
+  EXPECT_FALSE(CouldEverFit(4, 2, 3, true));
+}
+
+v1::WatchJobEvent Metric(int64_t step) {
+  v1::WatchJobEvent event;
+  event.mutable_metric()->set_step(step);
+  return event;
+}
+
+TEST(WatchHubTest, SlowReaderLosesSamplesButNoStateAndIsTold) {
+  WatchHub hub(WatchHub::Options{4, 3});
+  auto sub = hub.Subscribe("job-1", true, false);
+  ASSERT_TRUE(sub.ok());
+  for (int i = 0; i < 5; ++i)
+    hub.Publish("job-1", Metric(i), WatchHub::Kind::kMetric);
+  v1::WatchJobEvent change;
+  change.mutable_state_change()->set_to(v1::JOB_STATE_RUNNING);
+  hub.Publish("job-1", change, WatchHub::Kind::kState);
+  // Logs are not asked for by this stream.
+  v1::WatchJobEvent log;
+  log.mutable_log()->set_text("x");
+  hub.Publish("job-1", log, WatchHub::Kind::kLog);
+  EXPECT_EQ((*sub)->dropped(), 2);
+  std::vector<v1::WatchJobEvent> got;
+  v1::WatchJobEvent event;
+  while ((*sub)->Next(&event, std::chrono::milliseconds(0)))
+    got.push_back(event);
+  ASSERT_EQ(got.size(), 5u);
+  EXPECT_EQ(got[0].metric().step(), 0);
+  EXPECT_EQ(got[2].metric().step(), 2);
+  // Told once half the backlog drained, before what followed.
+  EXPECT_EQ(got[3].notice().kind(), "events_dropped");
+  EXPECT_TRUE(absl::StartsWith(got[3].notice().message(), "2 metric samples"))
+      << got[3].notice().message();
+  EXPECT_TRUE(got[4].has_state_change());
+}
+
+TEST(WatchHubTest, StreamsAreCountedAndClosed) {
+  WatchHub hub(WatchHub::Options{2, 10});
+  auto a = hub.Subscribe("job-1", false, false);
+  auto b = hub.Subscribe("job-2", false, false);
+  ASSERT_TRUE(a.ok() && b.ok());
+  EXPECT_EQ(hub.Subscribe("job-3", false, false).status().code(),
+            absl::StatusCode::kResourceExhausted);
+  hub.Close("job-1");
+  EXPECT_TRUE((*a)->Done());
+  EXPECT_FALSE((*b)->Done());
+  EXPECT_EQ(hub.open_streams(), 1u);
+  hub.Unsubscribe(*a);  // after Close: counted once
+  EXPECT_EQ(hub.open_streams(), 1u);
+  EXPECT_TRUE(hub.Subscribe("job-3", false, false).ok());
+}
+
+TEST(JobLogsTest, OnlyJobIdsNameFolders) {
+  EXPECT_TRUE(IsJobId("job-1"));
+  EXPECT_TRUE(IsJobId("job-123456"));
+  for (const char* bad : {"", "job-", "job-1/../x", "/tmp/x", "../job-1",
+                          "job-1a", "JOB-1", "job--1"}) {
+    EXPECT_FALSE(IsJobId(bad)) << bad;
+  }
+}
+
+TEST(JobLogsTest, NumbersContinueAcrossInstancesAndLastLineIsBounded) {
+  char pattern[] = "/tmp/job-logs-test-XXXXXX";
+  const std::string dir = ::mkdtemp(pattern);
+  {
+    JobLogs logs(dir);
+    EXPECT_EQ(*logs.Append("job-1", 0, "one"), (std::vector<int64_t>{1}));
+    EXPECT_EQ(*logs.Append("job-1", 0, "two"), (std::vector<int64_t>{2}));
+    EXPECT_EQ(logs.Append("/x", 0, "no").status().code(),
+              absl::StatusCode::kInvalidArgument);
+    EXPECT_EQ(logs.Append("job-1", -1, "no").status().code(),
+              absl::StatusCode::kInvalidArgument);
+  }
+  JobLogs logs(dir);
+  EXPECT_EQ(*logs.Append("job-1", 0, ""), (std::vector<int64_t>{3}));
+  EXPECT_EQ(*logs.Append("job-1", 2, "other rank"), (std::vector<int64_t>{1}));
+  EXPECT_EQ(logs.open_files(), 2u);
+  logs.CloseJob("job-1");
+  EXPECT_EQ(logs.open_files(), 0u);
+  // The last non-empty line.
+  EXPECT_EQ(logs.LastLine("job-1", 0), "two");
+  EXPECT_EQ(logs.LastLine("job-1", 1), "");
+  ASSERT_TRUE(logs.Append("job-1", 0, std::string(2000, 'y') + "end").ok());
+  const std::string last = logs.LastLine("job-1", 0, 100);
+  EXPECT_EQ(last, "..." + std::string(97, 'y') + "end");
+  auto read = logs.Read("job-1", -1, 2);
+  ASSERT_TRUE(read.ok());
+  ASSERT_EQ(read->size(), 3u);  // rank 0's lines 2 to 4; rank 2 has only 1
+  EXPECT_EQ((*read)[0].text(), "two");
+  EXPECT_EQ((*read)[0].line_number(), 2);
+  fs::remove_all(dir);
+}
+
+TEST(AdmissionTest, LimitsAndRootsNameTheField) {
+  char pattern[] = "/tmp/admission-test-XXXXXX";
+  const std::string dir = ::mkdtemp(pattern);
+  fs::create_directories(dir + "/data/set");
+  fs::create_directories(dir + "/elsewhere");
+  fs::create_directory_symlink(dir + "/elsewhere", dir + "/data/link");
+  Admission admission({2, {dir + "/data"}, {dir + "/out"}});
+  JobSpec spec;
+  spec.data.path = dir + "/data/set";
+  spec.output_dir = "out";
+  spec.resources.nproc = 2;
+  EXPECT_TRUE(admission.Check(spec).ok());
+  spec.resources.nproc = 3;
+  EXPECT_EQ(admission.Check(spec).message(),
+            "resources.nproc must be <= 2 on this server, got 3");
+  spec.resources.nproc = 1;
+  spec.data.path = dir + "/data/link/x";  // resolves outside
+  EXPECT_EQ(admission.Check(spec).code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_TRUE(absl::StartsWith(admission.Check(spec).message(), "data.path"));
+  spec.data.path = dir + "/data/set";
+  spec.output_dir = "../../x";
+  EXPECT_TRUE(absl::StartsWith(admission.Check(spec).message(),
+                               "output_dir must stay inside"));
+  spec.output_dir = "/etc";
+  EXPECT_TRUE(absl::StartsWith(admission.Check(spec).message(), "output_dir"));
+  fs::remove_all(dir);
+}
+
+TEST(ReportAddressTest, WildcardHostsBecomeTheHostname) {
+  EXPECT_EQ(ReportAddress("127.0.0.1", 50051, "", "node-1"), "127.0.0.1:50051");
+  EXPECT_EQ(ReportAddress("0.0.0.0", 50051, "", "node-1"), "node-1:50051");
+  EXPECT_EQ(ReportAddress("[::]", 7, "", "node-1"), "node-1:7");
+  EXPECT_EQ(ReportAddress("0.0.0.0", 7, "10.0.0.5", "node-1"), "10.0.0.5:7");
+  EXPECT_EQ(ReportAddress("0.0.0.0", 7, "lb.example:443", "n"),
+            "lb.example:443");
+  EXPECT_EQ(ReportAddress("0.0.0.0", 7, "[fd00::1]", "n"), "[fd00::1]:7");
+  EXPECT_EQ(HostOf("0.0.0.0:50051"), "0.0.0.0");
+  EXPECT_EQ(HostOf("[::]:50051"), "[::]");
+  EXPECT_EQ(HostOf("localhost"), "localhost");
+}
+
+TEST(JobProgressTest, RankZeroStandsForTheGroupAndKnnComesFromAnyRank) {
+  v1::JobProgress progress = EmptyProgress();
+  EXPECT_EQ(progress.knn_top1(), -1);
+  EXPECT_EQ(progress.eta_seconds(), -1);
+  v1::MetricSample zero;
+  zero.set_rank(0);
+  zero.set_step(10);
+  zero.set_loss(5.5);
+  zero.set_knn_top1(-1);
+  zero.set_eta_seconds(30);
+  FoldSample(zero, &progress);
+  v1::MetricSample one;
+  one.set_rank(1);
+  one.set_step(11);
+  one.set_loss(9.0);
+  one.set_knn_top1(0.42);
+  FoldSample(one, &progress);
+  EXPECT_EQ(progress.step(), 10);
+  EXPECT_EQ(progress.loss(), 5.5);
+  EXPECT_EQ(progress.eta_seconds(), 30);
+  EXPECT_DOUBLE_EQ(progress.knn_top1(), 0.42);
+}
+
+}  // namespace
+}  // namespace momentum::server
