@@ -17,10 +17,10 @@
 #include <chrono>
 #include <filesystem>
 #include <iostream>
-#include <mutex>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "common/grpc_security.h"
 #include "common/health_server.h"
 #include "common/process.h"
@@ -53,7 +53,7 @@ class Session : public momentum::server::LaunchEvents {
       : stream_(stream) {}
 
   bool Write(const v1::AgentMessage& message) {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     return stream_->Write(message);
   }
   void OnRankOutput(const std::string& job_id, int64_t attempt, int64_t rank,
@@ -81,8 +81,10 @@ class Session : public momentum::server::LaunchEvents {
   }
 
  private:
-  std::mutex mu_;
-  grpc::ClientReaderWriter<v1::AgentMessage, v1::AgentCommand>* stream_;
+  // Serialises writes (gRPC allows one at a time); held for nothing else.
+  absl::Mutex mu_;
+  grpc::ClientReaderWriter<v1::AgentMessage, v1::AgentCommand>* stream_
+      ABSL_PT_GUARDED_BY(mu_);
 };
 
 // One session with the coordinator; returns when it ends.

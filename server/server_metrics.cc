@@ -157,6 +157,7 @@ absl::StatusOr<std::unique_ptr<ServerMetrics>> ServerMetrics::Create(
   SetUsedFree(f->slots, 0, 0);
   SetUsedFree(f->gpus, 0, 0);
   f->restarts->Add({});
+  absl::MutexLock lock(&m->mu_);
   m->f_ = std::move(f);
   // Every method's series exist from the start, so rates and quantiles
   // read 0 rather than nothing before the first call ends.
@@ -173,7 +174,7 @@ ServerMetrics::~ServerMetrics() = default;
 
 void ServerMetrics::OnSample(const std::string& job_id,
                              const v1::MetricSample& s) {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   ExpireLocked();
   JobSeries& series = jobs_[job_id];
   const std::string rank = absl::StrCat(s.rank());
@@ -226,7 +227,7 @@ void ServerMetrics::OnSample(const std::string& job_id,
 
 void ServerMetrics::SetStraggler(const std::string& job_id, int64_t rank,
                                  bool straggling) {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   JobSeries& series = jobs_[job_id];
   const std::string key = absl::StrCat("straggler|", rank, "|");
   auto it = series.by_key.find(key);
@@ -240,31 +241,31 @@ void ServerMetrics::SetStraggler(const std::string& job_id, int64_t rank,
 }
 
 void ServerMetrics::SetJobs(const std::map<v1::JobState, int64_t>& by_state) {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   for (const auto& [state, n] : by_state) {
     f_->jobs->Add({{"state", StateName(state)}}).Set(static_cast<double>(n));
   }
 }
 
 void ServerMetrics::SetSlots(int64_t used, int64_t free) {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   ExpireLocked();
   SetUsedFree(f_->slots, used, free);
 }
 
 void ServerMetrics::SetGpus(int64_t used, int64_t free) {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   SetUsedFree(f_->gpus, used, free);
 }
 
 void ServerMetrics::AddRestart(const std::string& reason) {
   (void)reason;
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   f_->restarts->Add({}).Increment();
 }
 
 void ServerMetrics::SetJobState(const std::string& job_id, v1::JobState state) {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   JobSeries& series = jobs_[job_id];
   // PENDING only ever comes first: a submission that reports it after the
   // scheduler already started the job changes nothing.
@@ -289,7 +290,7 @@ void ServerMetrics::SetJobState(const std::string& job_id, v1::JobState state) {
 }
 
 void ServerMetrics::JobEnded(const std::string& job_id) {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   auto it = jobs_.find(job_id);
   if (it == jobs_.end()) return;
   it->second.has_ended = true;
@@ -311,7 +312,7 @@ void ServerMetrics::ExpireLocked() {
 
 void ServerMetrics::OnRpc(const std::string& method, const std::string& code,
                           double seconds) {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   ExpireLocked();
   f_->rpcs->Add({{"method", method}, {"code", code}}).Increment();
   RpcHistogramLocked(method)->Observe(seconds);

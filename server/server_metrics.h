@@ -10,11 +10,12 @@
 #include <cstdint>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "momentum/v1/jobs.pb.h"
 
 namespace prometheus {
@@ -60,17 +61,18 @@ class ServerMetrics {
 
  private:
   ServerMetrics() = default;
-  void ExpireLocked();
-  prometheus::Histogram* RpcHistogramLocked(const std::string& method);
+  void ExpireLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  prometheus::Histogram* RpcHistogramLocked(const std::string& method)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   std::shared_ptr<prometheus::Registry> registry_;
   std::unique_ptr<prometheus::Exposer> exposer_;
   int port_ = 0;
   std::chrono::seconds retention_{300};
 
-  std::mutex mu_;
+  absl::Mutex mu_;
   struct Families;
-  std::unique_ptr<Families> f_;
+  std::unique_ptr<Families> f_ ABSL_GUARDED_BY(mu_);
   // Per job: every training series it added, to remove them together.
   struct JobSeries {
     prometheus::Gauge* state = nullptr;  // in gauges too
@@ -81,7 +83,7 @@ class ServerMetrics {
     std::chrono::steady_clock::time_point ended{};
     bool has_ended = false;
   };
-  std::map<std::string, JobSeries> jobs_;
+  std::map<std::string, JobSeries> jobs_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace momentum::server
