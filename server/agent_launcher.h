@@ -18,6 +18,10 @@
 
 namespace momentum::server {
 
+// Thread-safe; owns no thread. Launch() and Stop() only queue commands,
+// which the session's writer thread takes with NextCommand(); the session's
+// reader asks Runs()/Ended() before it believes what the agent says of a
+// rank. One mutex, a leaf; nothing is called under it.
 class AgentLauncher : public Launcher {
  public:
   // `slots` and `gpus` as the agent offered them (AgentHello).

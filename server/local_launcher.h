@@ -22,6 +22,11 @@
 
 namespace momentum::server {
 
+// Thread-safe. Owns one thread per rank (it reads the rank's output, then
+// reaps it) and one per Stop() (SIGKILL after the grace); the destructor
+// kills what still runs and joins them all. It calls LaunchEvents from those
+// threads, and from Launch() for a rank it cannot start, never under its
+// own lock; one mutex, a leaf.
 class LocalLauncher : public Launcher {
  public:
   // `work_dir`: each launch gets `<work_dir>/<job_id>/attempt-<n>/` with the
