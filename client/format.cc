@@ -12,26 +12,10 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_replace.h"
-#include "absl/strings/strip.h"
 #include "google/protobuf/util/json_util.h"
 
 namespace momentum::client {
 namespace {
-
-struct StateEntry {
-  v1::JobState state;
-  const char* name;
-};
-
-// The states a user can name, in lifecycle order.
-constexpr StateEntry kStates[] = {
-    {v1::JOB_STATE_PENDING, "PENDING"},
-    {v1::JOB_STATE_RUNNING, "RUNNING"},
-    {v1::JOB_STATE_RESTARTING, "RESTARTING"},
-    {v1::JOB_STATE_SUCCEEDED, "SUCCEEDED"},
-    {v1::JOB_STATE_FAILED, "FAILED"},
-    {v1::JOB_STATE_CANCELLED, "CANCELLED"},
-};
 
 // Width of a cell in terminal columns: UTF-8 code points, so that a job
 // name with accents does not shift the columns after it.
@@ -64,35 +48,12 @@ std::string OrDash(const std::string& text) {
 
 }  // namespace
 
-std::string StateName(v1::JobState state) {
-  for (const StateEntry& entry : kStates) {
-    if (entry.state == state) return entry.name;
-  }
-  return "UNSPECIFIED";
-}
-
-std::optional<v1::JobState> ParseState(absl::string_view text) {
-  std::string upper = absl::AsciiStrToUpper(absl::StripAsciiWhitespace(text));
-  absl::string_view name = upper;
-  absl::ConsumePrefix(&name, "JOB_STATE_");
-  if (name == "CANCELED") return v1::JOB_STATE_CANCELLED;
-  for (const StateEntry& entry : kStates) {
-    if (name == entry.name) return entry.state;
-  }
-  return std::nullopt;
-}
-
 std::string StateNamesForHelp() {
   std::vector<std::string> names;
-  for (const StateEntry& entry : kStates) {
-    names.push_back(absl::AsciiStrToLower(entry.name));
+  for (v1::JobState state : kJobStates) {
+    names.push_back(absl::AsciiStrToLower(StateName(state)));
   }
   return absl::StrJoin(names, ", ");
-}
-
-bool IsFinalState(v1::JobState state) {
-  return state == v1::JOB_STATE_SUCCEEDED || state == v1::JOB_STATE_FAILED ||
-         state == v1::JOB_STATE_CANCELLED;
 }
 
 std::string FormatDuration(double seconds) {

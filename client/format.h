@@ -19,6 +19,7 @@
 
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
+#include "common/job_state.h"
 #include "google/protobuf/message.h"
 #include "google/protobuf/timestamp.pb.h"
 #include "momentum/v1/jobs.pb.h"
@@ -27,22 +28,20 @@ namespace momentum::client {
 
 namespace v1 = ::momentum::v1;
 
-// "PENDING", "RUNNING", ..., "CANCELLED"; "UNSPECIFIED" for 0 and for values
-// this client does not know.
-std::string StateName(v1::JobState state);
-
-// Parses a state name given on the command line, ignoring case and an
-// optional "JOB_STATE_" prefix: "running", "RUNNING", "job_state_running".
-// Also takes "canceled". Returns nullopt for anything else, UNSPECIFIED
-// included.
-std::optional<v1::JobState> ParseState(absl::string_view text);
+// The job states' names, parsing and finality (common/job_state.h):
+// StateName(state) gives "PENDING", ..., "CANCELLED" ("UNSPECIFIED" for 0
+// and for values this client does not know); ParseState(text) parses a
+// state given on the command line ("running", "JOB_STATE_RUNNING",
+// "canceled"; nullopt for anything else, UNSPECIFIED included).
+using ::momentum::ParseState;
+using ::momentum::StateName;
 
 // The names ParseState accepts, lower case, comma-separated, for help and
 // error text: "pending, running, restarting, succeeded, failed, cancelled".
 std::string StateNamesForHelp();
 
-// True for SUCCEEDED, FAILED and CANCELLED.
-bool IsFinalState(v1::JobState state);
+// True for SUCCEEDED, FAILED and CANCELLED (momentum::IsFinal).
+inline bool IsFinalState(v1::JobState state) { return IsFinal(state); }
 
 // A duration rounded down to whole seconds, in its two largest units:
 // "12s", "3m05s", "1h02m", "2d03h"; "0s" below one second; "-" when

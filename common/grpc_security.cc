@@ -1,15 +1,14 @@
 #include "common/grpc_security.h"
 
-#include <cerrno>
+#include <algorithm>
 #include <cstdlib>
-#include <cstring>
 #include <fstream>
-#include <sstream>
 
 #include "absl/status/status.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "common/file_util.h"
 
 namespace momentum {
 namespace {
@@ -20,17 +19,6 @@ std::string Env(const char* name) {
 }
 
 }  // namespace
-
-absl::StatusOr<std::string> ReadTextFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) {
-    const int err = errno;
-    return absl::ErrnoToStatus(err, absl::StrCat("cannot read ", path));
-  }
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
 
 TlsFiles ClientTlsFromEnv(TlsFiles flags) {
   if (flags.ca.empty()) flags.ca = Env("MOMENTUM_TLS_CA");
@@ -43,7 +31,7 @@ absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> ClientCredentials(
     const TlsFiles& files) {
   if (files.ca.empty()) return grpc::InsecureChannelCredentials();
   grpc::SslCredentialsOptions options;
-  absl::StatusOr<std::string> ca = ReadTextFile(files.ca);
+  absl::StatusOr<std::string> ca = ReadWholeFile(files.ca);
   if (!ca.ok()) return ca.status();
   options.pem_root_certs = *ca;
   if (files.cert.empty() != files.key.empty()) {
@@ -51,9 +39,9 @@ absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> ClientCredentials(
         "a client certificate needs its key, and a key its certificate");
   }
   if (!files.cert.empty()) {
-    absl::StatusOr<std::string> cert = ReadTextFile(files.cert);
+    absl::StatusOr<std::string> cert = ReadWholeFile(files.cert);
     if (!cert.ok()) return cert.status();
-    absl::StatusOr<std::string> key = ReadTextFile(files.key);
+    absl::StatusOr<std::string> key = ReadWholeFile(files.key);
     if (!key.ok()) return key.status();
     options.pem_cert_chain = *cert;
     options.pem_private_key = *key;
@@ -70,7 +58,7 @@ absl::StatusOr<std::string> ClientToken(const std::string& token_file) {
     path = Env("MOMENTUM_TOKEN_FILE");
   }
   if (path.empty()) return std::string();
-  absl::StatusOr<std::string> text = ReadTextFile(path);
+  absl::StatusOr<std::string> text = ReadWholeFile(path);
   if (!text.ok()) return text.status();
   return std::string(absl::StripAsciiWhitespace(*text));
 }
@@ -93,9 +81,9 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ServerCredentials(
     return absl::InvalidArgumentError(
         "TLS needs both the certificate and its key");
   }
-  absl::StatusOr<std::string> cert = ReadTextFile(files.cert);
+  absl::StatusOr<std::string> cert = ReadWholeFile(files.cert);
   if (!cert.ok()) return cert.status();
-  absl::StatusOr<std::string> key = ReadTextFile(files.key);
+  absl::StatusOr<std::string> key = ReadWholeFile(files.key);
   if (!key.ok()) return key.status();
   grpc::SslServerCredentialsOptions options(
       files.ca.empty()
@@ -103,7 +91,7 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ServerCredentials(
           : GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
   options.pem_key_cert_pairs.push_back({*key, *cert});
   if (!files.ca.empty()) {
-    absl::StatusOr<std::string> ca = ReadTextFile(files.ca);
+    absl::StatusOr<std::string> ca = ReadWholeFile(files.ca);
     if (!ca.ok()) return ca.status();
     options.pem_root_certs = *ca;
   }
@@ -111,7 +99,7 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ServerCredentials(
 }
 
 absl::StatusOr<TokenTable> TokenTable::Load(const std::string& path) {
-  absl::StatusOr<std::string> text = ReadTextFile(path);
+  absl::StatusOr<std::string> text = ReadWholeFile(path);
   if (!text.ok()) return text.status();
   TokenTable table;
   int line_number = 0;

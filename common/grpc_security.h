@@ -23,9 +23,6 @@
 
 namespace momentum {
 
-// The whole file; NOT_FOUND or PERMISSION_DENIED naming it.
-absl::StatusOr<std::string> ReadTextFile(const std::string& path);
-
 struct TlsFiles {
   std::string ca;    // client: the server's CA; server: the clients' CA
   std::string cert;  // this side's certificate chain

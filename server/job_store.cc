@@ -27,33 +27,6 @@
 
 namespace momentum::server {
 
-bool IsFinal(JobState state) {
-  return state == v1::JOB_STATE_SUCCEEDED || state == v1::JOB_STATE_FAILED ||
-         state == v1::JOB_STATE_CANCELLED;
-}
-
-std::string StateName(JobState state) {
-  switch (state) {
-    case v1::JOB_STATE_UNSPECIFIED:
-      return "UNSPECIFIED";
-    case v1::JOB_STATE_PENDING:
-      return "PENDING";
-    case v1::JOB_STATE_RUNNING:
-      return "RUNNING";
-    case v1::JOB_STATE_RESTARTING:
-      return "RESTARTING";
-    case v1::JOB_STATE_SUCCEEDED:
-      return "SUCCEEDED";
-    case v1::JOB_STATE_FAILED:
-      return "FAILED";
-    case v1::JOB_STATE_CANCELLED:
-      return "CANCELLED";
-    default:
-      // Only a value from a newer API or a corrupt row gets here.
-      return absl::StrCat("STATE_", static_cast<int>(state));
-  }
-}
-
 namespace {
 
 // The version of the schema below, kept in PRAGMA user_version. A file with a
@@ -114,23 +87,6 @@ static_assert(std::size(kMigrations) == kSchemaVersion - 1);
   "seq, id, name, priority, world_size, state, state_reason, spec_yaml, "     \
   "output_dir, submit_ms, start_ms, end_ms, restarts, attempt, export_path, " \
   "knn_top1, owner"
-
-// The moves Transition() allows (DESIGN.md, "Job states").
-bool Allowed(JobState from, JobState to) {
-  switch (from) {
-    case v1::JOB_STATE_PENDING:
-      return to == v1::JOB_STATE_RUNNING || to == v1::JOB_STATE_FAILED ||
-             to == v1::JOB_STATE_CANCELLED;
-    case v1::JOB_STATE_RUNNING:
-      return to == v1::JOB_STATE_RESTARTING || to == v1::JOB_STATE_SUCCEEDED ||
-             to == v1::JOB_STATE_FAILED || to == v1::JOB_STATE_CANCELLED;
-    case v1::JOB_STATE_RESTARTING:
-      return to == v1::JOB_STATE_RUNNING || to == v1::JOB_STATE_FAILED ||
-             to == v1::JOB_STATE_CANCELLED;
-    default:
-      return false;
-  }
-}
 
 // The status code for an SQLite result code, by what the caller should do.
 absl::StatusCode CodeFor(int rc) {
@@ -744,7 +700,7 @@ absl::StatusOr<JobRecord> JobStore::Transition(const std::string& id,
         absl::StrCat(id, " is ", StateName(from), " (final); cannot move to ",
                      StateName(to)));
   }
-  if (!Allowed(from, to)) {
+  if (!IsAllowedTransition(from, to)) {
     return absl::FailedPreconditionError(absl::StrCat(
         id, " is ", StateName(from), "; cannot move to ", StateName(to)));
   }

@@ -20,6 +20,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "common/job_state.h"
 #include "momentum/v1/jobs.pb.h"
 
 struct sqlite3;
@@ -28,11 +29,11 @@ namespace momentum::server {
 
 using v1::JobState;
 
-// True for SUCCEEDED, FAILED and CANCELLED.
-bool IsFinal(JobState state);
-
-// The state's name as users see it: "PENDING", "RUNNING", ...
-std::string StateName(JobState state);
+// The job states' names and moves (common/job_state.h), as the server's
+// code has always called them.
+using ::momentum::IsAllowedTransition;
+using ::momentum::IsFinal;
+using ::momentum::StateName;
 
 // One job row. Times are milliseconds since the Unix epoch; 0 means unset.
 struct JobRecord {

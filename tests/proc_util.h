@@ -15,7 +15,10 @@
 #include <sstream>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
+
+#include "common/file_util.h"
 
 extern char** environ;
 
@@ -29,10 +32,8 @@ inline std::string BinaryDir() {
 
 // The whole text of `path` ("" when it cannot be read).
 inline std::string ReadFile(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
+  absl::StatusOr<std::string> text = ReadWholeFile(path);
+  return text.ok() ? *std::move(text) : std::string();
 }
 
 // Children of `parent`, from /proc.

@@ -13,8 +13,8 @@
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
-#include <iterator>
+
+#include "common/file_util.h"
 
 namespace momentum::worker {
 namespace {
@@ -280,10 +280,11 @@ std::vector<std::string> CheckpointsNewestFirst(const std::string& dir) {
 
 absl::StatusOr<CheckpointState> LoadCheckpoint(const std::string& path,
                                                Moco& model, Sgd& sgd) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::NotFoundError("cannot open checkpoint " + path);
-  std::vector<char> bytes((std::istreambuf_iterator<char>(in)),
-                          std::istreambuf_iterator<char>());
+  absl::StatusOr<std::string> text = ReadWholeFile(path);
+  if (!text.ok()) return text.status();
+  // pickle_load takes a vector; the text goes before it parses.
+  std::vector<char> bytes(text->begin(), text->end());
+  *text = std::string();
   c10::IValue value;
   try {
     value = torch::pickle_load(bytes);

@@ -14,6 +14,7 @@
 #define MOMENTUM_WORKER_TRAINER_H_
 
 #include <atomic>
+#include <chrono>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -62,7 +63,34 @@ struct TrainSummary {
   StepPhases phases;
 };
 
+class DeviceSeries;
+class FaultGuard;
+class RunLog;
+
+// The state of one Trainer::Run() call, which its parts share: the step
+// (Trainer), the run log (worker/run_log.h) and the fault guard
+// (worker/fault_guard.h). Internal to the trainer.
+struct RunState {
+  // What a checkpoint holds; a roll-back replaces it with a checkpoint's.
+  CheckpointState checkpoint;
+  // resumed and the last checkpoint written so far; the rest at the end.
+  TrainSummary summary;
+  // The step of the checkpoint last written or loaded: a run that ends
+  // there writes no second one.
+  int64_t checkpoint_step = -1;
+  int64_t steps_this_call = 0;
+  double last_step_seconds = 0;  // for the learning rate's warm-up
+  const std::chrono::steady_clock::time_point started =
+      std::chrono::steady_clock::now();
+};
+
 // Owns the loaders' threads; one thread calls Run().
+//
+// Run() reads as the outline of a run; its parts are the step
+// (Trainer::Step: one training step, never waiting for the device), the run
+// log (worker/run_log.h: metrics.jsonl, summary.json, progress lines and
+// reports) and the fault guard (worker/fault_guard.h: non-finite and
+// collapse checks, roll-backs, the ranks' stop agreement).
 class Trainer {
  public:
   // `dist` makes this trainer one rank of a group (world_size > 1): it joins
@@ -102,10 +130,53 @@ class Trainer {
   // Makes every rank hold rank 0's model (no-op with one rank).
   absl::Status BroadcastModel();
   absl::Status Init();
-  absl::Status Evaluate(CheckpointState* state, int64_t* last_eval_step);
-  void Report(const StepReport& report) {
-    if (report_callback_) report_callback_(report);
-  }
+  double CommSeconds() const;
+
+  // The parts of Run(), in the order of a run; all run on the thread that
+  // runs Run().
+  //
+  // Creates output_dir, loads the newest checkpoint when the spec says to
+  // resume, opens `log` from there (or from scratch) and gives every rank
+  // rank 0's model.
+  absl::Status Begin(RunState* run, RunLog* log);
+  // Why the run stops at the position of `run` ("" to go on): epochs,
+  // steps, or with `timed` also time_budget.
+  std::string BoundReached(const RunState& run, bool timed) const;
+  // What a step did: its learning rate, host time and phases.
+  struct StepDone {
+    double lr = 0;
+    double seconds = 0;
+    StepPhases phases;
+  };
+  // One training step at the position of `run`: the next batch to the
+  // device, the momentum update, forward, backward, the gradients' average
+  // and the optimiser, recording into `series`. It never waits for the
+  // device; the fault guard reads `series` back. `comm_at_top`: the
+  // collective seconds at the top of the iteration (the stop vote's count
+  // as the step's communication).
+  absl::StatusOr<StepDone> Step(const RunState& run, double comm_at_top,
+                                DeviceSeries* series);
+  // Moves the position of `run` past `step` and adds it to `log`.
+  void Advance(const StepDone& step, RunState* run, RunLog* log);
+  // At a logging step: settles, checks and logs the window, then acts on a
+  // collapse. True when the run rolled back.
+  static absl::StatusOr<bool> EndWindow(const RunState& run, FaultGuard* guard,
+                                        RunLog* log);
+  // At the end of an epoch: evaluates and checkpoints when due, and starts
+  // the next epoch.
+  absl::Status EndEpoch(RunState* run, RunLog* log);
+  // Evaluates with the kNN monitor, adds the result to the kNN history and
+  // logs it.
+  absl::Status Evaluate(CheckpointState* state, RunLog* log);
+  // Checkpoints `run` (rank 0 writes) and records it as the last one.
+  absl::Status CheckpointRun(RunState* run);
+  // The end of a run stopped for `reason`: the final evaluation and
+  // checkpoint, and, when it finished, the export and summary.json.
+  absl::StatusOr<TrainSummary> Finish(const std::string& reason, RunState* run,
+                                      RunLog* log);
+
+  // Rank 0 writes a checkpoint of `state` and keeps the best by kNN as
+  // checkpoints/best.pt: its path ("" on the other ranks).
   absl::StatusOr<std::string> Checkpoint(CheckpointState* state);
   // Loads the newest checkpoint in `dir` that loads (corrupt ones are
   // skipped with a warning) into the model, the optimiser, the generators
@@ -113,6 +184,7 @@ class Trainer {
   // wrote it). Its path, or nullopt when there is none.
   absl::StatusOr<std::optional<std::string>> RestoreNewest(
       const std::string& dir, CheckpointState* state, int64_t* written_by);
+  std::string checkpoint_dir() const;
 
   JobSpec spec_;
   DistOptions dist_;
@@ -129,8 +201,6 @@ class Trainer {
   int64_t steps_per_epoch_ = 0;
   int64_t threads_ = 1;
   ReportCallback report_callback_;
-  // The series as of the last step of this Run(), for the reports.
-  StepReport last_report_;
   // MOMENTUM_FAULT_NAN_STEP: a fault-injection hook for tests. Rank 0 makes
   // the loss of this global step NaN, once per run (before any roll-back).
   int64_t inject_nan_step_ = -1;

@@ -28,11 +28,13 @@
 #include "gtest/gtest.h"
 #include "momentum/v1/jobs.grpc.pb.h"
 #include "nlohmann/json.hpp"
+#include "tests/proc_util.h"
 
 namespace momentum::client {
 namespace {
 
 namespace v1 = ::momentum::v1;
+using ::momentum::testing::ReadFile;
 using ::testing::HasSubstr;
 using ::testing::StartsWith;
 
@@ -200,13 +202,6 @@ struct RunResult {
   double seconds = 0;
 };
 
-std::string ReadAll(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::stringstream text;
-  text << in.rdbuf();
-  return text.str();
-}
-
 std::string MomentumBinary() {
   const char* dir = std::getenv("MOMENTUM_BINARY_DIR");
   return std::string(dir != nullptr ? dir : ".") + "/client/momentum";
@@ -271,8 +266,8 @@ RunResult RunMomentum(const std::vector<std::string>& args,
           .count();
   run.exit_code =
       WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-  run.out = ReadAll(out_path);
-  run.err = ReadAll(err_path);
+  run.out = ReadFile(out_path);
+  run.err = ReadFile(err_path);
   std::remove(out_path.c_str());
   std::remove(err_path.c_str());
   return run;

@@ -5,11 +5,12 @@
 #include <cmath>
 #include <cstdlib>
 #include <fstream>
-#include <sstream>
 #include <string>
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "common/file_util.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "yaml-cpp/yaml.h"
@@ -188,15 +189,6 @@ JobSpec NonDefaultSpec() {
 std::string SourceDir() {
   const char* dir = std::getenv("MOMENTUM_SOURCE_DIR");
   return dir == nullptr ? "" : dir;
-}
-
-bool ReadText(const std::string& path, std::string* text) {
-  std::ifstream in(path);
-  if (!in) return false;
-  std::stringstream buffer;
-  buffer << in.rdbuf();
-  *text = buffer.str();
-  return true;
 }
 
 // Dotted paths of the leaves of a YAML map.
@@ -565,15 +557,17 @@ TEST(JobSpecTest, ExampleFashionMnistSpecIsValid) {
 
 TEST(JobSpecTest, DocsListEveryField) {
   const std::string dir = SourceDir();
-  std::string docs;
-  if (dir.empty() || !ReadText(dir + "/docs/job-spec.md", &docs)) {
+  if (dir.empty()) {
     GTEST_SKIP() << "no docs/job-spec.md (set MOMENTUM_SOURCE_DIR)";
   }
+  const absl::StatusOr<std::string> docs =
+      ReadWholeFile(dir + "/docs/job-spec.md");
+  if (!docs.ok()) GTEST_SKIP() << docs.status();
   std::vector<std::string> paths;
   CollectPaths(YAML::Load(JobSpecToYaml(JobSpec())), "", &paths);
   EXPECT_EQ(paths.size(), 77u);
   for (const std::string& path : paths) {
-    EXPECT_THAT(docs, HasSubstr("`" + path + "`"));
+    EXPECT_THAT(*docs, HasSubstr("`" + path + "`"));
   }
 }
 

@@ -6,10 +6,11 @@
 
 #include <filesystem>
 #include <fstream>
-#include <iterator>
 #include <memory>
+#include <string>
 #include <vector>
 
+#include "common/file_util.h"
 #include "tests/worker/test_data.h"
 
 namespace momentum::worker {
@@ -110,9 +111,9 @@ TEST(CheckpointTest, WritesDenseHostTensorsWhateverTheLayout) {
   auto path = SaveCheckpoint(dir, model, sgd, state, 3);
   ASSERT_TRUE(path.ok()) << path.status();
 
-  std::ifstream in(*path, std::ios::binary);
-  std::vector<char> bytes((std::istreambuf_iterator<char>(in)),
-                          std::istreambuf_iterator<char>());
+  absl::StatusOr<std::string> text = ReadWholeFile(*path);
+  ASSERT_TRUE(text.ok()) << text.status();
+  const std::vector<char> bytes(text->begin(), text->end());
   int64_t tensors = 0;
   std::vector<c10::IValue> pending = {torch::pickle_load(bytes)};
   while (!pending.empty()) {
@@ -261,10 +262,11 @@ TEST(CheckpointTest, CheckpointWithoutQueueAgesRebuildsThem) {
   auto path = SaveCheckpoint(dir, model, sgd, state, 2);
   ASSERT_TRUE(path.ok()) << path.status();
   {
-    std::ifstream in(*path, std::ios::binary);
-    std::vector<char> bytes((std::istreambuf_iterator<char>(in)),
-                            std::istreambuf_iterator<char>());
-    auto root = torch::pickle_load(bytes).toGenericDict();
+    absl::StatusOr<std::string> text = ReadWholeFile(*path);
+    ASSERT_TRUE(text.ok()) << text.status();
+    auto root =
+        torch::pickle_load(std::vector<char>(text->begin(), text->end()))
+            .toGenericDict();
     ASSERT_EQ(root.erase("queue_steps"), 1u);
     std::vector<char> old = torch::pickle_save(c10::IValue(root));
     std::ofstream(*path, std::ios::binary | std::ios::trunc)

@@ -22,6 +22,7 @@ namespace momentum::worker {
 namespace {
 
 namespace fs = std::filesystem;
+using momentum::testing::ReadFile;
 
 struct WorkerRun {
   int exit_code = -1;
@@ -39,10 +40,7 @@ WorkerRun RunWorker(const std::string& args, const std::string& dir) {
   const int status = std::system(cmd.c_str());
   WorkerRun run;
   run.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  std::ifstream in(log);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  run.output = ss.str();
+  run.output = ReadFile(log);
   return run;
 }
 
@@ -202,13 +200,6 @@ int WaitUntil(pid_t pid, std::chrono::steady_clock::time_point deadline) {
   return status;
 }
 
-std::string ReadAll(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
 class DistributedFaultTest : public DistributedCliTest {
  protected:
   // Starts a long group run and waits until it trains (a checkpoint exists).
@@ -221,7 +212,7 @@ class DistributedFaultTest : public DistributedCliTest {
     deadline_ = std::chrono::steady_clock::now() + std::chrono::seconds(90);
     while (!fs::exists(dir_ + "/out/checkpoints") ||
            fs::is_empty(dir_ + "/out/checkpoints")) {
-      ASSERT_LT(std::chrono::steady_clock::now(), deadline_) << ReadAll(log_);
+      ASSERT_LT(std::chrono::steady_clock::now(), deadline_) << ReadFile(log_);
       std::this_thread::sleep_for(std::chrono::milliseconds(50));
     }
   }
@@ -253,15 +244,15 @@ TEST_F(DistributedCliTest, SigtermAndResumeOnAsManyRanksIsBitExact) {
       std::chrono::steady_clock::now() + std::chrono::seconds(90);
   while (!fs::exists(broken + "/checkpoints") ||
          fs::is_empty(broken + "/checkpoints")) {
-    ASSERT_LT(std::chrono::steady_clock::now(), deadline) << ReadAll(log);
+    ASSERT_LT(std::chrono::steady_clock::now(), deadline) << ReadFile(log);
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
   ASSERT_EQ(kill(launcher, SIGTERM), 0);
   const int status = WaitUntil(launcher, deadline);
-  ASSERT_TRUE(WIFEXITED(status)) << ReadAll(log);
+  ASSERT_TRUE(WIFEXITED(status)) << ReadFile(log);
   // Stopped before the end (not a run that happened to finish first).
-  ASSERT_NE(WEXITSTATUS(status), 0) << ReadAll(log);
-  ASSERT_FALSE(fs::exists(broken + "/backbone.pt")) << ReadAll(log);
+  ASSERT_NE(WEXITSTATUS(status), 0) << ReadFile(log);
+  ASSERT_FALSE(fs::exists(broken + "/backbone.pt")) << ReadFile(log);
 
   WorkerRun rest = RunWorker("--nproc 2 --config " + dir_ + "/job.yaml --set " +
                                  epochs + " --set output_dir=" + broken,
@@ -269,8 +260,8 @@ TEST_F(DistributedCliTest, SigtermAndResumeOnAsManyRanksIsBitExact) {
   ASSERT_EQ(rest.exit_code, 0) << rest.output;
   EXPECT_NE(rest.output.find("resuming from"), std::string::npos)
       << rest.output;
-  const std::string a = ReadAll(straight + "/backbone.pt");
-  const std::string b = ReadAll(broken + "/backbone.pt");
+  const std::string a = ReadFile(straight + "/backbone.pt");
+  const std::string b = ReadFile(broken + "/backbone.pt");
   ASSERT_FALSE(a.empty());
   EXPECT_TRUE(a == b) << "the exported backbones differ";
   auto sa = nlohmann::json::parse(std::ifstream(straight + "/summary.json"));
@@ -290,9 +281,9 @@ TEST_F(DistributedFaultTest, KilledRankStopsTheGroupAndIsNamed) {
   const int status = WaitUntil(launcher_, deadline_);
   ASSERT_NE(status, -1) << "the launcher did not end after a rank was killed";
   EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) != 0);
-  EXPECT_NE(ReadAll(log_).find("rank 1 was killed by signal 9"),
+  EXPECT_NE(ReadFile(log_).find("rank 1 was killed by signal 9"),
             std::string::npos)
-      << ReadAll(log_);
+      << ReadFile(log_);
   EXPECT_TRUE(ChildrenOf(launcher_).empty());
 }
 
@@ -305,9 +296,9 @@ TEST_F(DistributedFaultTest, HungRankTimesOutTheGroup) {
   ASSERT_GT(rank1, 0);
   ASSERT_EQ(kill(rank1, SIGSTOP), 0);
   const int status = WaitUntil(launcher_, deadline_);
-  ASSERT_NE(status, -1) << "the group hung: " << ReadAll(log_);
+  ASSERT_NE(status, -1) << "the group hung: " << ReadFile(log_);
   EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) != 0);
-  const std::string output = ReadAll(log_);
+  const std::string output = ReadFile(log_);
   EXPECT_NE(output.find("rank 0"), std::string::npos) << output;
   EXPECT_NE(output.find("(rank 0 of 2)"), std::string::npos) << output;
   EXPECT_TRUE(ChildrenOf(launcher_).empty());

@@ -20,13 +20,13 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
-#include <iterator>
 #include <map>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "nlohmann/json.hpp"
+#include "tests/proc_util.h"
 #include "tests/worker/test_data.h"
 #include "worker/checkpoint.h"
 #include "worker/moco.h"
@@ -44,11 +44,7 @@ std::string Env(const char* name) {
   return value == nullptr ? "" : value;
 }
 
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string((std::istreambuf_iterator<char>(in)),
-                     std::istreambuf_iterator<char>());
-}
+using ::momentum::testing::ReadFile;
 
 struct ProcessResult {
   int exit_code = -1;  // -1 when killed by a signal or timed out

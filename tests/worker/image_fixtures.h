@@ -19,11 +19,12 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
-#include <iterator>
 #include <string>
 #include <system_error>
 #include <vector>
 
+#include "absl/status/statusor.h"
+#include "common/file_util.h"
 #include "worker/augment.h"
 #include "worker/dataset.h"
 
@@ -79,8 +80,9 @@ inline void WriteFile(const std::string& path,
 
 // The whole of `path`; empty if it cannot be read.
 inline std::vector<uint8_t> ReadFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::vector<uint8_t>(std::istreambuf_iterator<char>(in), {});
+  const absl::StatusOr<std::string> text = ReadWholeFile(path);
+  if (!text.ok()) return {};
+  return std::vector<uint8_t>(text->begin(), text->end());
 }
 
 // Writes 8-bit pixels with libpng's simplified API. `format` is a

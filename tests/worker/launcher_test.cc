@@ -15,7 +15,6 @@
 #include <filesystem>
 #include <fstream>
 #include <future>
-#include <iterator>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -24,6 +23,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "tests/proc_util.h"
 
 namespace momentum::worker {
 namespace {
@@ -48,11 +48,7 @@ std::string TempDir(const std::string& name) {
   return pattern;
 }
 
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string((std::istreambuf_iterator<char>(in)),
-                     std::istreambuf_iterator<char>());
-}
+using ::momentum::testing::ReadFile;
 
 // The command for `script` run by /bin/sh with $1 = dir and $2, ... = args.
 std::vector<std::string> Sh(const std::string& script, const std::string& dir,

@@ -15,13 +15,13 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
-#include <iterator>
 #include <nlohmann/json.hpp>
 #include <regex>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "tests/proc_util.h"
 #include "tests/worker/test_data.h"
 
 extern char** environ;
@@ -35,11 +35,7 @@ using Clock = std::chrono::steady_clock;
 // Every run of the worker here takes seconds; this bounds a hung one.
 constexpr std::chrono::seconds kRunTimeout{120};
 
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string((std::istreambuf_iterator<char>(in)),
-                     std::istreambuf_iterator<char>());
-}
+using ::momentum::testing::ReadFile;
 
 bool Contains(const std::string& haystack, const std::string& needle) {
   return haystack.find(needle) != std::string::npos;

@@ -14,13 +14,13 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
-#include <iterator>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "tests/proc_util.h"
 #include "tests/worker/fake_coordinator.h"
 #include "tests/worker/test_data.h"
 
@@ -33,11 +33,7 @@ namespace fs = std::filesystem;
 using testing::FakeCoordinator;
 using testing::Metrics;
 
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string((std::istreambuf_iterator<char>(in)),
-                     std::istreambuf_iterator<char>());
-}
+using ::momentum::testing::ReadFile;
 
 struct Result {
   int exit_code = -1;
