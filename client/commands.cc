@@ -12,6 +12,7 @@
 #include "absl/strings/str_split.h"
 #include "client/format.h"
 #include "client/watch_printer.h"
+#include "common/file_util.h"
 
 namespace momentum::client {
 namespace {
@@ -26,28 +27,6 @@ int ReportError(const CommandContext& context, absl::string_view method,
   return kExitFailure;
 }
 
-absl::StatusOr<std::string> ReadFile(const std::string& path) {
-  std::FILE* file = std::fopen(path.c_str(), "rb");
-  if (file == nullptr) {
-    return absl::NotFoundError(
-        absl::StrCat("cannot read ", path, ": ", std::strerror(errno)));
-  }
-  std::string text;
-  char buffer[1 << 16];
-  size_t n;
-  while ((n = std::fread(buffer, 1, sizeof(buffer), file)) > 0) {
-    text.append(buffer, n);
-  }
-  const bool failed = std::ferror(file) != 0;
-  const int error = errno;
-  std::fclose(file);
-  if (failed) {
-    return absl::DataLossError(
-        absl::StrCat("cannot read ", path, ": ", std::strerror(error)));
-  }
-  return text;
-}
-
 void PrintJson(const CommandContext& context,
                const google::protobuf::Message& message) {
   context.out << ToJson(message) << "\n";
@@ -57,7 +36,7 @@ void PrintJson(const CommandContext& context,
 }  // namespace
 
 int RunSubmit(const CommandContext& context, const SubmitOptions& options) {
-  absl::StatusOr<std::string> spec = ReadFile(options.file);
+  absl::StatusOr<std::string> spec = ReadWholeFile(options.file);
   if (!spec.ok()) {
     context.err << "momentum: " << spec.status().message() << "\n";
     return kExitFailure;

@@ -26,6 +26,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/string_view.h"
+#include "common/file_util.h"
 #include "common/status_macros.h"
 #include "yaml-cpp/eventhandler.h"
 #include "yaml-cpp/yaml.h"
@@ -842,31 +843,6 @@ class YamlWriter {
   YAML::Emitter* out_;
 };
 
-absl::StatusOr<std::string> ReadFile(const std::string& path) {
-  auto error = [&path](int error_number) {
-    return absl::NotFoundError(
-        absl::StrCat(path, ": cannot read job spec: ",
-                     std::generic_category().message(error_number)));
-  };
-  const int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return error(errno);
-  std::string text;
-  char buffer[1 << 16];
-  while (true) {
-    const ssize_t n = read(fd, buffer, sizeof(buffer));
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      const int error_number = errno;
-      close(fd);
-      return error(error_number);
-    }
-    if (n == 0) break;
-    text.append(buffer, static_cast<size_t>(n));
-  }
-  close(fd);
-  return text;
-}
-
 }  // namespace
 
 absl::StatusOr<JobSpec> ParseJobSpec(const std::string& yaml_text,
@@ -927,7 +903,7 @@ absl::StatusOr<JobSpec> ParseJobSpec(const std::string& yaml_text,
 
 absl::StatusOr<JobSpec> LoadJobSpecFile(
     const std::string& path, const std::vector<std::string>& overrides) {
-  MOMENTUM_ASSIGN_OR_RETURN(const std::string text, ReadFile(path));
+  MOMENTUM_ASSIGN_OR_RETURN(const std::string text, ReadWholeFile(path));
   return ParseJobSpec(text, overrides, path);
 }
 

@@ -26,6 +26,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "common/file_util.h"
 #include "worker/dataset.h"
 
 namespace momentum::worker {
@@ -36,29 +37,6 @@ namespace fs = std::filesystem;
 // Larger images are refused rather than allocated: 2^28 pixels is far beyond
 // any training image and keeps a corrupt header from asking for gigabytes.
 constexpr int64_t kMaxPixels = int64_t{1} << 28;
-
-absl::StatusOr<std::vector<uint8_t>> ReadWholeFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary | std::ios::ate);
-  if (!in) {
-    const int err = errno;
-    if (err == ENOENT || err == ENOTDIR) {
-      return absl::NotFoundError(absl::StrCat(path, ": no such file"));
-    }
-    return absl::UnavailableError(
-        absl::StrCat(path, ": cannot open: ", std::strerror(err)));
-  }
-  const std::streamoff size = in.tellg();
-  if (size < 0) {
-    return absl::UnavailableError(absl::StrCat(path, ": cannot size"));
-  }
-  std::vector<uint8_t> bytes(static_cast<size_t>(size));
-  in.seekg(0);
-  if (!in.read(reinterpret_cast<char*>(bytes.data()), size)) {
-    return absl::UnavailableError(
-        absl::StrCat(path, ": read failed: ", std::strerror(errno)));
-  }
-  return bytes;
-}
 
 // ---------------------------------------------------------------- JPEG
 
@@ -273,12 +251,12 @@ bool DecodePngInto(PngState* state, PngResult* result) {
 
 // ---------------------------------------------------------------- decode
 
-bool IsPng(const std::vector<uint8_t>& bytes) {
-  return bytes.size() >= 8 && png_sig_cmp(bytes.data(), 0, 8) == 0;
+bool IsPng(const uint8_t* bytes, size_t size) {
+  return size >= 8 && png_sig_cmp(bytes, 0, 8) == 0;
 }
 
-bool IsJpeg(const std::vector<uint8_t>& bytes) {
-  return bytes.size() >= 2 && bytes[0] == 0xFF && bytes[1] == 0xD8;
+bool IsJpeg(const uint8_t* bytes, size_t size) {
+  return size >= 2 && bytes[0] == 0xFF && bytes[1] == 0xD8;
 }
 
 // Decodes by content, not by extension. With `header_only` the pixels are
@@ -288,13 +266,14 @@ bool IsJpeg(const std::vector<uint8_t>& bytes) {
 absl::StatusOr<Image> DecodeImageFile(
     const std::string& path, bool header_only,
     const Dataset::EighthsFn* eighths = nullptr, Image* full = nullptr) {
-  absl::StatusOr<std::vector<uint8_t>> bytes = ReadWholeFile(path);
-  if (!bytes.ok()) return bytes.status();
+  absl::StatusOr<std::string> file = ReadWholeFile(path);
+  if (!file.ok()) return file.status();
+  const uint8_t* const bytes = reinterpret_cast<const uint8_t*>(file->data());
+  const size_t size = file->size();
   Image image;
-  if (IsJpeg(*bytes)) {
+  if (IsJpeg(bytes, size)) {
     JpegResult result;
-    if (!DecodeJpegInto(bytes->data(), bytes->size(), header_only, eighths,
-                        &result)) {
+    if (!DecodeJpegInto(bytes, size, header_only, eighths, &result)) {
       return absl::DataLossError(
           absl::StrCat(path, ": undecodable JPEG: ", result.error));
     }
@@ -307,15 +286,15 @@ absl::StatusOr<Image> DecodeImageFile(
     image.width = result.width;
     image.channels = result.channels;
     image.pixels = std::move(result.pixels);
-  } else if (IsPng(*bytes)) {
-    if (header_only && bytes->size() >= 26) {
+  } else if (IsPng(bytes, size)) {
+    if (header_only && size >= 26) {
       // IHDR is the first chunk: colour type at byte 25; 0 and 4 are gray.
-      image.channels = ((*bytes)[25] & PNG_COLOR_MASK_COLOR) ? 3 : 1;
+      image.channels = (bytes[25] & PNG_COLOR_MASK_COLOR) ? 3 : 1;
       return image;
     }
     PngState state;
-    state.data = bytes->data();
-    state.size = bytes->size();
+    state.data = bytes;
+    state.size = size;
     PngResult result;
     if (!DecodePngInto(&state, &result)) {
       return absl::DataLossError(
@@ -331,8 +310,8 @@ absl::StatusOr<Image> DecodeImageFile(
       full->channels = image.channels;
     }
   } else {
-    return absl::DataLossError(absl::StrCat(path, ": neither JPEG nor PNG (",
-                                            bytes->size(), " bytes)"));
+    return absl::DataLossError(
+        absl::StrCat(path, ": neither JPEG nor PNG (", size, " bytes)"));
   }
   if (!header_only && (image.height <= 0 || image.width <= 0)) {
     return absl::DataLossError(absl::StrCat(path, ": image has no pixels"));

@@ -15,9 +15,11 @@ flags=(-std=c++17 -O1 -g -fsanitize=fuzzer,address,undefined
 libs=$(pkg-config --libs absl_status absl_statusor absl_strings absl_str_format yaml-cpp)
 case $target in
   job_spec)
-    srcs=("$here/job_spec_fuzz.cc" "$root/common/job_spec.cc") ;;
+    srcs=("$here/job_spec_fuzz.cc" "$root/common/job_spec.cc"
+          "$root/common/file_util.cc") ;;
   submit)
     srcs=("$here/submit_request_fuzz.cc" "$root/common/job_spec.cc"
+          "$root/common/file_util.cc"
           "$build/proto/momentum/v1/jobs.pb.cc")
     libs="$libs $(pkg-config --libs protobuf)" ;;
   *) echo "run.sh: unknown target $target" >&2; exit 2 ;;
