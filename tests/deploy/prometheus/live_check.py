@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """deploy/prometheus/rules/*.yml loaded into a real Prometheus
-that scrapes a real coordinator while a 2-rank job trains and a broken job
-is restarted until it fails. Reports each rule's health, the series each
+that scrapes a real coordinator while a 2-rank job trains and a job with
+corrupt data is restarted until it fails. Reports each rule's health, the series each
 recording rule produces (and its value against the same aggregate computed
 from the raw series), and the alerts that fire.
 
@@ -102,18 +102,26 @@ resources: {{threads: 1, nproc: 2, timeout_s: 60}}
 # Random pixels: the features do collapse; keep the ranks from rolling back.
 faults: {{collapse_std_ratio: 0}}
 """), timeout=10).job
-        # Data that does not exist: each launch fails, 3 quick restarts, FAILED.
+        # Corrupt data (not IDX): each launch fails in a way another attempt
+        # might not (a missing path would fail at once, not retried), so 3
+        # quick restarts, then FAILED.
+        corrupt = os.path.join(work, "corrupt-data")
+        os.makedirs(corrupt, exist_ok=True)
+        for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+                     "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+            with open(os.path.join(corrupt, name), "wb") as f:
+                f.write(b"this is not an IDX file\n" * 8)
         bad = stub.SubmitJob(jobs_pb2.SubmitJobRequest(spec_yaml=f"""
 name: broken
 output_dir: out
 model: {{width: 4, in_channels: 1, small_stem: true}}
 moco: {{dim: 8, queue_size: 24}}
-data: {{path: {work}/no-such-data, loader_threads: 1}}
+data: {{path: {corrupt}, loader_threads: 1}}
 optim: {{batch_size: 16, lr: 0.1, epochs: 1}}
 resources: {{threads: 1, nproc: 1, timeout_s: 60}}
 scheduling: {{max_restarts: 3, restart_backoff_s: 0}}
 """), timeout=10).job
-        print(f"submitted {good.id} (2 ranks) and {bad.id} (broken data path)")
+        print(f"submitted {good.id} (2 ranks) and {bad.id} (corrupt data)")
 
         # While the good job trains: rule health and recorded series.
         deadline = time.time() + 300
