@@ -115,7 +115,9 @@ class Process {
  public:
   Process(std::vector<std::string> args, std::string log)
       : log_(std::move(log)), pid_(SpawnLogged(std::move(args), log_)) {}
-  ~Process() { Stop(); }
+  // SIGTERM, and SIGKILL if it is still there after a minute (a server that
+  // no longer stops must not hang the test).
+  ~Process() { SignalAndWait(SIGTERM, std::chrono::seconds(60)); }
   Process(const Process&) = delete;
   Process& operator=(const Process&) = delete;
 

@@ -76,13 +76,23 @@ class ServerDefectsTest : public ::testing::Test {
     return true;
   }
 
+  // A fake worker that runs `first`, then waits for Release().
+  std::string WaitingWorker(const std::string& first) {
+    return WriteWorker(first + "\nwhile [ ! -e " + dir_ +
+                       "/release ]; do sleep 0.05; done");
+  }
+  // Lets the job's waiting ranks end; it succeeds.
+  void ReleaseAndExpectSuccess(const std::string& id) {
+    EXPECT_EQ(client_->Get(id).state(), v1::JOB_STATE_RUNNING);
+    std::ofstream(dir_ + "/release").put('\n');
+    EXPECT_TRUE(client_->WaitForState(id, v1::JOB_STATE_SUCCEEDED));
+  }
+
   static std::string Spec(const std::string& extra = "") {
     return "name: t\ndata: {path: /nonexistent}\n"
            "optim: {batch_size: 12}\nresources: {nproc: 1, device: cpu}\n" +
            extra;
   }
-
-
 
   std::string dir_, address_;
   std::unique_ptr<Process> server_;
@@ -159,11 +169,7 @@ TEST_F(ServerDefectsTest, RanksInheritNoLogFileOfEarlierJobs) {
 // Was: an agent could end ranks it never ran (a job was marked SUCCEEDED
 // while its rank kept running) and write logs outside the state directory.
 TEST_F(ServerDefectsTest, AgentCannotSpeakForRanksItNeverRan) {
-  const std::string worker =
-      WriteWorker("touch " + dir_ +
-                  "/started\n"
-                  "while [ ! -e " +
-                  dir_ + "/release ]; do sleep 0.05; done");
+  const std::string worker = WaitingWorker("touch " + dir_ + "/started");
   ASSERT_TRUE(StartServer(worker));
   const v1::Job job = client_->Submit(Spec());
   ASSERT_TRUE(Eventually([&] { return fs::exists(dir_ + "/started"); }));
@@ -195,21 +201,15 @@ TEST_F(ServerDefectsTest, AgentCannotSpeakForRanksItNeverRan) {
   // The server read every message before it ends the session.
   EXPECT_TRUE(session->Finish().ok());
 
-  EXPECT_EQ(client_->Get(job.id()).state(), v1::JOB_STATE_RUNNING);
   EXPECT_FALSE(fs::exists(dir_ + "/escape")) << server_->log();
   EXPECT_TRUE(absl::StrContains(server_->log(), "a rank it does not run"));
-  std::ofstream(dir_ + "/release").put('\n');
-  EXPECT_TRUE(client_->WaitForState(job.id(), v1::JOB_STATE_SUCCEEDED));
+  ReleaseAndExpectSuccess(job.id());
 }
 
 // Was: nothing locked the state directory; a second server on it killed
 // the first one's ranks while it recovered.
 TEST_F(ServerDefectsTest, SecondServerOnTheStateDirectoryIsRefused) {
-  const std::string worker =
-      WriteWorker("echo $$ > " + dir_ +
-                  "/rank.pid\n"
-                  "while [ ! -e " +
-                  dir_ + "/release ]; do sleep 0.05; done");
+  const std::string worker = WaitingWorker("echo $$ > " + dir_ + "/rank.pid");
   ASSERT_TRUE(StartServer(worker));
   const v1::Job job = client_->Submit(Spec());
   ASSERT_TRUE(Eventually([&] { return fs::exists(dir_ + "/rank.pid"); }));
@@ -226,9 +226,7 @@ TEST_F(ServerDefectsTest, SecondServerOnTheStateDirectoryIsRefused) {
       << second.log();
   const pid_t rank = std::stoi(ReadFile(dir_ + "/rank.pid"));
   EXPECT_EQ(::kill(rank, 0), 0) << "the first server's rank was stopped";
-  EXPECT_EQ(client_->Get(job.id()).state(), v1::JOB_STATE_RUNNING);
-  std::ofstream(dir_ + "/release").put('\n');
-  EXPECT_TRUE(client_->WaitForState(job.id(), v1::JOB_STATE_SUCCEEDED));
+  ReleaseAndExpectSuccess(job.id());
 }
 
 // Was: a line without a newline was split quadratically, kept whole in
