@@ -7,8 +7,10 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <chrono>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -59,7 +61,7 @@ class ServerDefectsTest : public ::testing::Test {
                    const std::string& name = "server") {
     const std::string ready = dir_ + "/" + name + ".json";
     std::vector<std::string> args = {BinaryDir() + "/server/momentum-server",
-                                     "--listen=127.0.0.1:0",
+                                     "--listen=" + listen_,
                                      "--metrics-listen=127.0.0.1:0",
                                      "--state-dir=" + dir_ + "/state",
                                      "--worker=" + worker,
@@ -72,7 +74,16 @@ class ServerDefectsTest : public ::testing::Test {
       return false;
     }
     address_ = nlohmann::json::parse(ReadFile(ready))["grpc"];
-    client_ = std::make_unique<TestJobClient>(address_);
+    if (tls_) {
+      // The certificate names localhost, not the wildcard it listens on.
+      address_ = "localhost" + address_.substr(address_.rfind(':'));
+      grpc::SslCredentialsOptions ssl;
+      ssl.pem_root_certs = ReadFile(dir_ + "/cert.pem");
+      client_ =
+          std::make_unique<TestJobClient>(address_, grpc::SslCredentials(ssl));
+    } else {
+      client_ = std::make_unique<TestJobClient>(address_);
+    }
     return true;
   }
 
@@ -95,6 +106,8 @@ class ServerDefectsTest : public ::testing::Test {
   }
 
   std::string dir_, address_;
+  std::string listen_ = "127.0.0.1:0";
+  bool tls_ = false;
   std::unique_ptr<Process> server_;
   std::unique_ptr<TestJobClient> client_;
 };
@@ -293,6 +306,68 @@ TEST_F(ServerDefectsTest, AbsurdSizesAreRefusedAndNothingIsStored) {
   // A job behind it is not blocked.
   const v1::Job next = client_->Submit(Spec());
   EXPECT_TRUE(client_->WaitForState(next.id(), v1::JOB_STATE_SUCCEEDED));
+}
+
+// Was: every WatchJob and `logs -f` stream held a server thread and queued
+// without bound, and nothing limited how many there were.
+TEST_F(ServerDefectsTest, WatchStreamsAreLimited) {
+  ASSERT_TRUE(StartServer(WaitingWorker("true"), {"--max-watch-streams=2"}))
+      << server_->log();
+  const v1::Job job = client_->Submit(Spec());
+  v1::WatchJobRequest request;
+  request.set_job_id(job.id());
+  v1::WatchJobEvent event;
+  grpc::ClientContext first_ctx, second_ctx, third_ctx;
+  auto first = client_->stub().WatchJob(&first_ctx, request);
+  auto second = client_->stub().WatchJob(&second_ctx, request);
+  ASSERT_TRUE(first->Read(&event));  // the snapshot
+  ASSERT_TRUE(second->Read(&event));
+  auto third = client_->stub().WatchJob(&third_ctx, request);
+  EXPECT_FALSE(third->Read(&event));
+  const grpc::Status refused = third->Finish();
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_TRUE(absl::StrContains(refused.error_message(), "--max-watch-streams"))
+      << refused.error_message();
+  // A closed stream frees its place.
+  first_ctx.TryCancel();
+  first->Finish();
+  EXPECT_TRUE(Eventually([&] {
+    grpc::ClientContext ctx;
+    auto again = client_->stub().WatchJob(&ctx, request);
+    const bool ok = again->Read(&event);
+    ctx.TryCancel();
+    again->Finish();
+    return ok;
+  }));
+  second_ctx.TryCancel();
+  second->Finish();
+  ReleaseAndExpectSuccess(job.id());
+}
+
+// Was: with --listen 0.0.0.0:PORT, ranks were told to report their metrics
+// to 0.0.0.0:PORT, which cannot be connected to.
+TEST_F(ServerDefectsTest, RanksAreToldAnAddressTheyCanReach) {
+  // Not on loopback, the server wants TLS: a self-signed certificate.
+  const std::string openssl =
+      "openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=localhost "
+      "-addext subjectAltName=DNS:localhost,IP:127.0.0.1 -keyout " +
+      dir_ + "/key.pem -out " + dir_ + "/cert.pem > " + dir_ +
+      "/openssl.log 2>&1";
+  ASSERT_EQ(std::system(openssl.c_str()), 0) << ReadFile(dir_ + "/openssl.log");
+  listen_ = "0.0.0.0:0";
+  tls_ = true;
+  ASSERT_TRUE(StartServer(
+      WriteWorker("echo \"$MOMENTUM_COORDINATOR\" > " + dir_ + "/reports-to"),
+      {"--tls-cert=" + dir_ + "/cert.pem", "--tls-key=" + dir_ + "/key.pem"}))
+      << server_->log();
+  const v1::Job job = client_->Submit(Spec());
+  ASSERT_TRUE(client_->WaitForState(job.id(), v1::JOB_STATE_SUCCEEDED))
+      << client_->Get(job.id()).state_reason();
+  char hostname[256] = {};
+  ::gethostname(hostname, sizeof(hostname) - 1);
+  const std::string port = address_.substr(address_.rfind(':') + 1);
+  EXPECT_EQ(ReadFile(dir_ + "/reports-to"),
+            std::string(hostname) + ":" + port + "\n");
 }
 
 }  // namespace

@@ -17,9 +17,10 @@ namespace momentum::server::testing {
 
 class TestJobClient {
  public:
-  explicit TestJobClient(const std::string& address)
-      : channel_(
-            grpc::CreateChannel(address, grpc::InsecureChannelCredentials())),
+  explicit TestJobClient(const std::string& address,
+                         std::shared_ptr<grpc::ChannelCredentials> credentials =
+                             grpc::InsecureChannelCredentials())
+      : channel_(grpc::CreateChannel(address, credentials)),
         stub_(v1::JobService::NewStub(channel_)) {}
 
   // A server that no longer answers fails a call after 10 s.
