@@ -124,11 +124,13 @@ absl::StatusOr<TokenTable> TokenTable::Load(const std::string& path) {
       id.role = Role::kWorker;
     } else if (fields[2] == "admin") {
       id.role = Role::kAdmin;
+    } else if (fields[2] == "viewer") {
+      id.role = Role::kViewer;
     } else {
       return absl::InvalidArgumentError(
           absl::StrCat(path, ":", line_number,
-                       ": ROLE must be one of user, agent, worker, admin, "
-                       "got \"",
+                       ": ROLE must be one of user, viewer, admin, agent, "
+                       "worker, got \"",
                        fields[2], "\""));
     }
     if (fields[0].size() < 16) {

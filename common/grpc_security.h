@@ -51,7 +51,10 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ServerCredentials(
     const TlsFiles& files);
 
 // Who may call what.
-enum class Role { kUser, kAgent, kWorker, kAdmin };
+// user: submits jobs and acts on its own; viewer: reads every job and
+// changes nothing; admin: everything; agent and worker: InternalService
+// only (docs/security.md has the whole matrix).
+enum class Role { kUser, kAgent, kWorker, kAdmin, kViewer };
 
 struct Identity {
   std::string name;

@@ -277,8 +277,10 @@ absl::StatusOr<v1::Job> Coordinator::GetJob(const std::string& id) {
 }
 
 absl::StatusOr<v1::ListJobsResponse> Coordinator::ListJobs(
-    const v1::ListJobsRequest& request) {
+    const v1::ListJobsRequest& request,
+    const std::optional<std::string>& owner) {
   JobFilter filter;
+  filter.owner = owner;
   for (int s : request.states()) {
     filter.states.push_back(static_cast<JobState>(s));
   }

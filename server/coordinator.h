@@ -36,6 +36,7 @@
 #include <deque>
 #include <map>
 #include <memory>
+#include <optional>
 #include <set>
 #include <string>
 #include <thread>
@@ -120,8 +121,10 @@ class Coordinator : public LaunchEvents {
                                  const std::vector<std::string>& overrides,
                                  const std::string& owner = "");
   absl::StatusOr<v1::Job> GetJob(const std::string& id);
+  // `owner`: only the jobs this owner submitted.
   absl::StatusOr<v1::ListJobsResponse> ListJobs(
-      const v1::ListJobsRequest& request);
+      const v1::ListJobsRequest& request,
+      const std::optional<std::string>& owner = std::nullopt);
   // Commits CANCELLED at once; the loop stops the ranks right after.
   absl::StatusOr<v1::Job> Cancel(const std::string& id,
                                  const std::string& reason);

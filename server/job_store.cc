@@ -615,12 +615,15 @@ absl::StatusOr<std::vector<JobRecord>> JobStore::List(const JobFilter& filter,
     }
     absl::StrAppend(&where, ")");
   }
+  const int owner_index = static_cast<int>(states.size()) + 2;
+  if (filter.owner) absl::StrAppend(&where, " AND owner = ?", owner_index);
   auto bind_filter = [&](Impl::Stmt& stmt) {
     // instr(name, '') is 1: the empty name filter matches every job.
     stmt.Bind(1, filter.name_contains);
     for (size_t i = 0; i < states.size(); ++i) {
       stmt.Bind(static_cast<int>(i + 2), static_cast<int64_t>(states[i]));
     }
+    if (filter.owner) stmt.Bind(owner_index, *filter.owner);
   };
 
   absl::MutexLock lock(&impl_->mu_);
@@ -640,7 +643,8 @@ absl::StatusOr<std::vector<JobRecord>> JobStore::List(const JobFilter& filter,
     }
     *total = sqlite3_column_int64(count.get(), 0);
   }
-  const int placeholders = static_cast<int>(states.size()) + 1;
+  const int placeholders =
+      static_cast<int>(states.size()) + 1 + (filter.owner ? 1 : 0);
   MOMENTUM_ASSIGN_OR_RETURN(
       Impl::Stmt select,
       impl_->PrepareLocked(

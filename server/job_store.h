@@ -15,6 +15,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -67,8 +68,9 @@ struct JobEvent {
 };
 
 struct JobFilter {
-  std::vector<JobState> states;  // any of these; all when empty
-  std::string name_contains;     // substring of the name; all when empty
+  std::vector<JobState> states;      // any of these; all when empty
+  std::string name_contains;         // substring of the name; all when empty
+  std::optional<std::string> owner;  // submitted by exactly this owner
 };
 
 // Thread-safe: one connection behind a mutex.

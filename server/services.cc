@@ -91,25 +91,105 @@ std::string CallerName(const grpc::ServerContext* context,
   return "";
 }
 
+grpc::Status IdentifyCaller(const grpc::ServerContext* context,
+                            const TokenTable& tokens, Identity* who) {
+  if (!tokens.empty()) {
+    const auto& metadata = context->client_metadata();
+    auto it = metadata.find("authorization");
+    const std::string prefix = "Bearer ";
+    if (it == metadata.end()) {
+      return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
+                          "missing bearer token (authorization metadata)");
+    }
+    const std::string value(it->second.data(), it->second.size());
+    if (value.rfind(prefix, 0) != 0) {
+      return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
+                          "the authorization metadata is not \"Bearer TOKEN\"");
+    }
+    std::optional<Identity> found = tokens.Find(value.substr(prefix.size()));
+    if (!found) {
+      return grpc::Status(grpc::StatusCode::UNAUTHENTICATED, "unknown token");
+    }
+    *who = *found;
+    return grpc::Status::OK;
+  }
+  who->name = CallerName(context, tokens);
+  who->role = who->name.empty() ? Role::kAdmin : Role::kUser;
+  return grpc::Status::OK;
+}
+
+grpc::Status MayAccess(const Identity& who, JobAccess access,
+                       const std::string& job_id, const std::string& owner) {
+  bool allowed = false;
+  switch (who.role) {
+    case Role::kAdmin:
+      allowed = true;
+      break;
+    case Role::kViewer:
+      allowed = access == JobAccess::kRead;
+      break;
+    case Role::kUser:
+      allowed = access == JobAccess::kSubmit || who.name == owner;
+      break;
+    case Role::kAgent:
+    case Role::kWorker:
+      allowed = false;
+      break;
+  }
+  if (allowed) return grpc::Status::OK;
+  const char* what = access == JobAccess::kSubmit ? "submit jobs"
+                     : access == JobAccess::kRead ? "read"
+                                                  : "cancel";
+  if (access == JobAccess::kSubmit || job_id.empty()) {
+    return grpc::Status(grpc::StatusCode::PERMISSION_DENIED,
+                        absl::StrCat(who.name, " may not ", what));
+  }
+  return grpc::Status(
+      grpc::StatusCode::PERMISSION_DENIED,
+      absl::StrCat(who.name, " may not ", what, " ", job_id, " (submitted by ",
+                   owner.empty() ? "nobody known" : owner, ")"));
+}
+
 grpc::Status ToGrpc(const absl::Status& status) {
   if (status.ok()) return grpc::Status::OK;
   return grpc::Status(static_cast<grpc::StatusCode>(status.code()),
                       std::string(status.message()));
 }
 
+grpc::Status JobServiceImpl::Access(const grpc::ServerContext* context,
+                                    JobAccess access, const std::string& job_id,
+                                    absl::StatusOr<v1::Job>* job) {
+  Identity who;
+  if (grpc::Status denied = IdentifyCaller(context, *tokens_, &who);
+      !denied.ok()) {
+    return denied;
+  }
+  // Agents and ranks are refused before the job is looked up.
+  if (who.role == Role::kAgent || who.role == Role::kWorker) {
+    return MayAccess(who, access, "", "");
+  }
+  *job = coordinator_->GetJob(job_id);
+  if (!job->ok()) return ToGrpc(job->status());
+  return MayAccess(who, access, job_id, (*job)->owner());
+}
+
 grpc::Status JobServiceImpl::SubmitJob(grpc::ServerContext* context,
                                        const v1::SubmitJobRequest* request,
                                        v1::SubmitJobResponse* response) {
   RpcRecord rpc(metrics_, "SubmitJob");
-  if (grpc::Status denied =
-          Authorize(context, *tokens_, Role::kUser, "submit jobs");
+  Identity who;
+  if (grpc::Status denied = IdentifyCaller(context, *tokens_, &who);
+      !denied.ok()) {
+    return rpc.Done(denied);
+  }
+  if (grpc::Status denied = MayAccess(who, JobAccess::kSubmit, "", "");
       !denied.ok()) {
     return rpc.Done(denied);
   }
   std::vector<std::string> overrides(request->overrides().begin(),
                                      request->overrides().end());
-  absl::StatusOr<v1::Job> job = coordinator_->Submit(
-      request->spec_yaml(), overrides, CallerName(context, *tokens_));
+  absl::StatusOr<v1::Job> job =
+      coordinator_->Submit(request->spec_yaml(), overrides, who.name);
   if (!job.ok()) return rpc.Done(ToGrpc(job.status()));
   *response->mutable_job() = *std::move(job);
   return rpc.Done(grpc::Status::OK);
@@ -119,13 +199,12 @@ grpc::Status JobServiceImpl::GetJob(grpc::ServerContext* context,
                                     const v1::GetJobRequest* request,
                                     v1::Job* response) {
   RpcRecord rpc(metrics_, "GetJob");
+  absl::StatusOr<v1::Job> job;
   if (grpc::Status denied =
-          Authorize(context, *tokens_, Role::kUser, "read jobs");
+          Access(context, JobAccess::kRead, request->job_id(), &job);
       !denied.ok()) {
     return rpc.Done(denied);
   }
-  absl::StatusOr<v1::Job> job = coordinator_->GetJob(request->job_id());
-  if (!job.ok()) return rpc.Done(ToGrpc(job.status()));
   *response = *std::move(job);
   return rpc.Done(grpc::Status::OK);
 }
@@ -134,12 +213,19 @@ grpc::Status JobServiceImpl::ListJobs(grpc::ServerContext* context,
                                       const v1::ListJobsRequest* request,
                                       v1::ListJobsResponse* response) {
   RpcRecord rpc(metrics_, "ListJobs");
-  if (grpc::Status denied =
-          Authorize(context, *tokens_, Role::kUser, "list jobs");
+  Identity who;
+  if (grpc::Status denied = IdentifyCaller(context, *tokens_, &who);
       !denied.ok()) {
     return rpc.Done(denied);
   }
-  absl::StatusOr<v1::ListJobsResponse> list = coordinator_->ListJobs(*request);
+  if (who.role == Role::kAgent || who.role == Role::kWorker) {
+    return rpc.Done(MayAccess(who, JobAccess::kRead, "", ""));
+  }
+  // A user lists the jobs it submitted; viewers and admins all of them.
+  std::optional<std::string> owner;
+  if (who.role == Role::kUser) owner = who.name;
+  absl::StatusOr<v1::ListJobsResponse> list =
+      coordinator_->ListJobs(*request, owner);
   if (!list.ok()) return rpc.Done(ToGrpc(list.status()));
   *response = *std::move(list);
   return rpc.Done(grpc::Status::OK);
@@ -149,13 +235,13 @@ grpc::Status JobServiceImpl::CancelJob(grpc::ServerContext* context,
                                        const v1::CancelJobRequest* request,
                                        v1::CancelJobResponse* response) {
   RpcRecord rpc(metrics_, "CancelJob");
+  absl::StatusOr<v1::Job> job;
   if (grpc::Status denied =
-          Authorize(context, *tokens_, Role::kUser, "cancel jobs");
+          Access(context, JobAccess::kCancel, request->job_id(), &job);
       !denied.ok()) {
     return rpc.Done(denied);
   }
-  absl::StatusOr<v1::Job> job =
-      coordinator_->Cancel(request->job_id(), request->reason());
+  job = coordinator_->Cancel(request->job_id(), request->reason());
   if (!job.ok()) return rpc.Done(ToGrpc(job.status()));
   *response->mutable_job() = *std::move(job);
   return rpc.Done(grpc::Status::OK);
@@ -165,8 +251,9 @@ grpc::Status JobServiceImpl::WatchJob(
     grpc::ServerContext* context, const v1::WatchJobRequest* request,
     grpc::ServerWriter<v1::WatchJobEvent>* writer) {
   RpcRecord rpc(metrics_, "WatchJob");
+  absl::StatusOr<v1::Job> job;
   if (grpc::Status denied =
-          Authorize(context, *tokens_, Role::kUser, "watch jobs");
+          Access(context, JobAccess::kRead, request->job_id(), &job);
       !denied.ok()) {
     return rpc.Done(denied);
   }
@@ -195,8 +282,9 @@ grpc::Status JobServiceImpl::GetJobLogs(
     grpc::ServerContext* context, const v1::GetJobLogsRequest* request,
     grpc::ServerWriter<v1::LogLine>* writer) {
   RpcRecord rpc(metrics_, "GetJobLogs");
+  absl::StatusOr<v1::Job> job;
   if (grpc::Status denied =
-          Authorize(context, *tokens_, Role::kUser, "read logs");
+          Access(context, JobAccess::kRead, request->job_id(), &job);
       !denied.ok()) {
     return rpc.Done(denied);
   }

@@ -27,6 +27,24 @@ grpc::Status Authorize(const grpc::ServerContext* context,
 std::string CallerName(const grpc::ServerContext* context,
                        const TokenTable& tokens);
 
+// Who calls JobService, as an Identity: with tokens, its token's name and
+// role (UNAUTHENTICATED without a known token); without tokens, the common
+// name of its TLS client certificate as a user; with neither, the server
+// knows nobody (a loopback server for one person) and the caller may do
+// everything, as an admin "".
+grpc::Status IdentifyCaller(const grpc::ServerContext* context,
+                            const TokenTable& tokens, Identity* who);
+
+// What a JobService call does to a job.
+enum class JobAccess { kSubmit, kRead, kCancel };
+
+// The authorization matrix (docs/security.md): a user submits, and reads
+// and cancels the jobs it submitted; a viewer reads every job and changes
+// nothing; an admin does everything; agents and ranks use none of
+// JobService. PERMISSION_DENIED names the caller, the action and the job.
+grpc::Status MayAccess(const Identity& who, JobAccess access,
+                       const std::string& job_id, const std::string& owner);
+
 class JobServiceImpl final : public v1::JobService::Service {
  public:
   JobServiceImpl(Coordinator* coordinator, ServerMetrics* metrics,
@@ -53,6 +71,11 @@ class JobServiceImpl final : public v1::JobService::Service {
                           grpc::ServerWriter<v1::LogLine>* writer) override;
 
  private:
+  // Identifies the caller, reads the job into `job` and checks the matrix
+  // (MayAccess) for `access` to it.
+  grpc::Status Access(const grpc::ServerContext* context, JobAccess access,
+                      const std::string& job_id, absl::StatusOr<v1::Job>* job);
+
   Coordinator* const coordinator_;
   ServerMetrics* const metrics_;
   const TokenTable* const tokens_;

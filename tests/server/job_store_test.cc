@@ -322,6 +322,36 @@ TEST_F(JobStoreTest, ListFiltersByStateSetNewestFirst) {
   EXPECT_EQ(total, 6);
 }
 
+TEST_F(JobStoreTest, ListFiltersByOwnerWithStatesAndPages) {
+  auto store = OpenStore();
+  ASSERT_NE(store, nullptr);
+  // job-1 .. job-5, owned alice, bob, alice, alice, "".
+  for (const char* owner : {"alice", "bob", "alice", "alice", ""}) {
+    JobRecord job = MakeJob("j");
+    job.owner = owner;
+    ASSERT_TRUE(store->Insert(job, kT0).ok());
+  }
+  ASSERT_TRUE(store->Transition("job-3", JOB_STATE_CANCELLED, "", kT0).ok());
+  JobFilter mine;
+  mine.owner = "alice";
+  int64_t total = -1;
+  absl::StatusOr<std::vector<JobRecord>> jobs = store->List(mine, 0, 0, &total);
+  ASSERT_TRUE(jobs.ok()) << jobs.status();
+  EXPECT_EQ(Ids(*jobs), (std::vector<std::string>{"job-4", "job-3", "job-1"}));
+  EXPECT_EQ(total, 3);
+  // With a state, and one page of one after skipping one.
+  mine.states = {JOB_STATE_PENDING};
+  jobs = store->List(mine, 1, 1, &total);
+  ASSERT_TRUE(jobs.ok()) << jobs.status();
+  EXPECT_EQ(Ids(*jobs), (std::vector<std::string>{"job-1"}));
+  EXPECT_EQ(total, 2);
+  JobFilter nobody;
+  nobody.owner = "";
+  jobs = store->List(nobody, 0, 0, &total);
+  ASSERT_TRUE(jobs.ok()) << jobs.status();
+  EXPECT_EQ(Ids(*jobs), (std::vector<std::string>{"job-5"}));
+}
+
 TEST_F(JobStoreTest, ListMatchesNameSubstringsLiterally) {
   auto store = OpenStore();
   ASSERT_NE(store, nullptr);
