@@ -14,6 +14,7 @@
 #include <filesystem>
 
 #include "absl/status/status.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
 
@@ -99,6 +100,30 @@ absl::StatusOr<pid_t> Spawn(const SpawnOptions& options) {
   return pid;
 }
 
+const char* const kRankAllowList[] = {
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "LC_*",
+    "TZ", "TMPDIR", "LD_LIBRARY_PATH", "OMP_*", "MKL_*", "KMP_*", "OPENBLAS_*",
+    "MALLOC_*", "CUDA_*", "NCCL_*", "GLOO_*", "TORCH_*", "PYTORCH_*",
+    "MOMENTUM_TLS_*",
+    // Fault injection (MOMENTUM_FAULT_NAN_STEP), which the tests set on
+    // the server to reach its ranks.
+    "MOMENTUM_FAULT_*", nullptr};
+
+bool RankMayInherit(const std::string& name) {
+  for (const char* const* allowed = kRankAllowList; *allowed != nullptr;
+       ++allowed) {
+    const absl::string_view pattern(*allowed);
+    if (absl::EndsWith(pattern, "*")) {
+      if (absl::StartsWith(name, pattern.substr(0, pattern.size() - 1))) {
+        return true;
+      }
+    } else if (name == pattern) {
+      return true;
+    }
+  }
+  return false;
+}
+
 std::vector<std::string> RankEnvironment(
     const RankPlace& place, const std::vector<std::string>& extra) {
   std::vector<std::string> drop = {
@@ -106,8 +131,11 @@ std::vector<std::string> RankEnvironment(
       "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK", "ROLE_RANK"};
   if (place.cuda_visible_devices) drop.push_back("CUDA_VISIBLE_DEVICES");
   std::vector<std::string> env = extra;
-  const std::vector<std::string> inherited = EnvironmentWithout(drop);
-  env.insert(env.end(), inherited.begin(), inherited.end());
+  for (std::string& var : EnvironmentWithout(drop)) {
+    if (place.inherit_all || RankMayInherit(var.substr(0, var.find('=')))) {
+      env.push_back(std::move(var));
+    }
+  }
   env.push_back(absl::StrCat("RANK=", place.rank));
   env.push_back(absl::StrCat("LOCAL_RANK=", place.local_rank));
   env.push_back(absl::StrCat("WORLD_SIZE=", place.world_size));

@@ -53,7 +53,23 @@ struct RankPlace {
   // CUDA_VISIBLE_DEVICES for the rank: its one GPU, or "" to hide every
   // GPU; unset (nullopt) leaves the inherited value alone.
   std::optional<std::string> cuda_visible_devices;
+  // Which of this process's variables the rank inherits: all of them (a
+  // user's own `momentum-worker --nproc`), or only kRankAllowList (ranks
+  // the coordinator or an agent starts: none of their secrets).
+  bool inherit_all = true;
 };
+
+// What a rank started by the coordinator or an agent inherits from it: the
+// system's basics (PATH, HOME, USER, LANG, LC_*, TZ, TMPDIR,
+// LD_LIBRARY_PATH), the threading, allocator, CUDA, NCCL, Gloo and torch
+// settings (OMP_*, MKL_*, KMP_*, OPENBLAS_*, MALLOC_*, CUDA_*, NCCL_*,
+// GLOO_*, TORCH_*, PYTORCH_*), the TLS files ranks report with
+// (MOMENTUM_TLS_*) and fault injection (MOMENTUM_FAULT_*). A name ending in
+// '*' is a prefix.
+extern const char* const kRankAllowList[];
+
+// Whether `name` is on kRankAllowList.
+bool RankMayInherit(const std::string& name);
 
 // The one definition of a rank's environment, for every launcher (the
 // coordinator's, an agent's, momentum-worker --nproc): `extra` first

@@ -165,6 +165,9 @@ absl::Status LocalLauncher::Launch(const LaunchRequest& request) {
     place.master_port = request.master_port;
     place.cuda_visible_devices =
         request.gpus.empty() ? "" : absl::StrCat(request.gpus[i]);
+    // The launcher's own secrets (tokens, keys, cloud credentials) stay
+    // here: a rank gets the allow-list and what the request gives it.
+    place.inherit_all = false;
     // The request's variables come first, so that an agent that launches a
     // machine's ranks one by one can give their LOCAL_RANK and
     // LOCAL_WORLD_SIZE.

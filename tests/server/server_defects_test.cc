@@ -370,5 +370,29 @@ TEST_F(ServerDefectsTest, RanksAreToldAnAddressTheyCanReach) {
             std::string(hostname) + ":" + port + "\n");
 }
 
+// Was: a rank inherited the server's whole environment, its secrets too.
+TEST_F(ServerDefectsTest, RanksDoNotInheritTheServersSecrets) {
+  ::setenv("MOMENTUM_TEST_SECRET", "hunter2", 1);
+  ::setenv("AWS_SECRET_ACCESS_KEY", "also-secret", 1);
+  ::setenv("OMP_NUM_THREADS", "3", 1);
+  const bool started = StartServer(WriteWorker("env > " + dir_ + "/rank-env"));
+  ::unsetenv("MOMENTUM_TEST_SECRET");
+  ::unsetenv("AWS_SECRET_ACCESS_KEY");
+  ::unsetenv("OMP_NUM_THREADS");
+  ASSERT_TRUE(started);
+  const v1::Job job = client_->Submit(Spec());
+  ASSERT_TRUE(client_->WaitForState(job.id(), v1::JOB_STATE_SUCCEEDED));
+  const std::string env = ReadFile(dir_ + "/rank-env");
+  EXPECT_FALSE(absl::StrContains(env, "hunter2")) << env;
+  EXPECT_FALSE(absl::StrContains(env, "also-secret")) << env;
+  // What a rank needs is there: its place, its job, the basics and the
+  // threading settings.
+  for (const std::string& var : std::vector<std::string>{
+           "\nRANK=0\n", "\nWORLD_SIZE=1\n", "MOMENTUM_JOB_ID=" + job.id(),
+           "\nPATH=", "\nOMP_NUM_THREADS=3\n", "\nCUDA_VISIBLE_DEVICES=\n"}) {
+    EXPECT_TRUE(absl::StrContains("\n" + env, var)) << var << "\n" << env;
+  }
+}
+
 }  // namespace
 }  // namespace momentum::server
