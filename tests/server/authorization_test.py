@@ -12,16 +12,14 @@ and no token file takes the client certificate's common name as the user.
 usage: authorization_test.py SOURCE_DIR BINARY_DIR
 """
 
-import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from python_client_test import check, generate_stubs, stop_processes  # noqa: E402
+from security_test import make_pki, start  # noqa: E402
 
 TOKENS = {
     "alice": ("alice-token-0123456789abcdef", "user"),
@@ -62,21 +60,11 @@ def main(source_dir, binary_dir):
         with open(os.path.join(work, "tokens"), "w") as f:
             for name, (token, role) in TOKENS.items():
                 f.write(f"{token} {name} {role}\n")
-        ready = os.path.join(work, "ready.json")
-        log = open(os.path.join(work, "server.log"), "w")
-        procs.append(subprocess.Popen(
-            [os.path.join(binary_dir, "server", "momentum-server"),
-             "--listen=127.0.0.1:0", "--metrics-listen=127.0.0.1:0",
-             f"--state-dir={work}/state", "--slots=0", "--gpus=none",
-             f"--token-file={work}/tokens", f"--ready-file={ready}"],
-            stdout=log, stderr=subprocess.STDOUT))
-        deadline = time.time() + 30
-        while not os.path.exists(ready):
-            check(time.time() < deadline and procs[0].poll() is None,
-                  "the server starts: " + open(os.path.join(work, "server.log")).read())
-            time.sleep(0.05)
-        stub = jobs_pb2_grpc.JobServiceStub(
-            grpc.insecure_channel(json.load(open(ready))["grpc"]))
+        # No slots: jobs stay PENDING, and only the calls change them.
+        server, ready = start(binary_dir, work, "tokens",
+                              [f"--token-file={work}/tokens"], slots=0)
+        procs.append(server)
+        stub = jobs_pb2_grpc.JobServiceStub(grpc.insecure_channel(ready["grpc"]))
 
         def auth(name):
             return [("authorization", f"Bearer {TOKENS[name][0]}")]
@@ -160,36 +148,12 @@ def main(source_dir, binary_dir):
         # is the user.
         pki = os.path.join(work, "pki")
         os.makedirs(pki)
-
-        def openssl(*args):
-            subprocess.run(["openssl", *args], cwd=pki, check=True, capture_output=True)
-
-        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                "-subj", "/CN=momentum test ca", "-keyout", "ca.key", "-out", "ca.pem")
-        with open(os.path.join(pki, "san.cnf"), "w") as f:
-            f.write("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-        for name in ("server", "alice", "bob"):
-            openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
-                    "-keyout", f"{name}.key", "-out", f"{name}.csr")
-            openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-                    "-CAcreateserial", "-days", "2", "-extfile", "san.cnf",
-                    "-out", f"{name}.pem")
-        tls_ready = os.path.join(work, "tls-ready.json")
-        procs.append(subprocess.Popen(
-            [os.path.join(binary_dir, "server", "momentum-server"),
-             "--listen=127.0.0.1:0", "--metrics-listen=127.0.0.1:0",
-             f"--state-dir={work}/tls-state", "--slots=0", "--gpus=none",
-             f"--tls-cert={pki}/server.pem", f"--tls-key={pki}/server.key",
-             f"--tls-client-ca={pki}/ca.pem", f"--ready-file={tls_ready}"],
-            stdout=open(os.path.join(work, "tls-server.log"), "w"),
-            stderr=subprocess.STDOUT))
-        deadline = time.time() + 30
-        while not os.path.exists(tls_ready):
-            check(time.time() < deadline and procs[-1].poll() is None,
-                  "the mutual-TLS server starts: " +
-                  open(os.path.join(work, "tls-server.log")).read())
-            time.sleep(0.05)
-        tls_addr = json.load(open(tls_ready))["grpc"]
+        make_pki(pki, clients=("alice", "bob"))
+        server, tls_ready = start(binary_dir, work, "tls", [
+            f"--tls-cert={pki}/server.pem", f"--tls-key={pki}/server.key",
+            f"--tls-client-ca={pki}/ca.pem"], slots=0)
+        procs.append(server)
+        tls_addr = tls_ready["grpc"]
         pem = lambda name: open(os.path.join(pki, name), "rb").read()  # noqa: E731
 
         def as_cert(name):

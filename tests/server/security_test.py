@@ -45,15 +45,16 @@ def openssl(*args, cwd):
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
 
 
-def make_pki(d):
-    """ca.pem, server.pem/.key (127.0.0.1), client.pem/.key, other-ca.pem."""
+def make_pki(d, clients=("client",)):
+    """ca.pem, server.pem/.key (127.0.0.1), a certificate and key per name
+    in `clients` (its common name), other-ca.pem."""
     for ca in ("ca", "other-ca"):
         openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
                 "-subj", f"/CN=momentum test {ca}", "-keyout", f"{ca}.key",
                 "-out", f"{ca}.pem", cwd=d)
     with open(os.path.join(d, "san.cnf"), "w") as f:
         f.write("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    for name in ("server", "client"):
+    for name in ("server", *clients):
         openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
                 "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=d)
         openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey",
@@ -61,13 +62,13 @@ def make_pki(d):
                 "-out", f"{name}.pem", cwd=d)
 
 
-def start(binary_dir, work, name, extra, env=None):
+def start(binary_dir, work, name, extra, env=None, slots=2):
     ready = os.path.join(work, f"{name}-ready.json")
     log = open(os.path.join(work, f"{name}.log"), "w")
     proc = subprocess.Popen(
         [os.path.join(binary_dir, "server", "momentum-server"),
          "--listen=127.0.0.1:0", "--metrics-listen=127.0.0.1:0",
-         f"--state-dir={work}/{name}-state", "--slots=2", "--gpus=none",
+         f"--state-dir={work}/{name}-state", f"--slots={slots}", "--gpus=none",
          f"--worker={binary_dir}/worker/momentum-worker",
          f"--ready-file={ready}", *extra],
         stdout=log, stderr=subprocess.STDOUT, env=env)
