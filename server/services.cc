@@ -43,10 +43,11 @@ class RpcRecord {
 
 }  // namespace
 
-grpc::Status Authorize(const grpc::ServerContext* context,
-                       const TokenTable& tokens, Role needed,
-                       const char* what) {
-  if (tokens.empty()) return grpc::Status::OK;
+namespace {
+
+// The identity of the call's bearer token in `tokens` (not empty).
+grpc::Status TokenIdentity(const grpc::ServerContext* context,
+                           const TokenTable& tokens, Identity* who) {
   const auto& metadata = context->client_metadata();
   auto it = metadata.find("authorization");
   if (it == metadata.end()) {
@@ -59,13 +60,28 @@ grpc::Status Authorize(const grpc::ServerContext* context,
     return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
                         "the authorization metadata is not \"Bearer TOKEN\"");
   }
-  std::optional<Identity> who = tokens.Find(value.substr(prefix.size()));
-  if (!who) {
+  std::optional<Identity> found = tokens.Find(value.substr(prefix.size()));
+  if (!found) {
     return grpc::Status(grpc::StatusCode::UNAUTHENTICATED, "unknown token");
   }
-  if (who->role != needed && who->role != Role::kAdmin) {
+  *who = *found;
+  return grpc::Status::OK;
+}
+
+}  // namespace
+
+grpc::Status Authorize(const grpc::ServerContext* context,
+                       const TokenTable& tokens, Role needed,
+                       const char* what) {
+  if (tokens.empty()) return grpc::Status::OK;
+  Identity who;
+  if (grpc::Status status = TokenIdentity(context, tokens, &who);
+      !status.ok()) {
+    return status;
+  }
+  if (who.role != needed && who.role != Role::kAdmin) {
     return grpc::Status(grpc::StatusCode::PERMISSION_DENIED,
-                        absl::StrCat(who->name, " may not ", what));
+                        absl::StrCat(who.name, " may not ", what));
   }
   return grpc::Status::OK;
 }
@@ -93,26 +109,7 @@ std::string CallerName(const grpc::ServerContext* context,
 
 grpc::Status IdentifyCaller(const grpc::ServerContext* context,
                             const TokenTable& tokens, Identity* who) {
-  if (!tokens.empty()) {
-    const auto& metadata = context->client_metadata();
-    auto it = metadata.find("authorization");
-    const std::string prefix = "Bearer ";
-    if (it == metadata.end()) {
-      return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
-                          "missing bearer token (authorization metadata)");
-    }
-    const std::string value(it->second.data(), it->second.size());
-    if (value.rfind(prefix, 0) != 0) {
-      return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
-                          "the authorization metadata is not \"Bearer TOKEN\"");
-    }
-    std::optional<Identity> found = tokens.Find(value.substr(prefix.size()));
-    if (!found) {
-      return grpc::Status(grpc::StatusCode::UNAUTHENTICATED, "unknown token");
-    }
-    *who = *found;
-    return grpc::Status::OK;
-  }
+  if (!tokens.empty()) return TokenIdentity(context, tokens, who);
   who->name = CallerName(context, tokens);
   who->role = who->name.empty() ? Role::kAdmin : Role::kUser;
   return grpc::Status::OK;
