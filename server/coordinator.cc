@@ -219,6 +219,7 @@ void Coordinator::Shutdown() {
     launchers.swap(launchers_);
     live_gangs_.clear();
   }
+  credentials_.RevokeAll();
   state.running.clear();
   launchers.clear();
   watchers_.CloseAll();
@@ -609,6 +610,8 @@ void Coordinator::HandleExit(const Exit& exit) {
   }
   health_.End(exit.job_id);
   logs_.CloseJob(exit.job_id);
+  // The gang's credentials die with it: a leftover rank cannot report.
+  credentials_.Revoke(exit.job_id, exit.attempt);
   {
     absl::MutexLock lock(&mu_);
     live_gangs_.erase({exit.job_id, exit.attempt});
@@ -778,6 +781,19 @@ void Coordinator::Launch(const JobRecord& queued, const JobSpec& spec,
     report_address = report_address_;
   }
   PublishChange(queued, job);
+  // One credential per rank, for this launch only (rank_credentials.h).
+  absl::StatusOr<std::vector<std::string>> credentials =
+      credentials_.Issue(job.id, job.attempt, job.world_size);
+  if (!credentials.ok()) {
+    for (const Placement& part : placement) {
+      for (int64_t r : part.ranks) {
+        PushExit({job.id, job.attempt, r, kExitFailed, 0,
+                  absl::StrCat("could not be given a credential: ",
+                               credentials.status().message())});
+      }
+    }
+    return;
+  }
   const std::string master_addr = placement.front().launcher->Address();
   for (const Placement& part : placement) {
     LaunchRequest request;
@@ -793,8 +809,8 @@ void Coordinator::Launch(const JobRecord& queued, const JobSpec& spec,
     request.master_port = *port;
     request.env = {absl::StrCat("MOMENTUM_JOB_ID=", job.id),
                    absl::StrCat("MOMENTUM_ATTEMPT=", job.attempt)};
-    if (!options_.worker_token.empty()) {
-      request.env.push_back("MOMENTUM_TOKEN=" + options_.worker_token);
+    for (int64_t r : part.ranks) {
+      request.credentials.push_back((*credentials)[static_cast<size_t>(r)]);
     }
     if (!report_address.empty()) {
       request.env.push_back("MOMENTUM_COORDINATOR=" + report_address);

@@ -57,6 +57,7 @@
 #include "server/job_view.h"
 #include "server/launcher.h"
 #include "server/placement.h"
+#include "server/rank_credentials.h"
 #include "server/watch_hub.h"
 
 namespace momentum::server {
@@ -75,8 +76,6 @@ struct CoordinatorOptions {
   // Most PENDING jobs one owner may have; 0: no limit. Further submissions
   // are refused with RESOURCE_EXHAUSTED.
   int64_t max_queued_jobs_per_user = 0;
-  // Given to every rank (MOMENTUM_TOKEN) to report its metrics with.
-  std::string worker_token;
   // Open WatchJob and GetJobLogs streams at most.
   size_t max_watch_streams = 512;
   // Time; Clock::Real() when null. Tests pass a fake one.
@@ -145,6 +144,12 @@ class Coordinator : public LaunchEvents {
 
   // A metric sample or heartbeat from a rank of the job's current attempt
   // (reports of other attempts, jobs or ranks are ignored).
+  // Whom a rank's credential (MOMENTUM_TOKEN, issued per launch and rank)
+  // speaks for; nullopt when it is unknown or its gang has ended.
+  std::optional<RankKey> RankOf(const std::string& token) const {
+    return credentials_.Find(token);
+  }
+
   void OnMetric(const std::string& job_id, int64_t attempt,
                 const v1::MetricSample& sample);
   void OnHeartbeat(const std::string& job_id, int64_t attempt, int64_t rank);
@@ -240,6 +245,7 @@ class Coordinator : public LaunchEvents {
   JobLogs logs_;
   WatchHub watchers_;
   ProgressBoard progress_;
+  RankCredentials credentials_;
 
   LoopState loop_state_;  // the loop thread's only
   std::thread loop_;

@@ -92,7 +92,7 @@ int main(int argc, char** argv) {
                  "CA of client certificates: require them (mutual TLS)");
   app.add_option("--token-file", token_file,
                  "accepted bearer tokens, \"TOKEN NAME ROLE\" per line (role: "
-                 "user, agent, worker or admin); without it no token is "
+                 "user, viewer, admin or agent); without it no token is "
                  "asked for");
   app.add_option("--data-root", data_roots,
                  "data.path of a job must lie under one of these "
@@ -177,17 +177,8 @@ int main(int argc, char** argv) {
     }
     tokens = *std::move(loaded);
   }
-  // Ranks report with a token of their own, made afresh by each server.
-  std::string worker_token;
-  if (!tokens.empty()) {
-    auto random = momentum::RandomToken();
-    if (!random.ok()) {
-      std::cerr << "momentum-server: " << random.status().message() << "\n";
-      return 1;
-    }
-    worker_token = *random;
-    tokens.Add(worker_token, {"ranks", momentum::Role::kWorker});
-  }
+  // Ranks report with credentials of their own, one per rank and launch,
+  // which the coordinator issues (server/rank_credentials.h).
 
   auto metrics = momentum::server::ServerMetrics::Create(
       metrics_listen, std::chrono::seconds(retention));
@@ -202,7 +193,6 @@ int main(int argc, char** argv) {
   options.admission.output_roots = output_roots;
   options.admission.max_ranks_per_job = max_ranks;
   options.max_queued_jobs_per_user = max_queued;
-  options.worker_token = worker_token;
   options.max_watch_streams = static_cast<size_t>(max_watch_streams);
   auto coordinator =
       momentum::server::Coordinator::Create(options, metrics->get());

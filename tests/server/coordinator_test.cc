@@ -9,6 +9,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <memory>
 #include <string>
 #include <thread>
@@ -240,6 +241,54 @@ TEST_F(CoordinatorTest, RestartsBackOffDoublingUntilNoneAreLeft) {
   EXPECT_EQ(launcher_->stops().back().job_id, id);
   EXPECT_EQ(launcher_->stops().back().attempt, 4);
   EXPECT_DOUBLE_EQ(launcher_->stops().back().grace_seconds, 0.5);
+}
+
+// Each launch gives each rank a credential of its own, good for its job,
+// attempt and rank while the gang runs; a restart gets new ones.
+TEST_F(CoordinatorTest, EachLaunchGivesEachRankItsOwnCredential) {
+  Open(1);
+  auto other = AddLauncher("agent a", 1);
+  const std::string id = Submit(Spec(2, "max_restarts: 1"));
+  coordinator_->Tick();
+  ASSERT_EQ(launcher_->launches().size(), 1u);
+  ASSERT_EQ(other->launches().size(), 1u);
+  // A launcher gets the credentials of the ranks it runs, and only those.
+  std::map<int64_t, std::string> first;
+  for (const auto& l : {launcher_, other}) {
+    const LaunchRequest request = l->launches()[0];
+    ASSERT_EQ(request.credentials.size(), 1u);
+    first[request.ranks[0]] = request.credentials[0];
+    for (const std::string& env : request.env) {
+      EXPECT_FALSE(absl::StartsWith(env, "MOMENTUM_TOKEN=")) << env;
+    }
+  }
+  ASSERT_EQ(first.size(), 2u);
+  EXPECT_NE(first[0], first[1]);
+  for (const auto& [rank, token] : first) {
+    EXPECT_EQ(coordinator_->RankOf(token), (RankKey{id, 1, rank}));
+  }
+  // The gang fails and is restarted: the old credentials are revoked.
+  launcher_->ExitAll(id, kExitFailed);
+  other->ExitAll(id, kExitFailed);
+  coordinator_->Tick();
+  ASSERT_EQ(State(id), v1::JOB_STATE_RESTARTING);
+  for (const auto& [rank, token] : first) {
+    EXPECT_FALSE(coordinator_->RankOf(token).has_value()) << rank;
+  }
+  clock_.Advance(60);
+  coordinator_->Tick();
+  ASSERT_EQ(State(id), v1::JOB_STATE_RUNNING);
+  const LaunchRequest again = launcher_->launches().back();
+  ASSERT_EQ(again.attempt, 2);
+  ASSERT_EQ(again.credentials.size(), 1u);
+  EXPECT_NE(again.credentials[0], first[again.ranks[0]]);
+  EXPECT_EQ(coordinator_->RankOf(again.credentials[0]),
+            (RankKey{id, 2, again.ranks[0]}));
+  // Cancelled: revoked once its ranks are gone.
+  ASSERT_TRUE(coordinator_->Cancel(id, "test").ok());
+  coordinator_->Tick();
+  coordinator_->Tick();
+  EXPECT_FALSE(coordinator_->RankOf(again.credentials[0]).has_value());
 }
 
 TEST_F(CoordinatorTest, BackOffIsCappedAtAMinute) {

@@ -6,12 +6,17 @@
 #include <filesystem>
 #include <fstream>
 #include <memory>
+#include <string>
+#include <tuple>
+#include <vector>
 
 #include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
 #include "common/job_progress.h"
 #include "server/admission.h"
 #include "server/job_logs.h"
 #include "server/placement.h"
+#include "server/rank_credentials.h"
 #include "server/report_address.h"
 #include "server/watch_hub.h"
 #include "tests/server/fake_launcher.h"
@@ -179,6 +184,57 @@ TEST(AdmissionTest, LimitsAndRootsNameTheField) {
   spec.output_dir = "/etc";
   EXPECT_TRUE(absl::StartsWith(admission.Check(spec).message(), "output_dir"));
   fs::remove_all(dir);
+}
+
+TEST(RankCredentialsTest, EachSpeaksForOneRankOfOneLaunchUntilRevoked) {
+  RankCredentials credentials;
+  absl::StatusOr<std::vector<std::string>> first =
+      credentials.Issue("job-1", 1, 3);
+  ASSERT_TRUE(first.ok()) << first.status();
+  ASSERT_EQ(first->size(), 3u);
+  absl::StatusOr<std::vector<std::string>> second =
+      credentials.Issue("job-2", 1, 1);
+  ASSERT_TRUE(second.ok());
+  EXPECT_EQ(credentials.size(), 4u);
+  for (int64_t r = 0; r < 3; ++r) {
+    const std::string& token = (*first)[static_cast<size_t>(r)];
+    // "rank." + 16 hex digits + "." + 64 hex digits.
+    EXPECT_EQ(token.size(), 5u + 16 + 1 + 64) << token;
+    EXPECT_TRUE(RankCredentials::LooksLikeOne(token)) << token;
+    EXPECT_EQ(credentials.Find(token), (RankKey{"job-1", 1, r}));
+  }
+  EXPECT_NE((*first)[0], (*first)[1]);
+  // A wrong secret behind a right id, a cut or padded token: nobody.
+  std::string forged = (*first)[0];
+  forged.back() = forged.back() == '0' ? '1' : '0';
+  EXPECT_FALSE(credentials.Find(forged).has_value());
+  EXPECT_FALSE(credentials.Find((*first)[0].substr(0, 80)).has_value());
+  EXPECT_FALSE(credentials.Find((*first)[0] + "0").has_value());
+  EXPECT_FALSE(credentials.Find("").has_value());
+  EXPECT_FALSE(RankCredentials::LooksLikeOne("alice-token-0123456789abcdef"));
+  // Revoking one launch leaves the others.
+  credentials.Revoke("job-1", 1);
+  EXPECT_FALSE(credentials.Find((*first)[2]).has_value());
+  EXPECT_EQ(credentials.Find((*second)[0]), (RankKey{"job-2", 1, 0}));
+  EXPECT_EQ(credentials.size(), 1u);
+  credentials.RevokeAll();
+  EXPECT_EQ(credentials.size(), 0u);
+  EXPECT_FALSE(credentials.Find((*second)[0]).has_value());
+}
+
+TEST(RankCredentialsTest, ReportsOnlyAsTheRankItWasIssuedFor) {
+  const RankKey key{"job-3", 2, 1};
+  EXPECT_TRUE(MayReportAs(key, "job-3", 2, 1).ok());
+  for (const auto& [job, attempt, rank] :
+       std::vector<std::tuple<std::string, int64_t, int64_t>>{
+           {"job-3", 2, 0}, {"job-3", 1, 1}, {"job-4", 2, 1}}) {
+    const absl::Status s = MayReportAs(key, job, attempt, rank);
+    EXPECT_TRUE(absl::IsPermissionDenied(s)) << s;
+    EXPECT_EQ(s.message(),
+              absl::StrCat("this credential is for rank 1 of job-3 (attempt "
+                           "2); it may not report for rank ",
+                           rank, " of \"", job, "\" (attempt ", attempt, ")"));
+  }
 }
 
 TEST(ReportAddressTest, WildcardHostsBecomeTheHostname) {

@@ -9,12 +9,14 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "absl/strings/match.h"
@@ -65,9 +67,14 @@ class ServerDefectsTest : public ::testing::Test {
                                      "--metrics-listen=127.0.0.1:0",
                                      "--state-dir=" + dir_ + "/state",
                                      "--worker=" + worker,
-                                     "--slots=1",
                                      "--gpus=none",
                                      "--ready-file=" + ready};
+    // One slot unless the test asks for more.
+    if (std::none_of(flags.begin(), flags.end(), [](const std::string& f) {
+          return absl::StartsWith(f, "--slots=");
+        })) {
+      args.push_back("--slots=1");
+    }
     args.insert(args.end(), flags.begin(), flags.end());
     server_ = std::make_unique<Process>(args, dir_ + "/" + name + ".log");
     if (!Eventually([&] { return fs::exists(ready); }, seconds(30))) {
@@ -392,6 +399,175 @@ TEST_F(ServerDefectsTest, RanksDoNotInheritTheServersSecrets) {
            "\nPATH=", "\nOMP_NUM_THREADS=3\n", "\nCUDA_VISIBLE_DEVICES=\n"}) {
     EXPECT_TRUE(absl::StrContains("\n" + env, var)) << var << "\n" << env;
   }
+}
+
+// One report stream to the internal service with `token`: the hello, then
+// one sample at `step` with a kNN accuracy of step / 100 (which the job's
+// progress takes from any rank). Returns how the server ended the stream.
+grpc::Status Report(const std::shared_ptr<grpc::Channel>& channel,
+                    const std::string& token, const std::string& job_id,
+                    int32_t attempt, int32_t rank, int64_t step) {
+  auto internal = v1::InternalService::NewStub(channel);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + seconds(10));
+  if (!token.empty()) ctx.AddMetadata("authorization", "Bearer " + token);
+  v1::WorkerReportAck ack;
+  auto stream = internal->ReportMetrics(&ctx, &ack);
+  v1::WorkerReport hello;
+  hello.mutable_hello()->set_job_id(job_id);
+  hello.mutable_hello()->set_attempt(attempt);
+  hello.mutable_hello()->set_rank(rank);
+  v1::WorkerReport sample;
+  sample.mutable_metric()->set_step(step);
+  sample.mutable_metric()->set_epoch(0.5);
+  sample.mutable_metric()->set_knn_top1(static_cast<double>(step) / 100);
+  if (stream->Write(hello)) stream->Write(sample);
+  stream->WritesDone();
+  return stream->Finish();
+}
+
+// Was: every rank of every job reported with one worker token, so a rank
+// (or anyone who read its environment) could send metrics for another job
+// under any rank number. Now each launch gives each rank a credential of
+// its own, good for its job, attempt and rank, and revoked when the gang
+// ends; a user's token may not report at all.
+TEST_F(ServerDefectsTest, RankCredentialReportsForItsOwnRankOnly) {
+  const std::string alice = "alice-token-0123456789abcdef";
+  std::ofstream(dir_ + "/tokens") << alice << " alice user\n";
+  const std::string worker =
+      WaitingWorker("printf %s \"$MOMENTUM_TOKEN\" > " + dir_ +
+                    "/token-$MOMENTUM_JOB_ID-$RANK.tmp && mv " + dir_ +
+                    "/token-$MOMENTUM_JOB_ID-$RANK.tmp " + dir_ +
+                    "/token-$MOMENTUM_JOB_ID-$RANK");
+  ASSERT_TRUE(
+      StartServer(worker, {"--slots=3", "--token-file=" + dir_ + "/tokens"}));
+  client_->set_token(alice);
+  const v1::Job two = client_->Submit(
+      "name: t\ndata: {path: /nonexistent}\noptim: {batch_size: 12}\n"
+      "resources: {nproc: 2, device: cpu}\n");
+  const v1::Job one = client_->Submit(Spec());
+  ASSERT_FALSE(two.id().empty());
+  ASSERT_FALSE(one.id().empty());
+  const auto token_of = [&](const std::string& id, int rank) {
+    const std::string path = absl::StrCat(dir_, "/token-", id, "-", rank);
+    EXPECT_TRUE(Eventually([&] { return fs::exists(path); })) << path;
+    return ReadFile(path);
+  };
+  const std::string t0 = token_of(two.id(), 0), t1 = token_of(two.id(), 1),
+                    other = token_of(one.id(), 0);
+  EXPECT_NE(t0, t1);
+  EXPECT_NE(t0, other);
+  EXPECT_FALSE(absl::StrContains(t0, alice));
+
+  // Its own job, attempt and rank: taken (the job's progress shows it).
+  const auto knn_of = [&](const std::string& id) {
+    return client_->Get(id).progress().knn_top1();
+  };
+  EXPECT_TRUE(Report(client_->channel(), t1, two.id(), 1, 1, 7).ok());
+  EXPECT_TRUE(Eventually([&] { return knn_of(two.id()) == 0.07; }));
+  // Another rank of its job, another job, another attempt: refused.
+  for (const auto& [job, attempt, rank] :
+       std::vector<std::tuple<std::string, int, int>>{
+           {two.id(), 1, 0}, {one.id(), 1, 0}, {two.id(), 2, 1}}) {
+    const grpc::Status refused =
+        Report(client_->channel(), t1, job, attempt, rank, 99);
+    EXPECT_EQ(refused.error_code(), grpc::StatusCode::PERMISSION_DENIED)
+        << job << " " << attempt << " " << rank << ": "
+        << refused.error_message();
+    EXPECT_TRUE(
+        absl::StrContains(refused.error_message(),
+                          "this credential is for rank 1 of " + two.id()))
+        << refused.error_message();
+  }
+  EXPECT_EQ(knn_of(one.id()), -1);
+  EXPECT_EQ(knn_of(two.id()), 0.07);
+  // No credential, a made-up one, a user's token: refused.
+  EXPECT_EQ(Report(client_->channel(), "", one.id(), 1, 0, 99).error_code(),
+            grpc::StatusCode::UNAUTHENTICATED);
+  EXPECT_EQ(Report(client_->channel(),
+                   "rank.0123456789abcdef." + std::string(64, '0'), one.id(), 1,
+                   0, 99)
+                .error_code(),
+            grpc::StatusCode::UNAUTHENTICATED);
+  EXPECT_EQ(Report(client_->channel(), alice, one.id(), 1, 0, 99).error_code(),
+            grpc::StatusCode::PERMISSION_DENIED);
+  // A rank's credential is nothing on the job API.
+  {
+    TestJobClient as_rank(address_);
+    as_rank.set_token(t1);
+    grpc::ClientContext ctx;
+    as_rank.Prepare(&ctx);
+    v1::ListJobsResponse listed;
+    EXPECT_EQ(as_rank.stub()
+                  .ListJobs(&ctx, v1::ListJobsRequest(), &listed)
+                  .error_code(),
+              grpc::StatusCode::UNAUTHENTICATED);
+  }
+  EXPECT_EQ(knn_of(one.id()), -1);
+
+  // The gang ends: its credentials are revoked.
+  ReleaseAndExpectSuccess(two.id());
+  EXPECT_EQ(Report(client_->channel(), t1, two.id(), 1, 1, 8).error_code(),
+            grpc::StatusCode::UNAUTHENTICATED);
+  EXPECT_TRUE(client_->WaitForState(one.id(), v1::JOB_STATE_SUCCEEDED));
+}
+
+// Was: an agent named itself (AgentHello.agent_id): any agent token could
+// take another agent's name. Now the name is the one the agent proved (its
+// token's name), qualified by what it asks for, one session per name.
+TEST_F(ServerDefectsTest, AgentsGoByTheNameTheyProved) {
+  const std::string node1 = "node1-token-0123456789abcdef";
+  const std::string node2 = "node2-token-0123456789abcdef";
+  std::ofstream(dir_ + "/tokens") << node1 << " node-1 agent\n"
+                                  << node2 << " node-2 agent\n";
+  ASSERT_TRUE(
+      StartServer(WriteWorker("exit 0"), {"--token-file=" + dir_ + "/tokens"}));
+  auto internal = v1::InternalService::NewStub(client_->channel());
+  struct Session {
+    grpc::ClientContext ctx;
+    std::unique_ptr<
+        grpc::ClientReaderWriter<v1::AgentMessage, v1::AgentCommand>>
+        stream;
+  };
+  // Opens a session as `token` asking for `asked`; the welcome's name, or
+  // the status the server ended it with.
+  std::vector<std::unique_ptr<Session>> open;
+  const auto join = [&](const std::string& token, const std::string& asked) {
+    auto session = std::make_unique<Session>();
+    session->ctx.AddMetadata("authorization", "Bearer " + token);
+    session->stream = internal->AgentSession(&session->ctx);
+    v1::AgentMessage hello;
+    hello.mutable_hello()->set_hostname("h");
+    hello.mutable_hello()->set_advertise_address("127.0.0.1");
+    hello.mutable_hello()->set_slots(1);
+    hello.mutable_hello()->set_agent_id(asked);
+    session->stream->Write(hello);
+    v1::AgentCommand welcome;
+    std::string got;
+    if (session->stream->Read(&welcome)) {
+      got = welcome.welcome_agent_id();
+    } else {
+      const grpc::Status status = session->stream->Finish();
+      got = absl::StrCat("refused ", status.error_code(), ": ",
+                         status.error_message());
+    }
+    open.push_back(std::move(session));
+    return got;
+  };
+  EXPECT_EQ(join(node1, ""), "node-1");
+  // node-1 cannot take node-2's name: it gets it under its own.
+  EXPECT_EQ(join(node1, "node-2"), "node-1/node-2");
+  EXPECT_EQ(join(node2, "node-2"), "node-2");
+  // One session per name.
+  EXPECT_TRUE(absl::StartsWith(
+      join(node1, "node-2"),
+      absl::StrCat("refused ", grpc::StatusCode::ALREADY_EXISTS)));
+  // A second agent on node-1's token without a name of its own: numbered.
+  EXPECT_TRUE(absl::StartsWith(join(node1, ""), "node-1/"));
+  EXPECT_TRUE(absl::StartsWith(
+      join(node1, "../x"),
+      absl::StrCat("refused ", grpc::StatusCode::INVALID_ARGUMENT)));
+  for (auto& session : open) session->ctx.TryCancel();
 }
 
 }  // namespace
