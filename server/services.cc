@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "server/agent_launcher.h"
 #include "server/gpus.h"
+#include "server/request_limits.h"
 
 namespace momentum::server {
 namespace {
@@ -155,12 +156,14 @@ grpc::Status ToGrpc(const absl::Status& status) {
 
 grpc::Status JobServiceImpl::Access(const grpc::ServerContext* context,
                                     JobAccess access, const std::string& job_id,
-                                    absl::StatusOr<v1::Job>* job) {
+                                    absl::StatusOr<v1::Job>* job,
+                                    std::string* caller) {
   Identity who;
   if (grpc::Status denied = IdentifyCaller(context, *tokens_, &who);
       !denied.ok()) {
     return denied;
   }
+  if (caller != nullptr) *caller = who.name;
   // Agents and ranks are refused before the job is looked up.
   if (who.role == Role::kAgent || who.role == Role::kWorker) {
     return MayAccess(who, access, "", "");
@@ -249,14 +252,15 @@ grpc::Status JobServiceImpl::WatchJob(
     grpc::ServerWriter<v1::WatchJobEvent>* writer) {
   RpcRecord rpc(metrics_, "WatchJob");
   absl::StatusOr<v1::Job> job;
+  std::string caller;
   if (grpc::Status denied =
-          Access(context, JobAccess::kRead, request->job_id(), &job);
+          Access(context, JobAccess::kRead, request->job_id(), &job, &caller);
       !denied.ok()) {
     return rpc.Done(denied);
   }
   absl::StatusOr<std::shared_ptr<Subscription>> subscription =
       coordinator_->Watch(request->job_id(), request->metrics(),
-                          request->logs());
+                          request->logs(), caller);
   if (!subscription.ok()) return rpc.Done(ToGrpc(subscription.status()));
   grpc::Status status = grpc::Status::OK;
   while (true) {
@@ -280,8 +284,9 @@ grpc::Status JobServiceImpl::GetJobLogs(
     grpc::ServerWriter<v1::LogLine>* writer) {
   RpcRecord rpc(metrics_, "GetJobLogs");
   absl::StatusOr<v1::Job> job;
+  std::string caller;
   if (grpc::Status denied =
-          Access(context, JobAccess::kRead, request->job_id(), &job);
+          Access(context, JobAccess::kRead, request->job_id(), &job, &caller);
       !denied.ok()) {
     return rpc.Done(denied);
   }
@@ -290,7 +295,7 @@ grpc::Status JobServiceImpl::GetJobLogs(
   std::shared_ptr<Subscription> subscription;
   if (request->follow()) {
     absl::StatusOr<std::shared_ptr<Subscription>> s =
-        coordinator_->Watch(request->job_id(), false, true);
+        coordinator_->Watch(request->job_id(), false, true, caller);
     if (!s.ok()) return rpc.Done(ToGrpc(s.status()));
     subscription = *s;
   }
@@ -381,6 +386,9 @@ grpc::Status InternalServiceImpl::AgentSession(
   if (hello.advertise_address().empty()) {
     return rpc.Done(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
                                  "AgentHello.advertise_address is empty"));
+  }
+  if (absl::Status s = CheckAgentHello(hello); !s.ok()) {
+    return rpc.Done(ToGrpc(s));
   }
   const std::vector<int> gpus(hello.gpus().begin(), hello.gpus().end());
   if (absl::Status s = CheckGpuIndices(gpus, "AgentHello.gpus"); !s.ok()) {

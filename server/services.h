@@ -73,8 +73,10 @@ class JobServiceImpl final : public v1::JobService::Service {
  private:
   // Identifies the caller, reads the job into `job` and checks the matrix
   // (MayAccess) for `access` to it.
+  // `caller`, when not null, gets the caller's name.
   grpc::Status Access(const grpc::ServerContext* context, JobAccess access,
-                      const std::string& job_id, absl::StatusOr<v1::Job>* job);
+                      const std::string& job_id, absl::StatusOr<v1::Job>* job,
+                      std::string* caller = nullptr);
 
   Coordinator* const coordinator_;
   ServerMetrics* const metrics_;

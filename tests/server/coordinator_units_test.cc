@@ -13,6 +13,7 @@
 #include "server/job_logs.h"
 #include "server/placement.h"
 #include "server/report_address.h"
+#include "server/request_limits.h"
 #include "server/watch_hub.h"
 #include "tests/server/fake_launcher.h"
 
@@ -179,6 +180,56 @@ TEST(AdmissionTest, LimitsAndRootsNameTheField) {
   spec.output_dir = "/etc";
   EXPECT_TRUE(absl::StartsWith(admission.Check(spec).message(), "output_dir"));
   fs::remove_all(dir);
+}
+
+TEST(RequestLimitsTest, AgentHelloIsBoundedNamingTheField) {
+  v1::AgentHello hello;
+  hello.set_hostname("node-1.example.org");
+  hello.set_advertise_address("[fd00::1]:7000");
+  hello.set_agent_id("node-1");
+  hello.set_slots(65536);
+  for (int i = 0; i < 1024; ++i) hello.add_gpus(i);
+  EXPECT_TRUE(CheckAgentHello(hello).ok()) << CheckAgentHello(hello);
+
+  auto refused = [](const v1::AgentHello& bad) {
+    const absl::Status status = CheckAgentHello(bad);
+    EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+    return std::string(status.message());
+  };
+  v1::AgentHello bad = hello;
+  bad.set_hostname(std::string(254, 'h'));
+  EXPECT_EQ(refused(bad),
+            "AgentHello.hostname must have at most 253 bytes, got 254");
+  bad = hello;
+  bad.set_hostname("node\x1b[2J");
+  EXPECT_EQ(refused(bad),
+            "AgentHello.hostname must match [A-Za-z0-9._-]*, got "
+            "\"node\\x1b[2J\"");
+  bad = hello;
+  bad.set_advertise_address(std::string(262, 'a'));
+  EXPECT_EQ(refused(bad),
+            "AgentHello.advertise_address must have at most 261 bytes, got "
+            "262");
+  bad = hello;
+  bad.set_advertise_address("10.0.0.1 :7000");
+  EXPECT_EQ(refused(bad),
+            "AgentHello.advertise_address must be printable ASCII without "
+            "spaces, got \"10.0.0.1 :7000\"");
+  bad = hello;
+  bad.set_agent_id(std::string(129, 'i'));
+  EXPECT_EQ(refused(bad),
+            "AgentHello.agent_id must have at most 128 bytes, got 129");
+  bad = hello;
+  bad.set_agent_id("a/b");
+  EXPECT_EQ(refused(bad),
+            "AgentHello.agent_id must match [A-Za-z0-9._-]*, got \"a/b\"");
+  bad = hello;
+  bad.set_slots(65537);
+  EXPECT_EQ(refused(bad), "AgentHello.slots must be <= 65536, got 65537");
+  bad = hello;
+  bad.add_gpus(1024);
+  EXPECT_EQ(refused(bad),
+            "AgentHello.gpus must have at most 1024 entries, got 1025");
 }
 
 TEST(ReportAddressTest, WildcardHostsBecomeTheHostname) {
