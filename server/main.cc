@@ -157,7 +157,8 @@ int main(int argc, char** argv) {
                  "with a notice of how many (0: no limit)")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
-  app.add_option("--log-bytes-per-second", log_rate.bytes_per_second,
+  int64_t log_bytes_per_second = 1 << 20;
+  app.add_option("--log-bytes-per-second", log_bytes_per_second,
                  "bytes per second each rank may log (0: no limit)")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
@@ -249,6 +250,7 @@ int main(int argc, char** argv) {
   options.max_watch_streams_per_user =
       static_cast<size_t>(max_watch_streams_per_user);
   options.limits = limits;
+  log_rate.bytes_per_second = static_cast<double>(log_bytes_per_second);
   options.log_rate = log_rate;
   auto coordinator =
       momentum::server::Coordinator::Create(options, metrics->get());
