@@ -21,6 +21,7 @@
 #include "common/job_spec.h"
 #include "common/process.h"
 #include "common/status_macros.h"
+#include "common/utf8.h"
 #include "server/gpus.h"
 #include "server/local_launcher.h"
 #include "server/server_metrics.h"
@@ -422,12 +423,22 @@ void Coordinator::OnRankOutput(const std::string& job_id, int64_t attempt,
     auto gang = live_gangs_.find({job_id, attempt});
     if (gang == live_gangs_.end() || rank < 0 || rank >= gang->second) return;
   }
-  const LogRateLimiter::Verdict verdict =
-      log_rate_.Admit(job_id, rank, line.size(), clock_.Now());
-  if (verdict.dropped_before > 0) {
-    StoreDroppedNotice(job_id, rank, verdict.dropped_before);
-  }
-  if (verdict.keep) StoreOutput(job_id, rank, line);
+  // Log lines are proto strings, which must be UTF-8 (a message with other
+  // bytes does not serialize: `logs` and `watch` would break on it), so
+  // the rank's bytes are made valid and cut into pieces that end between
+  // characters.
+  const std::string text = ToValidUtf8(line);
+  std::string_view rest = text;
+  do {
+    const size_t n = Utf8CutPoint(rest, JobLogs::kMaxLineBytes);
+    const LogRateLimiter::Verdict verdict =
+        log_rate_.Admit(job_id, rank, n, clock_.Now());
+    if (verdict.dropped_before > 0) {
+      StoreDroppedNotice(job_id, rank, verdict.dropped_before);
+    }
+    if (verdict.keep) StoreOutput(job_id, rank, std::string(rest.substr(0, n)));
+    rest.remove_prefix(n);
+  } while (!rest.empty());
 }
 
 void Coordinator::StoreDroppedNotice(const std::string& job_id, int64_t rank,
@@ -643,7 +654,9 @@ void Coordinator::HandleExit(const Exit& exit) {
       std::string reason =
           absl::StrCat("rank ", exit.rank, " ", exit.description);
       if (bad_input) absl::StrAppend(&reason, " (bad input: not retried)");
-      const std::string tail = logs_.LastLine(exit.job_id, exit.rank);
+      // Its cut may fall inside a character.
+      const std::string tail =
+          ToValidUtf8(logs_.LastLine(exit.job_id, exit.rank));
       if (!tail.empty()) absl::StrAppend(&reason, ": ", tail);
       FailGang(*before, run, reason, /*retry=*/!bad_input);
     }

@@ -589,6 +589,33 @@ TEST_F(CoordinatorTest, LongLinesAreCutAndTheFailureReasonBounded) {
   EXPECT_LT(job.state_reason().size(), 1024u) << job.state_reason().size();
 }
 
+// Log lines are proto strings, which must be UTF-8: a byte that is not
+// becomes U+FFFD (EF BF BD), and pieces of a long line end between
+// characters. 6000 x U+65E5 (E6 97 A5, 3 bytes) = 18000 bytes: the first
+// piece holds floor(16384 / 3) = 5461 characters (16383 bytes), the second
+// the other 539 (1617 bytes).
+TEST_F(CoordinatorTest, LogLinesAreValidUtf8AndCutBetweenCharacters) {
+  const std::string id = Submit(Spec(1, "max_restarts: 0"));
+  coordinator_->Tick();
+  coordinator_->OnRankOutput(id, 1, 0, "bad \xff byte, cut \xe6\x97");
+  std::string wide;
+  for (int i = 0; i < 6000; ++i) wide += "\xe6\x97\xa5";
+  coordinator_->OnRankOutput(id, 1, 0, wide);
+  auto logs = coordinator_->ReadLogs(id, 0, 0);
+  ASSERT_TRUE(logs.ok());
+  ASSERT_EQ(logs->size(), 3u);
+  EXPECT_EQ((*logs)[0].text(),
+            "bad \xef\xbf\xbd byte, cut \xef\xbf\xbd\xef\xbf\xbd");
+  EXPECT_EQ((*logs)[1].text().size(), 16383u);
+  EXPECT_EQ((*logs)[2].text().size(), 1617u);
+  EXPECT_EQ((*logs)[1].text() + (*logs)[2].text(), wide);
+  // Every line serializes (a proto string with other bytes would not).
+  for (const v1::LogLine& line : *logs) {
+    std::string bytes;
+    EXPECT_TRUE(line.SerializeToString(&bytes));
+  }
+}
+
 TEST_F(CoordinatorTest, ResultComesFromRankZerosAccountOnTheStream) {
   const std::string id = Submit(Spec(2));
   coordinator_->Tick();

@@ -363,6 +363,24 @@ TEST_F(ServerDefectsTest, OversizedRequestsAreRefusedAndNothingIsStored) {
   EXPECT_EQ(client_->StoredJobs(), 1);
 }
 
+// Was: a rank that printed a byte that is not UTF-8 (a Latin-1 é) made
+// its log line an invalid proto string, and `momentum logs` hung. Now the
+// byte is stored as U+FFFD, and the client prints the line with its escape
+// sequence made visible (issue 16, point 5).
+TEST_F(ServerDefectsTest, RankBytesAreStoredAsUtf8AndPrintedEscaped) {
+  ASSERT_TRUE(
+      StartServer(WriteWorker("printf 'caf\\351 \\033[2Jgone\\n'; echo after")))
+      << server_->log();
+  const v1::Job job = client_->Submit(Spec());
+  ASSERT_TRUE(client_->WaitForState(job.id(), v1::JOB_STATE_SUCCEEDED));
+  Process cli({BinaryDir() + "/client/momentum", "--server=" + address_,
+               "--timeout=30", "logs", job.id()},
+              dir_ + "/cli.log");
+  EXPECT_EQ(cli.WaitForExit(), 0);
+  EXPECT_EQ(ReadFile(dir_ + "/cli.log"),
+            "caf\xef\xbf\xbd \\x1b[2Jgone\nafter\n");
+}
+
 // Issue 16: a rank that floods its output is cut to the log rate (here 10
 // lines/s in bursts of 1 s), with notices saying how many lines were
 // dropped; the stored log is bounded and accounts for every line.
