@@ -11,6 +11,7 @@
 #include "common/job_progress.h"
 #include "server/admission.h"
 #include "server/job_logs.h"
+#include "server/log_rate.h"
 #include "server/placement.h"
 #include "server/report_address.h"
 #include "server/request_limits.h"
@@ -180,6 +181,37 @@ TEST(AdmissionTest, LimitsAndRootsNameTheField) {
   spec.output_dir = "/etc";
   EXPECT_TRUE(absl::StartsWith(admission.Check(spec).message(), "output_dir"));
   fs::remove_all(dir);
+}
+
+// Bytes only: 100 bytes/s in bursts of 1 s, so the bucket holds 100 bytes,
+// resumes at 50, and no line costs more than 50.
+TEST(LogRateLimiterTest, ByteBucketDropsThenTellsHowManyOnceRefilled) {
+  LogRateLimiter limiter({/*lines_per_second=*/0, /*bytes_per_second=*/100,
+                          /*burst_seconds=*/1});
+  const Clock::TimePoint t0 = Clock::TimePoint() + std::chrono::hours(1);
+  auto admit = [&](size_t bytes, double at, const std::string& job = "job-1") {
+    return limiter.Admit(job, 0, bytes, t0 + Seconds(at));
+  };
+  EXPECT_TRUE(admit(40, 0).keep);               // 60 left
+  EXPECT_TRUE(admit(40, 0).keep);               // 20 left
+  EXPECT_FALSE(admit(40, 0).keep);              // dropped (1)
+  EXPECT_FALSE(admit(1, 0.2).keep);             // 40 < 50: still dropping (2)
+  LogRateLimiter::Verdict v = admit(40, 0.35);  // 55: resumes
+  EXPECT_TRUE(v.keep);
+  EXPECT_EQ(v.dropped_before, 2);  // 15 left
+  v = admit(1000, 1.5);            // 100, and the line costs 50
+  EXPECT_TRUE(v.keep);
+  EXPECT_EQ(v.dropped_before, 0);
+  EXPECT_TRUE(admit(50, 1.5).keep);  // 0 left
+  EXPECT_FALSE(admit(1, 1.5).keep);  // dropped, not yet told
+  EXPECT_EQ(limiter.TakeDropped("job-1", 0), 1);
+  EXPECT_EQ(limiter.TakeDropped("job-1", 0), 0);
+  // Another job has a bucket of its own; a forgotten job starts full.
+  EXPECT_TRUE(admit(100, 1.5, "job-2").keep);  // costs 50: 50 left
+  EXPECT_TRUE(admit(100, 1.5, "job-2").keep);  // 0 left
+  limiter.Forget("job-1");
+  EXPECT_TRUE(admit(50, 1.5).keep);
+  EXPECT_FALSE(admit(1, 1.5, "job-2").keep);
 }
 
 TEST(RequestLimitsTest, AgentHelloIsBoundedNamingTheField) {
