@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "server/agent_launcher.h"
 #include "server/gpus.h"
+#include "server/request_limits.h"
 
 namespace momentum::server {
 namespace {
@@ -158,12 +159,14 @@ grpc::Status ToGrpc(const absl::Status& status) {
 
 grpc::Status JobServiceImpl::Access(const grpc::ServerContext* context,
                                     JobAccess access, const std::string& job_id,
-                                    absl::StatusOr<v1::Job>* job) {
+                                    absl::StatusOr<v1::Job>* job,
+                                    std::string* caller) {
   Identity who;
   if (grpc::Status denied = IdentifyCaller(context, *tokens_, &who);
       !denied.ok()) {
     return denied;
   }
+  if (caller != nullptr) *caller = who.name;
   // Agents are refused before the job is looked up.
   if (who.role == Role::kAgent) {
     return MayAccess(who, access, "", "");
@@ -252,14 +255,15 @@ grpc::Status JobServiceImpl::WatchJob(
     grpc::ServerWriter<v1::WatchJobEvent>* writer) {
   RpcRecord rpc(metrics_, "WatchJob");
   absl::StatusOr<v1::Job> job;
+  std::string caller;
   if (grpc::Status denied =
-          Access(context, JobAccess::kRead, request->job_id(), &job);
+          Access(context, JobAccess::kRead, request->job_id(), &job, &caller);
       !denied.ok()) {
     return rpc.Done(denied);
   }
   absl::StatusOr<std::shared_ptr<Subscription>> subscription =
       coordinator_->Watch(request->job_id(), request->metrics(),
-                          request->logs());
+                          request->logs(), caller);
   if (!subscription.ok()) return rpc.Done(ToGrpc(subscription.status()));
   grpc::Status status = grpc::Status::OK;
   while (true) {
@@ -283,8 +287,9 @@ grpc::Status JobServiceImpl::GetJobLogs(
     grpc::ServerWriter<v1::LogLine>* writer) {
   RpcRecord rpc(metrics_, "GetJobLogs");
   absl::StatusOr<v1::Job> job;
+  std::string caller;
   if (grpc::Status denied =
-          Access(context, JobAccess::kRead, request->job_id(), &job);
+          Access(context, JobAccess::kRead, request->job_id(), &job, &caller);
       !denied.ok()) {
     return rpc.Done(denied);
   }
@@ -293,7 +298,7 @@ grpc::Status JobServiceImpl::GetJobLogs(
   std::shared_ptr<Subscription> subscription;
   if (request->follow()) {
     absl::StatusOr<std::shared_ptr<Subscription>> s =
-        coordinator_->Watch(request->job_id(), false, true);
+        coordinator_->Watch(request->job_id(), false, true, caller);
     if (!s.ok()) return rpc.Done(ToGrpc(s.status()));
     subscription = *s;
   }
@@ -381,15 +386,8 @@ grpc::Status InternalServiceImpl::ReportMetrics(
 
 absl::StatusOr<std::string> InternalServiceImpl::ClaimAgentName(
     const std::string& proven, const v1::AgentHello& hello) {
+  // Its length and characters are checked (CheckAgentHello).
   const std::string& asked = hello.agent_id();
-  if (asked.size() > kMaxAgentIdLength ||
-      asked.find_first_not_of("abcdefghijklmnopqrstuvwxyz"
-                              "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-") !=
-          std::string::npos) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("AgentHello.agent_id must be at most ", kMaxAgentIdLength,
-                     " characters of A-Z, a-z, 0-9, '.', '_' and '-'"));
-  }
   absl::MutexLock lock(&sessions_mu_);
   std::string id;
   if (proven.empty()) {
@@ -441,6 +439,9 @@ grpc::Status InternalServiceImpl::AgentSession(
   if (hello.advertise_address().empty()) {
     return rpc.Done(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
                                  "AgentHello.advertise_address is empty"));
+  }
+  if (absl::Status s = CheckAgentHello(hello); !s.ok()) {
+    return rpc.Done(ToGrpc(s));
   }
   const std::vector<int> gpus(hello.gpus().begin(), hello.gpus().end());
   if (absl::Status s = CheckGpuIndices(gpus, "AgentHello.gpus"); !s.ok()) {

@@ -77,8 +77,10 @@ class JobServiceImpl final : public v1::JobService::Service {
  private:
   // Identifies the caller, reads the job into `job` and checks the matrix
   // (MayAccess) for `access` to it.
+  // `caller`, when not null, gets the caller's name.
   grpc::Status Access(const grpc::ServerContext* context, JobAccess access,
-                      const std::string& job_id, absl::StatusOr<v1::Job>* job);
+                      const std::string& job_id, absl::StatusOr<v1::Job>* job,
+                      std::string* caller = nullptr);
 
   Coordinator* const coordinator_;
   ServerMetrics* const metrics_;
@@ -100,8 +102,6 @@ class InternalServiceImpl final : public v1::InternalService::Service {
       override;
 
  private:
-  static constexpr size_t kMaxAgentIdLength = 128;
-
   // The name an agent's session goes by, reserved until the session ends:
   // the name it proved (`proven`: its token's name or certificate's common
   // name) or, when it asks for another (AgentHello.agent_id), "proven/asked"

@@ -15,9 +15,11 @@
 #include "common/job_progress.h"
 #include "server/admission.h"
 #include "server/job_logs.h"
+#include "server/log_rate.h"
 #include "server/placement.h"
 #include "server/rank_credentials.h"
 #include "server/report_address.h"
+#include "server/request_limits.h"
 #include "server/watch_hub.h"
 #include "tests/server/fake_launcher.h"
 
@@ -235,6 +237,87 @@ TEST(RankCredentialsTest, ReportsOnlyAsTheRankItWasIssuedFor) {
                            "2); it may not report for rank ",
                            rank, " of \"", job, "\" (attempt ", attempt, ")"));
   }
+}
+
+// Bytes only: 100 bytes/s in bursts of 1 s, so the bucket holds 100 bytes,
+// resumes at 50, and no line costs more than 50.
+TEST(LogRateLimiterTest, ByteBucketDropsThenTellsHowManyOnceRefilled) {
+  LogRateLimiter limiter({/*lines_per_second=*/0, /*bytes_per_second=*/100,
+                          /*burst_seconds=*/1});
+  const Clock::TimePoint t0 = Clock::TimePoint() + std::chrono::hours(1);
+  auto admit = [&](size_t bytes, double at, const std::string& job = "job-1") {
+    return limiter.Admit(job, 0, bytes, t0 + Seconds(at));
+  };
+  EXPECT_TRUE(admit(40, 0).keep);               // 60 left
+  EXPECT_TRUE(admit(40, 0).keep);               // 20 left
+  EXPECT_FALSE(admit(40, 0).keep);              // dropped (1)
+  EXPECT_FALSE(admit(1, 0.2).keep);             // 40 < 50: still dropping (2)
+  LogRateLimiter::Verdict v = admit(40, 0.35);  // 55: resumes
+  EXPECT_TRUE(v.keep);
+  EXPECT_EQ(v.dropped_before, 2);  // 15 left
+  v = admit(1000, 1.5);            // 100, and the line costs 50
+  EXPECT_TRUE(v.keep);
+  EXPECT_EQ(v.dropped_before, 0);
+  EXPECT_TRUE(admit(50, 1.5).keep);  // 0 left
+  EXPECT_FALSE(admit(1, 1.5).keep);  // dropped, not yet told
+  EXPECT_EQ(limiter.TakeDropped("job-1", 0), 1);
+  EXPECT_EQ(limiter.TakeDropped("job-1", 0), 0);
+  // Another job has a bucket of its own; a forgotten job starts full.
+  EXPECT_TRUE(admit(100, 1.5, "job-2").keep);  // costs 50: 50 left
+  EXPECT_TRUE(admit(100, 1.5, "job-2").keep);  // 0 left
+  limiter.Forget("job-1");
+  EXPECT_TRUE(admit(50, 1.5).keep);
+  EXPECT_FALSE(admit(1, 1.5, "job-2").keep);
+}
+
+TEST(RequestLimitsTest, AgentHelloIsBoundedNamingTheField) {
+  v1::AgentHello hello;
+  hello.set_hostname("node-1.example.org");
+  hello.set_advertise_address("[fd00::1]:7000");
+  hello.set_agent_id("node-1");
+  hello.set_slots(65536);
+  for (int i = 0; i < 1024; ++i) hello.add_gpus(i);
+  EXPECT_TRUE(CheckAgentHello(hello).ok()) << CheckAgentHello(hello);
+
+  auto refused = [](const v1::AgentHello& bad) {
+    const absl::Status status = CheckAgentHello(bad);
+    EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+    return std::string(status.message());
+  };
+  v1::AgentHello bad = hello;
+  bad.set_hostname(std::string(254, 'h'));
+  EXPECT_EQ(refused(bad),
+            "AgentHello.hostname must have at most 253 bytes, got 254");
+  bad = hello;
+  bad.set_hostname("node\x1b[2J");
+  EXPECT_EQ(refused(bad),
+            "AgentHello.hostname must match [A-Za-z0-9._-]*, got "
+            "\"node\\x1b[2J\"");
+  bad = hello;
+  bad.set_advertise_address(std::string(262, 'a'));
+  EXPECT_EQ(refused(bad),
+            "AgentHello.advertise_address must have at most 261 bytes, got "
+            "262");
+  bad = hello;
+  bad.set_advertise_address("10.0.0.1 :7000");
+  EXPECT_EQ(refused(bad),
+            "AgentHello.advertise_address must be printable ASCII without "
+            "spaces, got \"10.0.0.1 :7000\"");
+  bad = hello;
+  bad.set_agent_id(std::string(129, 'i'));
+  EXPECT_EQ(refused(bad),
+            "AgentHello.agent_id must have at most 128 bytes, got 129");
+  bad = hello;
+  bad.set_agent_id("a/b");
+  EXPECT_EQ(refused(bad),
+            "AgentHello.agent_id must match [A-Za-z0-9._-]*, got \"a/b\"");
+  bad = hello;
+  bad.set_slots(65537);
+  EXPECT_EQ(refused(bad), "AgentHello.slots must be <= 65536, got 65537");
+  bad = hello;
+  bad.add_gpus(1024);
+  EXPECT_EQ(refused(bad),
+            "AgentHello.gpus must have at most 1024 entries, got 1025");
 }
 
 TEST(ReportAddressTest, WildcardHostsBecomeTheHostname) {
