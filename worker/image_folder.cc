@@ -259,17 +259,12 @@ bool IsJpeg(const uint8_t* bytes, size_t size) {
   return size >= 2 && bytes[0] == 0xFF && bytes[1] == 0xD8;
 }
 
-// Decodes by content, not by extension. With `header_only` the pixels are
-// left empty (JPEG: only the header is parsed; PNG: channels from IHDR).
-// `eighths` (JPEG only) picks a DCT scale from the full size, which `full`
-// (if given) receives.
-absl::StatusOr<Image> DecodeImageFile(
-    const std::string& path, bool header_only,
-    const Dataset::EighthsFn* eighths = nullptr, Image* full = nullptr) {
-  absl::StatusOr<std::string> file = ReadWholeFile(path);
-  if (!file.ok()) return file.status();
-  const uint8_t* const bytes = reinterpret_cast<const uint8_t*>(file->data());
-  const size_t size = file->size();
+}  // namespace
+
+absl::StatusOr<Image> DecodeImage(const uint8_t* bytes, size_t size,
+                                  const std::string& path, bool header_only,
+                                  const Dataset::EighthsFn* eighths,
+                                  Image* full) {
   Image image;
   if (IsJpeg(bytes, size)) {
     JpegResult result;
@@ -317,6 +312,17 @@ absl::StatusOr<Image> DecodeImageFile(
     return absl::DataLossError(absl::StrCat(path, ": image has no pixels"));
   }
   return image;
+}
+
+namespace {
+
+absl::StatusOr<Image> DecodeImageFile(
+    const std::string& path, bool header_only,
+    const Dataset::EighthsFn* eighths = nullptr, Image* full = nullptr) {
+  absl::StatusOr<std::string> file = ReadWholeFile(path);
+  if (!file.ok()) return file.status();
+  return DecodeImage(reinterpret_cast<const uint8_t*>(file->data()),
+                     file->size(), path, header_only, eighths, full);
 }
 
 bool HasImageExtension(const fs::path& path) {
