@@ -1,6 +1,7 @@
 #include "worker/checkpoint.h"
 
 #include <ATen/CPUGeneratorImpl.h>
+#include <caffe2/serialize/inline_container.h>
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
@@ -227,6 +228,37 @@ TEST(CheckpointTest, TruncatedFileIsAnErrorNamingIt) {
   auto garbage = LoadCheckpoint(dir + "/garbage.pt", model, sgd);
   ASSERT_FALSE(garbage.ok());
   EXPECT_NE(garbage.status().message().find("garbage.pt"), std::string::npos);
+  fs::remove_all(dir);
+}
+
+// Found by the checkpoint fuzz target: LibTorch's unpickler grew its memo
+// to the index a LONG_BINPUT names, 2^31 entries here (32 GB), before any
+// check of ours ran.
+TEST(CheckpointTest, PickleWithAHugeMemoIndexIsAnError) {
+  const std::string dir = testing::TempDir("ckpt-memo");
+  std::vector<char> zip;
+  {
+    caffe2::serialize::PyTorchStreamWriter writer(
+        [&](const void* data, size_t size) {
+          const char* bytes = static_cast<const char*>(data);
+          zip.insert(zip.end(), bytes, bytes + size);
+          return size;
+        });
+    // PROTO 2, EMPTY_DICT, LONG_BINPUT 0x7fffffff, STOP.
+    const std::string pickle = std::string("\x80\x02}r\xff\xff\xff\x7f.", 8);
+    writer.writeRecord("data.pkl", pickle.data(), pickle.size());
+    writer.writeEndOfFile();
+  }
+  const std::string path = dir + "/memo.pt";
+  std::ofstream(path, std::ios::binary).write(zip.data(), zip.size());
+  Moco model(Small(), Gen(1));
+  Sgd sgd(model.encoder_q()->parameters(), 0.9, 1e-4);
+  auto loaded = LoadCheckpoint(path, model, sgd);
+  ASSERT_FALSE(loaded.ok());
+  EXPECT_EQ(loaded.status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_NE(loaded.status().message().find("memo entry 2147483647 after 0"),
+            std::string::npos)
+      << loaded.status();
   fs::remove_all(dir);
 }
 
