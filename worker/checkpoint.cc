@@ -48,15 +48,20 @@ class BoundedReader final : public caffe2::serialize::ReadAdapterInterface {
   const std::string bytes_;
 };
 
-// LibTorch's unpickler grows its memo to the index a PUT names, so a
-// corrupt index of 4 bytes asks for up to 64 GB, which ASan refuses and a
-// worker may get and fill until it is killed (found by the checkpoint fuzz
-// target). Picklers number their memo entries in order, so a PUT past the
-// next free index is a corrupt file. DATA_LOSS naming `path` for one; OK
-// otherwise, and also at an opcode this walk does not know or a truncated
-// argument, which LibTorch then judges itself.
-absl::Status CheckMemoIds(const uint8_t* p, size_t size,
-                          const std::string& path) {
+// LibTorch's unpickler trusts two kinds of number in a pickle before it
+// knows whether the bytes behind them exist (both found by the checkpoint
+// fuzz target): the index a PUT names, to which it grows its memo (four
+// corrupt bytes ask for up to 64 GB), and the length of a string or bytes
+// argument, for which it reserves memory first (eight bytes ask for any
+// size). ASan refuses such an allocation; a worker either throws
+// std::bad_alloc, which is no c10::Error and so terminated it, or gets the
+// memory and fills it until it is killed.
+// Picklers number memo entries in order and write whole arguments, so a
+// PUT past the next free index or an argument longer than the pickle is a
+// corrupt file: DATA_LOSS naming `path`. OK otherwise, and also at an
+// opcode this walk does not know, which LibTorch then judges itself.
+absl::Status CheckPickle(const uint8_t* p, size_t size,
+                         const std::string& path) {
   auto le = [&](size_t at, int bytes) {
     uint64_t v = 0;
     for (int i = bytes - 1; i >= 0; --i) v = v << 8 | p[at + i];
@@ -157,7 +162,12 @@ absl::Status CheckMemoIds(const uint8_t* p, size_t size,
       if (size - pos < static_cast<size_t>(length)) return absl::OkStatus();
       fixed = length;
       const uint64_t n = le(pos, length);
-      if (n > size - pos - length) return absl::OkStatus();
+      if (n > size - pos - length) {
+        return absl::DataLossError(
+            "corrupt checkpoint " + path + ": its pickle has an argument of " +
+            std::to_string(n) + " bytes where " +
+            std::to_string(size - pos - length) + " are left");
+      }
       fixed += n;
     }
     if (size - pos < fixed) return absl::OkStatus();
@@ -431,7 +441,7 @@ absl::StatusOr<CheckpointState> LoadCheckpoint(const std::string& path,
         std::make_shared<BoundedReader>(*std::move(text)));
     const auto [pickle, size] = reader.getRecord("data.pkl");
     if (absl::Status s =
-            CheckMemoIds(static_cast<const uint8_t*>(pickle.get()), size, path);
+            CheckPickle(static_cast<const uint8_t*>(pickle.get()), size, path);
         !s.ok()) {
       return s;
     }

@@ -231,11 +231,9 @@ TEST(CheckpointTest, TruncatedFileIsAnErrorNamingIt) {
   fs::remove_all(dir);
 }
 
-// Found by the checkpoint fuzz target: LibTorch's unpickler grew its memo
-// to the index a LONG_BINPUT names, 2^31 entries here (32 GB), before any
-// check of ours ran.
-TEST(CheckpointTest, PickleWithAHugeMemoIndexIsAnError) {
-  const std::string dir = testing::TempDir("ckpt-memo");
+// A checkpoint file whose data.pkl is `pickle`, written by LibTorch's own
+// zip writer.
+void WritePickleArchive(const std::string& path, const std::string& pickle) {
   std::vector<char> zip;
   {
     caffe2::serialize::PyTorchStreamWriter writer(
@@ -244,21 +242,40 @@ TEST(CheckpointTest, PickleWithAHugeMemoIndexIsAnError) {
           zip.insert(zip.end(), bytes, bytes + size);
           return size;
         });
-    // PROTO 2, EMPTY_DICT, LONG_BINPUT 0x7fffffff, STOP.
-    const std::string pickle = std::string("\x80\x02}r\xff\xff\xff\x7f.", 8);
     writer.writeRecord("data.pkl", pickle.data(), pickle.size());
     writer.writeEndOfFile();
   }
-  const std::string path = dir + "/memo.pt";
   std::ofstream(path, std::ios::binary).write(zip.data(), zip.size());
+}
+
+// Found by the checkpoint fuzz target: LibTorch's unpickler allocated what
+// these numbers ask for (a memo of 2^31 entries, 32 GB; a string of 2^59
+// bytes) before any check of ours ran, and threw std::bad_alloc, which
+// LoadCheckpoint did not catch.
+TEST(CheckpointTest, PickleAskingForHugeAllocationsIsAnError) {
+  const std::string dir = testing::TempDir("ckpt-huge");
+  const std::string path = dir + "/huge.pt";
   Moco model(Small(), Gen(1));
   Sgd sgd(model.encoder_q()->parameters(), 0.9, 1e-4);
-  auto loaded = LoadCheckpoint(path, model, sgd);
-  ASSERT_FALSE(loaded.ok());
-  EXPECT_EQ(loaded.status().code(), absl::StatusCode::kDataLoss);
-  EXPECT_NE(loaded.status().message().find("memo entry 2147483647 after 0"),
-            std::string::npos)
-      << loaded.status();
+  const struct {
+    std::string pickle;
+    std::string error;
+  } cases[] = {
+      // PROTO 2, EMPTY_DICT, LONG_BINPUT 0x7fffffff, STOP.
+      {std::string("\x80\x02}r\xff\xff\xff\x7f.", 8),
+       "memo entry 2147483647 after 0"},
+      // PROTO 2, BINUNICODE8 of 2^59 bytes, STOP.
+      {std::string("\x80\x02\x8d\0\0\0\0\0\0\0\x08.", 12),
+       "argument of 576460752303423488 bytes where 1 are left"},
+  };
+  for (const auto& c : cases) {
+    WritePickleArchive(path, c.pickle);
+    auto loaded = LoadCheckpoint(path, model, sgd);
+    ASSERT_FALSE(loaded.ok());
+    EXPECT_EQ(loaded.status().code(), absl::StatusCode::kDataLoss);
+    EXPECT_NE(loaded.status().message().find(c.error), std::string::npos)
+        << loaded.status();
+  }
   fs::remove_all(dir);
 }
 
