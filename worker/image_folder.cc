@@ -282,8 +282,11 @@ absl::StatusOr<Image> DecodeImage(const uint8_t* bytes, size_t size,
     image.channels = result.channels;
     image.pixels = std::move(result.pixels);
   } else if (IsPng(bytes, size)) {
-    if (header_only && size >= 26) {
-      // IHDR is the first chunk: colour type at byte 25; 0 and 4 are gray.
+    // IHDR is the first chunk of a well-formed file: colour type at byte
+    // 25; 0 and 4 are gray. libpng also reads a file with other chunks
+    // before it (found by the png fuzz target), whose byte 25 is not the
+    // colour type; such a file is decoded in full to learn its channels.
+    if (header_only && size >= 26 && std::memcmp(bytes + 12, "IHDR", 4) == 0) {
       image.channels = (bytes[25] & PNG_COLOR_MASK_COLOR) ? 3 : 1;
       return image;
     }
@@ -298,7 +301,7 @@ absl::StatusOr<Image> DecodeImage(const uint8_t* bytes, size_t size,
     image.height = result.height;
     image.width = result.width;
     image.channels = result.channels;
-    image.pixels = std::move(result.pixels);
+    if (!header_only) image.pixels = std::move(result.pixels);
     if (full != nullptr) {
       full->height = image.height;
       full->width = image.width;
