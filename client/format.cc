@@ -112,7 +112,11 @@ std::string FormatProgressLine(const v1::Job& job) {
     }
     return absl::StrJoin(parts, "  ");
   }
-  const double fraction = std::clamp(progress.fraction(), 0.0, 1.0);
+  // A NaN fraction (a server's or a rank's bug) would survive the clamp and
+  // its conversion to int is undefined; it shows as 0%.
+  const double fraction = std::isnan(progress.fraction())
+                              ? 0.0
+                              : std::clamp(progress.fraction(), 0.0, 1.0);
   // Whole percent, rounded down (100% only when done); the epsilon keeps
   // 0.29 * 100 = 28.999999999999996 at 29.
   const int percent = static_cast<int>(std::floor(fraction * 100.0 + 1e-9));

@@ -1,11 +1,13 @@
 #include "server/request_limits.h"
 
 #include <algorithm>
+#include <vector>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "common/job_spec.h"
+#include "server/gpus.h"
 
 namespace momentum::server {
 namespace {
@@ -62,6 +64,13 @@ absl::Status CheckSubmit(const std::string& spec_yaml,
 }
 
 absl::Status CheckAgentHello(const v1::AgentHello& hello) {
+  if (hello.slots() < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("AgentHello.slots must be >= 1, got ", hello.slots()));
+  }
+  if (hello.advertise_address().empty()) {
+    return absl::InvalidArgumentError("AgentHello.advertise_address is empty");
+  }
   if (static_cast<int64_t>(hello.hostname().size()) > kMaxHostnameBytes) {
     return TooLong("AgentHello.hostname", kMaxHostnameBytes,
                    hello.hostname().size());
@@ -100,7 +109,8 @@ absl::Status CheckAgentHello(const v1::AgentHello& hello) {
         absl::StrCat("AgentHello.gpus must have at most ", kMaxAgentGpus,
                      " entries, got ", hello.gpus_size()));
   }
-  return absl::OkStatus();
+  const std::vector<int> gpus(hello.gpus().begin(), hello.gpus().end());
+  return CheckGpuIndices(gpus, "AgentHello.gpus");
 }
 
 }  // namespace momentum::server

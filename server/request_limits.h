@@ -44,7 +44,8 @@ absl::Status CheckSubmit(const std::string& spec_yaml,
 // its counts in every placement: hostname (a DNS name, at most 253 bytes,
 // [A-Za-z0-9.-_]), advertise_address (host:port, at most 261 bytes, no
 // control characters or spaces), agent_id (at most 128 bytes,
-// [A-Za-z0-9.-_]), slots (at most kMaxRanks) and gpus (at most 1024).
+// [A-Za-z0-9.-_]), slots (1 to kMaxRanks), gpus (at most 1024, distinct
+// and >= 0) and a non-empty advertise_address.
 // INVALID_ARGUMENT naming the AgentHello field.
 absl::Status CheckAgentHello(const v1::AgentHello& hello);
 

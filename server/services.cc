@@ -1,15 +1,13 @@
 #include "server/services.h"
 
 #include <chrono>
-#include <iostream>
 #include <map>
 #include <thread>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "server/agent_launcher.h"
-#include "server/gpus.h"
-#include "server/request_limits.h"
+#include "server/internal_dispatch.h"
 
 namespace momentum::server {
 namespace {
@@ -370,16 +368,8 @@ grpc::Status InternalServiceImpl::ReportMetrics(
     return rpc.Done(ToGrpc(s));
   }
   while (reader->Read(&report)) {
-    if (report.has_metric()) {
-      v1::MetricSample sample = report.metric();
-      sample.set_rank(key->rank);
-      coordinator_->OnMetric(key->job_id, key->attempt, sample);
-    } else if (report.has_summary()) {
-      coordinator_->OnSummary(key->job_id, key->attempt, key->rank,
-                              report.summary());
-    } else if (report.has_heartbeat()) {
-      coordinator_->OnHeartbeat(key->job_id, key->attempt, key->rank);
-    }
+    // The hello was checked against the credential (MayReportAs).
+    DispatchWorkerReport(hello, report, *coordinator_);
   }
   return rpc.Done(grpc::Status::OK);
 }
@@ -431,22 +421,10 @@ grpc::Status InternalServiceImpl::AgentSession(
                                  "the first message must be an AgentHello"));
   }
   const v1::AgentHello hello = message.hello();
-  if (hello.slots() < 1) {
-    return rpc.Done(grpc::Status(
-        grpc::StatusCode::INVALID_ARGUMENT,
-        absl::StrCat("AgentHello.slots must be >= 1, got ", hello.slots())));
-  }
-  if (hello.advertise_address().empty()) {
-    return rpc.Done(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
-                                 "AgentHello.advertise_address is empty"));
-  }
   if (absl::Status s = CheckAgentHello(hello); !s.ok()) {
     return rpc.Done(ToGrpc(s));
   }
   const std::vector<int> gpus(hello.gpus().begin(), hello.gpus().end());
-  if (absl::Status s = CheckGpuIndices(gpus, "AgentHello.gpus"); !s.ok()) {
-    return rpc.Done(ToGrpc(s));
-  }
   absl::StatusOr<std::string> claimed = ClaimAgentName(proven, hello);
   if (!claimed.ok()) return rpc.Done(ToGrpc(claimed.status()));
   const std::string id = *claimed;
@@ -476,35 +454,7 @@ grpc::Status InternalServiceImpl::AgentSession(
   });
   coordinator_->AddLauncher(launcher);
   while (stream->Read(&message)) {
-    if (message.has_output()) {
-      const v1::RankOutput& out = message.output();
-      if (!launcher->Runs(out.job_id(), out.attempt(), out.rank())) {
-        std::cerr << "momentum-server: " << launcher->Name()
-                  << " sent output of a rank it does not run (job \""
-                  << out.job_id().substr(0, 64) << "\" attempt "
-                  << out.attempt() << " rank " << out.rank() << "); dropped\n";
-        continue;
-      }
-      for (const std::string& line : out.lines()) {
-        coordinator_->OnRankOutput(out.job_id(), out.attempt(), out.rank(),
-                                   line);
-      }
-    } else if (message.has_exited()) {
-      const v1::RankExited& e = message.exited();
-      if (!launcher->Ended(e.job_id(), e.attempt(), e.rank())) {
-        std::cerr << "momentum-server: " << launcher->Name()
-                  << " reported the end of a rank it does not run (job \""
-                  << e.job_id().substr(0, 64) << "\" attempt " << e.attempt()
-                  << " rank " << e.rank() << "); ignored\n";
-        continue;
-      }
-      std::string description =
-          e.signal() != 0 ? absl::StrCat("was killed by signal ", e.signal())
-                          : absl::StrCat("exited with code ", e.exit_code());
-      absl::StrAppend(&description, " on ", launcher->Name());
-      coordinator_->OnRankExited(e.job_id(), e.attempt(), e.rank(),
-                                 e.exit_code(), e.signal(), description);
-    }
+    DispatchAgentMessage(message, *launcher, *coordinator_);
   }
   launcher->Close();
   writer.join();

@@ -3,8 +3,10 @@
 #include <ATen/core/Dict.h>
 #include <ATen/core/ivalue.h>
 #include <caffe2/serialize/inline_container.h>
+#include <caffe2/serialize/read_adapter_interface.h>
 #include <fcntl.h>
 #include <torch/csrc/jit/serialization/export.h>
+#include <torch/csrc/jit/serialization/import_read.h>
 #include <torch/csrc/jit/serialization/pickler.h>
 #include <torch/serialize.h>
 #include <unistd.h>
@@ -13,6 +15,7 @@
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
+#include <memory>
 
 #include "common/file_util.h"
 
@@ -23,6 +26,155 @@ namespace fs = std::filesystem;
 constexpr char kFormat[] = "momentum-checkpoint-1";
 constexpr char kPrefix[] = "checkpoint-";
 constexpr char kSuffix[] = ".pt";
+
+// The bytes of a checkpoint for LibTorch's zip reader. torch::pickle_load
+// reads through a VectorReader that copies whatever range it is asked for:
+// a corrupt central directory made it copy past the end of the file's bytes
+// (a heap over-read, found by the checkpoint fuzz target). This reader
+// gives only what is there; the zip reader takes a short read for a
+// corrupt file and throws.
+class BoundedReader final : public caffe2::serialize::ReadAdapterInterface {
+ public:
+  explicit BoundedReader(std::string bytes) : bytes_(std::move(bytes)) {}
+  size_t size() const override { return bytes_.size(); }
+  size_t read(uint64_t pos, void* buf, size_t n, const char*) const override {
+    if (pos >= bytes_.size()) return 0;
+    n = std::min<size_t>(n, bytes_.size() - pos);
+    std::memcpy(buf, bytes_.data() + pos, n);
+    return n;
+  }
+
+ private:
+  const std::string bytes_;
+};
+
+// LibTorch's unpickler trusts two kinds of number in a pickle before it
+// knows whether the bytes behind them exist (both found by the checkpoint
+// fuzz target): the index a PUT names, to which it grows its memo (four
+// corrupt bytes ask for up to 64 GB), and the length of a string or bytes
+// argument, for which it reserves memory first (eight bytes ask for any
+// size). ASan refuses such an allocation; a worker either throws
+// std::bad_alloc, which is no c10::Error and so terminated it, or gets the
+// memory and fills it until it is killed.
+// Picklers number memo entries in order and write whole arguments, so a
+// PUT past the next free index or an argument longer than the pickle is a
+// corrupt file: DATA_LOSS naming `path`. OK otherwise, and also at an
+// opcode this walk does not know, which LibTorch then judges itself.
+absl::Status CheckPickle(const uint8_t* p, size_t size,
+                         const std::string& path) {
+  auto le = [&](size_t at, int bytes) {
+    uint64_t v = 0;
+    for (int i = bytes - 1; i >= 0; --i) v = v << 8 | p[at + i];
+    return v;
+  };
+  uint64_t memo_size = 0;
+  size_t pos = 0;
+  while (pos < size) {
+    const uint8_t op = p[pos++];
+    size_t fixed = 0;  // argument bytes
+    int length = 0;    // bytes of a length prefix of the argument
+    switch (op) {
+      case '.':  // STOP
+        return absl::OkStatus();
+      case 'q':    // BINPUT
+      case 'r': {  // LONG_BINPUT
+        const int bytes = op == 'q' ? 1 : 4;
+        if (size - pos < static_cast<size_t>(bytes)) return absl::OkStatus();
+        const uint64_t id = le(pos, bytes);
+        if (id > memo_size) {
+          return absl::DataLossError(
+              "corrupt checkpoint " + path + ": its pickle stores memo entry " +
+              std::to_string(id) + " after " + std::to_string(memo_size));
+        }
+        if (id == memo_size) ++memo_size;
+        fixed = bytes;
+        break;
+      }
+      case 0x94:  // MEMOIZE
+        ++memo_size;
+        break;
+      case '(':
+      case ')':
+      case ']':
+      case '}':
+      case 't':
+      case 0x85:
+      case 0x86:
+      case 0x87:
+      case 'a':
+      case 'e':
+      case 's':
+      case 'u':
+      case 'b':
+      case 'R':
+      case 0x88:
+      case 0x89:
+      case 'N':
+      case 0x81:
+      case 'Q':
+      case 'd':
+      case 'l':
+      case 0x93:
+        break;
+      case 0x80:
+      case 'h':
+      case 'K':  // PROTO, BINGET, BININT1
+        fixed = 1;
+        break;
+      case 'M':  // BININT2
+        fixed = 2;
+        break;
+      case 'j':
+      case 'J':  // LONG_BINGET, BININT
+        fixed = 4;
+        break;
+      case 'G':
+      case 0x95:  // BINFLOAT, FRAME
+        fixed = 8;
+        break;
+      case 0x8a:
+      case 0x8c:
+      case 'U':
+      case 'C':  // LONG1, SHORT_BIN*
+        length = 1;
+        break;
+      case 'X':
+      case 'T':
+      case 'B':  // BINUNICODE, BINSTRING, BINBYTES
+        length = 4;
+        break;
+      case 0x8d:
+      case 0x8e:  // BINUNICODE8, BINBYTES8
+        length = 8;
+        break;
+      case 'c': {  // GLOBAL: module and name, each ending in a newline
+        for (int line = 0; line < 2; ++line) {
+          while (pos < size && p[pos] != '\n') ++pos;
+          if (pos == size) return absl::OkStatus();
+          ++pos;
+        }
+        break;
+      }
+      default:
+        return absl::OkStatus();
+    }
+    if (length > 0) {
+      if (size - pos < static_cast<size_t>(length)) return absl::OkStatus();
+      fixed = length;
+      const uint64_t n = le(pos, length);
+      if (n > size - pos - length) {
+        return absl::DataLossError(
+            "corrupt checkpoint " + path + ": its pickle has an argument of " +
+            std::to_string(n) + " bytes where " +
+            std::to_string(size - pos - length) + " are left");
+      }
+      fixed += n;
+    }
+    if (size - pos < fixed) return absl::OkStatus();
+    pos += fixed;
+  }
+  return absl::OkStatus();
+}
 
 absl::Status Errno(const std::string& what, const std::string& path) {
   return absl::InternalError(what + " " + path + ": " + std::strerror(errno));
@@ -282,12 +434,21 @@ absl::StatusOr<CheckpointState> LoadCheckpoint(const std::string& path,
                                                Moco& model, Sgd& sgd) {
   absl::StatusOr<std::string> text = ReadWholeFile(path);
   if (!text.ok()) return text.status();
-  // pickle_load takes a vector; the text goes before it parses.
-  std::vector<char> bytes(text->begin(), text->end());
-  *text = std::string();
   c10::IValue value;
   try {
-    value = torch::pickle_load(bytes);
+    // What torch::pickle_load does, over a reader that stays in bounds.
+    caffe2::serialize::PyTorchStreamReader reader(
+        std::make_shared<BoundedReader>(*std::move(text)));
+    const auto [pickle, size] = reader.getRecord("data.pkl");
+    if (absl::Status s =
+            CheckPickle(static_cast<const uint8_t*>(pickle.get()), size, path);
+        !s.ok()) {
+      return s;
+    }
+    value = torch::jit::readArchiveAndTensors(
+        "data", /*pickle_prefix=*/"", /*tensor_prefix=*/"",
+        /*type_resolver=*/std::nullopt, /*obj_loader=*/std::nullopt,
+        /*device=*/std::nullopt, reader);
   } catch (const c10::Error& e) {
     return absl::DataLossError("corrupt checkpoint " + path + ": " +
                                e.what_without_backtrace());

@@ -10,6 +10,7 @@
 #ifndef MOMENTUM_WORKER_DATASET_H_
 #define MOMENTUM_WORKER_DATASET_H_
 
+#include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -75,6 +76,18 @@ absl::StatusOr<std::unique_ptr<Dataset>> OpenFashionMnist(
 // sorted by name). Decoding happens in Get.
 absl::StatusOr<std::unique_ptr<Dataset>> OpenImageFolder(
     const std::string& dir);
+
+// Decodes one image file's bytes by content, not by extension: JPEG (by
+// libjpeg-turbo) or PNG (by libpng); an undecodable or truncated image, or
+// one of neither format, gives DATA_LOSS naming `path`. With `header_only`
+// the pixels are left empty (JPEG: only the header is parsed; PNG: channels
+// from IHDR). `eighths` (JPEG only) picks a DCT scale from the full size,
+// which `full` (if given) receives. ImageFolder's Get and GetScaled call it
+// on the files they read.
+absl::StatusOr<Image> DecodeImage(const uint8_t* bytes, size_t size,
+                                  const std::string& path, bool header_only,
+                                  const Dataset::EighthsFn* eighths = nullptr,
+                                  Image* full = nullptr);
 
 struct DatasetPair {
   std::unique_ptr<Dataset> train;

@@ -259,17 +259,12 @@ bool IsJpeg(const uint8_t* bytes, size_t size) {
   return size >= 2 && bytes[0] == 0xFF && bytes[1] == 0xD8;
 }
 
-// Decodes by content, not by extension. With `header_only` the pixels are
-// left empty (JPEG: only the header is parsed; PNG: channels from IHDR).
-// `eighths` (JPEG only) picks a DCT scale from the full size, which `full`
-// (if given) receives.
-absl::StatusOr<Image> DecodeImageFile(
-    const std::string& path, bool header_only,
-    const Dataset::EighthsFn* eighths = nullptr, Image* full = nullptr) {
-  absl::StatusOr<std::string> file = ReadWholeFile(path);
-  if (!file.ok()) return file.status();
-  const uint8_t* const bytes = reinterpret_cast<const uint8_t*>(file->data());
-  const size_t size = file->size();
+}  // namespace
+
+absl::StatusOr<Image> DecodeImage(const uint8_t* bytes, size_t size,
+                                  const std::string& path, bool header_only,
+                                  const Dataset::EighthsFn* eighths,
+                                  Image* full) {
   Image image;
   if (IsJpeg(bytes, size)) {
     JpegResult result;
@@ -287,8 +282,11 @@ absl::StatusOr<Image> DecodeImageFile(
     image.channels = result.channels;
     image.pixels = std::move(result.pixels);
   } else if (IsPng(bytes, size)) {
-    if (header_only && size >= 26) {
-      // IHDR is the first chunk: colour type at byte 25; 0 and 4 are gray.
+    // IHDR is the first chunk of a well-formed file: colour type at byte
+    // 25; 0 and 4 are gray. libpng also reads a file with other chunks
+    // before it (found by the png fuzz target), whose byte 25 is not the
+    // colour type; such a file is decoded in full to learn its channels.
+    if (header_only && size >= 26 && std::memcmp(bytes + 12, "IHDR", 4) == 0) {
       image.channels = (bytes[25] & PNG_COLOR_MASK_COLOR) ? 3 : 1;
       return image;
     }
@@ -303,7 +301,7 @@ absl::StatusOr<Image> DecodeImageFile(
     image.height = result.height;
     image.width = result.width;
     image.channels = result.channels;
-    image.pixels = std::move(result.pixels);
+    if (!header_only) image.pixels = std::move(result.pixels);
     if (full != nullptr) {
       full->height = image.height;
       full->width = image.width;
@@ -317,6 +315,17 @@ absl::StatusOr<Image> DecodeImageFile(
     return absl::DataLossError(absl::StrCat(path, ": image has no pixels"));
   }
   return image;
+}
+
+namespace {
+
+absl::StatusOr<Image> DecodeImageFile(
+    const std::string& path, bool header_only,
+    const Dataset::EighthsFn* eighths = nullptr, Image* full = nullptr) {
+  absl::StatusOr<std::string> file = ReadWholeFile(path);
+  if (!file.ok()) return file.status();
+  return DecodeImage(reinterpret_cast<const uint8_t*>(file->data()),
+                     file->size(), path, header_only, eighths, full);
 }
 
 bool HasImageExtension(const fs::path& path) {

@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "gtest/gtest.h"
 
 namespace momentum::client {
@@ -191,6 +192,20 @@ TEST(FormatProgressLineTest, NoEtaOnceEnded) {
   EXPECT_EQ(FormatProgressLine(job),
             "SUCCEEDED 100%  epoch 3.2 step 700 loss 4.81  1250 img/s  "
             "kNN 71.3%");
+}
+
+// Found by the client_render fuzz target: a NaN fraction was converted to
+// int (undefined behaviour; UBSan aborted).
+TEST(FormatProgressLineTest, FractionOutsideItsRangeOrNaN) {
+  v1::Job job = RunningJob();
+  job.mutable_progress()->set_fraction(std::nan(""));
+  EXPECT_EQ(FormatProgressLine(job),
+            "RUNNING 0%  epoch 3.2 step 700 loss 4.81  1250 img/s  "
+            "ETA 3m05s  kNN 71.3%");
+  job.mutable_progress()->set_fraction(-0.5);
+  EXPECT_TRUE(absl::StartsWith(FormatProgressLine(job), "RUNNING 0%  "));
+  job.mutable_progress()->set_fraction(7);
+  EXPECT_TRUE(absl::StartsWith(FormatProgressLine(job), "RUNNING 100%  "));
 }
 
 TEST(FormatProgressLineTest, BeforeFirstReport) {

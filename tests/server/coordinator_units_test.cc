@@ -318,6 +318,15 @@ TEST(RequestLimitsTest, AgentHelloIsBoundedNamingTheField) {
   bad.add_gpus(1024);
   EXPECT_EQ(refused(bad),
             "AgentHello.gpus must have at most 1024 entries, got 1025");
+  bad = hello;
+  bad.set_slots(0);
+  EXPECT_EQ(refused(bad), "AgentHello.slots must be >= 1, got 0");
+  bad = hello;
+  bad.clear_advertise_address();
+  EXPECT_EQ(refused(bad), "AgentHello.advertise_address is empty");
+  bad = hello;
+  bad.set_gpus(3, 2);
+  EXPECT_TRUE(absl::StrContains(refused(bad), "AgentHello.gpus"));
 }
 
 TEST(ReportAddressTest, WildcardHostsBecomeTheHostname) {

@@ -1,6 +1,7 @@
 #include "worker/checkpoint.h"
 
 #include <ATen/CPUGeneratorImpl.h>
+#include <caffe2/serialize/inline_container.h>
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
@@ -227,6 +228,54 @@ TEST(CheckpointTest, TruncatedFileIsAnErrorNamingIt) {
   auto garbage = LoadCheckpoint(dir + "/garbage.pt", model, sgd);
   ASSERT_FALSE(garbage.ok());
   EXPECT_NE(garbage.status().message().find("garbage.pt"), std::string::npos);
+  fs::remove_all(dir);
+}
+
+// A checkpoint file whose data.pkl is `pickle`, written by LibTorch's own
+// zip writer.
+void WritePickleArchive(const std::string& path, const std::string& pickle) {
+  std::vector<char> zip;
+  {
+    caffe2::serialize::PyTorchStreamWriter writer(
+        [&](const void* data, size_t size) {
+          const char* bytes = static_cast<const char*>(data);
+          zip.insert(zip.end(), bytes, bytes + size);
+          return size;
+        });
+    writer.writeRecord("data.pkl", pickle.data(), pickle.size());
+    writer.writeEndOfFile();
+  }
+  std::ofstream(path, std::ios::binary).write(zip.data(), zip.size());
+}
+
+// Found by the checkpoint fuzz target: LibTorch's unpickler allocated what
+// these numbers ask for (a memo of 2^31 entries, 32 GB; a string of 2^59
+// bytes) before any check of ours ran, and threw std::bad_alloc, which
+// LoadCheckpoint did not catch.
+TEST(CheckpointTest, PickleAskingForHugeAllocationsIsAnError) {
+  const std::string dir = testing::TempDir("ckpt-huge");
+  const std::string path = dir + "/huge.pt";
+  Moco model(Small(), Gen(1));
+  Sgd sgd(model.encoder_q()->parameters(), 0.9, 1e-4);
+  const struct {
+    std::string pickle;
+    std::string error;
+  } cases[] = {
+      // PROTO 2, EMPTY_DICT, LONG_BINPUT 0x7fffffff, STOP.
+      {std::string("\x80\x02}r\xff\xff\xff\x7f.", 8),
+       "memo entry 2147483647 after 0"},
+      // PROTO 2, BINUNICODE8 of 2^59 bytes, STOP.
+      {std::string("\x80\x02\x8d\0\0\0\0\0\0\0\x08.", 12),
+       "argument of 576460752303423488 bytes where 1 are left"},
+  };
+  for (const auto& c : cases) {
+    WritePickleArchive(path, c.pickle);
+    auto loaded = LoadCheckpoint(path, model, sgd);
+    ASSERT_FALSE(loaded.ok());
+    EXPECT_EQ(loaded.status().code(), absl::StatusCode::kDataLoss);
+    EXPECT_NE(loaded.status().message().find(c.error), std::string::npos)
+        << loaded.status();
+  }
   fs::remove_all(dir);
 }
 

@@ -551,6 +551,37 @@ TEST(ImageFolderTest, CorruptOrTruncatedPngIsDataLossNamingTheFile) {
   EXPECT_TRUE(Contains(image.status(), bad)) << image.status();
 }
 
+// Found by the png fuzz target: the header-only look took byte 25 for
+// IHDR's colour type even when another chunk came first, which libpng
+// reads past; an RGB folder was then opened as gray.
+TEST(ImageFolderTest, PngWithAChunkBeforeIhdrHasTheChannelsItDecodesTo) {
+  ScopedTempDir dir("dataset_test");
+  const std::string path = dir.path() + "/k/a.png";
+  WritePng(path, 4, 4, PNG_FORMAT_RGB, Pattern(4 * 4 * 3, 2));
+  std::vector<uint8_t> bytes = ReadFile(path);
+  // An ancillary chunk "abCd" of 13 zero bytes after the signature, with
+  // its CRC: its byte at the file's offset 25 says "gray".
+  std::vector<uint8_t> chunk = {0, 0, 0, 13, 'a', 'b', 'C', 'd'};
+  chunk.resize(chunk.size() + 13, 0);
+  const uLong crc = crc32(0, chunk.data() + 4, chunk.size() - 4);
+  for (int shift = 24; shift >= 0; shift -= 8) chunk.push_back(crc >> shift);
+  bytes.insert(bytes.begin() + 8, chunk.begin(), chunk.end());
+  WriteFile(path, bytes);
+
+  absl::StatusOr<Image> full =
+      DecodeImage(bytes.data(), bytes.size(), path, /*header_only=*/false);
+  ASSERT_TRUE(full.ok()) << full.status();
+  EXPECT_EQ(full->channels, 3);
+  absl::StatusOr<Image> header =
+      DecodeImage(bytes.data(), bytes.size(), path, /*header_only=*/true);
+  ASSERT_TRUE(header.ok()) << header.status();
+  EXPECT_EQ(header->channels, 3);
+  EXPECT_TRUE(header->pixels.empty());
+  auto dataset = OpenImageFolder(dir.path());
+  ASSERT_TRUE(dataset.ok()) << dataset.status();
+  EXPECT_EQ((*dataset)->channels(), 3);
+}
+
 TEST(ImageFolderTest, FileThatIsNoImageIsDataLoss) {
   ScopedTempDir dir("dataset_test");
   WritePng(dir.path() + "/k/a.png", 2, 2, PNG_FORMAT_GRAY, Pattern(4, 1));
