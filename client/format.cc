@@ -3,8 +3,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdio>
-#include <cstdlib>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
@@ -12,6 +10,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_replace.h"
+#include "google/protobuf/struct.pb.h"
 #include "google/protobuf/util/json_util.h"
 
 namespace momentum::client {
@@ -291,12 +290,19 @@ std::string ToJson(const google::protobuf::Message& message) {
   std::string json;
   const auto status =
       google::protobuf::util::MessageToJsonString(message, &json, options);
-  // Fails only for a message that is not well formed, which cannot come out
-  // of a parsed RPC.
+  // Fails for a message that parsed but has no JSON form (a Timestamp
+  // past the year 9999, say): whatever a server sends, the client says so
+  // in JSON of its own instead of stopping.
   if (!status.ok()) {
-    std::fprintf(stderr, "momentum: cannot write %s as JSON: %s\n",
-                 message.GetTypeName().c_str(), status.ToString().c_str());
-    std::abort();
+    google::protobuf::Struct error;
+    (*error.mutable_fields())["error"].set_string_value(absl::StrCat(
+        "cannot write ", message.GetTypeName(), " as JSON: ",
+        absl::string_view(status.message().data(), status.message().size())));
+    json.clear();
+    if (!google::protobuf::util::MessageToJsonString(error, &json, options)
+             .ok()) {
+      json = "{\"error\":\"cannot write the message as JSON\"}";
+    }
   }
   return json;
 }

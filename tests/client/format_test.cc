@@ -425,6 +425,18 @@ TEST(ToJsonTest, OneLineWithProtoNamesAndDefaults) {
   EXPECT_NE(json.find("\"step\":\"700\""), std::string::npos) << json;
 }
 
+// Found by fuzzing: a message that parses but has no JSON form (a time
+// past the year 9999) stopped the client with abort(). It is said in JSON.
+TEST(ToJsonTest, MessageWithoutAJsonFormIsAnErrorObject) {
+  v1::Job job;
+  job.mutable_submit_time()->set_seconds(300'000'000'000);  // year 11476
+  const std::string json = ToJson(job);
+  EXPECT_TRUE(absl::StartsWith(
+      json, "{\"error\":\"cannot write momentum.v1.Job as JSON: "))
+      << json;
+  EXPECT_TRUE(absl::EndsWith(json, "\"}")) << json;
+}
+
 TEST(ToJsonTest, ListResponseShape) {
   v1::ListJobsResponse response;
   response.add_jobs()->set_id("job-1");

@@ -4,8 +4,11 @@
 // `--json`; the rest WatchJobEvents through a WatchPrinter (in pipe mode
 // and in terminal mode, cut to a width) to the final summary, and LogLines
 // as `momentum logs --json` prints them. Frames that do not parse are
-// skipped. Property beyond "no crash, leak or sanitizer report": the live
-// progress line is printable ASCII, as FitWidth's byte cut assumes.
+// skipped. Properties beyond "no crash, leak or sanitizer report": the live
+// progress line is printable ASCII, as FitWidth's byte cut assumes; and
+// nothing a server or rank sent reaches the terminal as a control
+// character (C0 but newline and tab, DEL, C1): everything printed for
+// people, the pipe-mode watch included, is escaped.
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -31,6 +34,19 @@ void CheckPrintable(const std::string& text) {
   }
 }
 
+// Aborts on a control character: C0 other than '\n' and '\t', DEL, or a
+// C1 control (U+0080..U+009F, 0xC2 0x80..0x9F in UTF-8).
+void CheckNoControls(const std::string& text) {
+  for (size_t i = 0; i < text.size(); ++i) {
+    const unsigned char c = static_cast<unsigned char>(text[i]);
+    if ((c < 0x20 && c != '\n' && c != '\t') || c == 0x7f) std::abort();
+    if (c == 0xc2 && i + 1 < text.size()) {
+      const unsigned char d = static_cast<unsigned char>(text[i + 1]);
+      if (d >= 0x80 && d <= 0x9f) std::abort();
+    }
+  }
+}
+
 }  // namespace
 
 // Invalid UTF-8 in a string field is a refusal, not news: keep protobuf's
@@ -48,13 +64,13 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   v1::Job job;
   if (job.ParseFromString(frames[0])) {
     std::vector<std::vector<std::string>> rows = {client::JobRow(job, now)};
-    client::RenderTable(client::JobTableHeader(), rows);
-    client::RenderKeyValues(client::JobFields(job), "  ");
-    client::FormatSubmitted(job);
-    client::FormatStateLine(job);
-    client::FormatSummary(job);
-    client::FormatWallTime(job);
-    client::FormatAgeOrDuration(job, now);
+    CheckNoControls(client::RenderTable(client::JobTableHeader(), rows));
+    CheckNoControls(client::RenderKeyValues(client::JobFields(job), "  "));
+    CheckNoControls(client::FormatSubmitted(job));
+    CheckNoControls(client::FormatStateLine(job));
+    CheckNoControls(client::FormatSummary(job));
+    CheckNoControls(client::FormatWallTime(job));
+    CheckNoControls(client::FormatAgeOrDuration(job, now));
     CheckPrintable(client::FormatProgressLine(job));
     client::OneLine(client::ToJson(job));
   }
@@ -79,5 +95,6 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   tty.EndLine();
   if (pipe.Finished()) pipe.PrintSummary();
   if (tty.Finished()) tty.PrintSummary();
+  CheckNoControls(pipe_out.str());
   return 0;
 }
