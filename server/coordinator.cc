@@ -12,12 +12,14 @@
 #include <filesystem>
 #include <iostream>
 
+#include "absl/strings/escaping.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/strip.h"
 #include "absl/time/time.h"
 #include "common/exit_codes.h"
+#include "common/job_id.h"
 #include "common/job_spec.h"
 #include "common/process.h"
 #include "common/status_macros.h"
@@ -71,6 +73,13 @@ absl::StatusOr<int> LockStateDir(const std::string& state_dir) {
     // The lock holds regardless; the pid is only for the message above.
   }
   return fd;
+}
+
+absl::Status CheckJobId(const std::string& id) {
+  if (IsJobId(id)) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat(
+      "job_id must be job-<n>, got \"", absl::CHexEscape(id.substr(0, 64)),
+      id.size() > 64 ? "...\"" : "\""));
 }
 
 }  // namespace
@@ -272,6 +281,7 @@ absl::StatusOr<v1::Job> Coordinator::Submit(
 }
 
 absl::StatusOr<v1::Job> Coordinator::GetJob(const std::string& id) {
+  MOMENTUM_RETURN_IF_ERROR(CheckJobId(id));
   MOMENTUM_ASSIGN_OR_RETURN(JobRecord job, store_->Get(id));
   return ToProto(job);
 }
@@ -311,6 +321,7 @@ absl::StatusOr<v1::ListJobsResponse> Coordinator::ListJobs(
 
 absl::StatusOr<v1::Job> Coordinator::Cancel(const std::string& id,
                                             const std::string& reason) {
+  MOMENTUM_RETURN_IF_ERROR(CheckJobId(id));
   MOMENTUM_ASSIGN_OR_RETURN(JobRecord before, store_->Get(id));
   if (IsFinal(before.state)) return ToProto(before);
   const std::string why = reason.empty() ? "cancelled by request" : reason;
@@ -334,6 +345,7 @@ absl::StatusOr<v1::Job> Coordinator::Cancel(const std::string& id,
 
 absl::StatusOr<std::shared_ptr<Subscription>> Coordinator::Watch(
     const std::string& id, bool metrics, bool logs) {
+  MOMENTUM_RETURN_IF_ERROR(CheckJobId(id));
   // Subscribed before the snapshot is read: no change falls in between.
   MOMENTUM_ASSIGN_OR_RETURN(std::shared_ptr<Subscription> subscription,
                             watchers_.Subscribe(id, metrics, logs));
@@ -358,6 +370,7 @@ void Coordinator::Unwatch(const std::shared_ptr<Subscription>& subscription) {
 
 absl::StatusOr<std::vector<v1::LogLine>> Coordinator::ReadLogs(
     const std::string& id, int64_t rank, int64_t from_line) {
+  MOMENTUM_RETURN_IF_ERROR(CheckJobId(id));
   MOMENTUM_RETURN_IF_ERROR(store_->Get(id).status());
   return logs_.Read(id, rank, from_line);
 }
@@ -366,6 +379,12 @@ absl::StatusOr<std::vector<v1::LogLine>> Coordinator::ReadLogs(
 
 void Coordinator::OnRankOutput(const std::string& job_id, int64_t attempt,
                                int64_t rank, const std::string& line) {
+  if (!IsJobId(job_id)) {
+    std::cerr << "momentum-server: output of a rank of \""
+              << absl::CHexEscape(job_id.substr(0, 64))
+              << "\", which is not a job id; dropped\n";
+    return;
+  }
   {
     absl::MutexLock lock(&mu_);
     auto gang = live_gangs_.find({job_id, attempt});
@@ -390,6 +409,12 @@ void Coordinator::OnRankOutput(const std::string& job_id, int64_t attempt,
 void Coordinator::OnRankExited(const std::string& job_id, int64_t attempt,
                                int64_t rank, int exit_code, int signal,
                                const std::string& description) {
+  if (!IsJobId(job_id)) {
+    std::cerr << "momentum-server: the end of a rank of \""
+              << absl::CHexEscape(job_id.substr(0, 64))
+              << "\", which is not a job id; ignored\n";
+    return;
+  }
   PushExit({job_id, attempt, rank, exit_code, signal, description});
 }
 

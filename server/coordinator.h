@@ -112,7 +112,8 @@ class Coordinator : public LaunchEvents {
   void Shutdown();
 
   // The job API. Errors are canonical: INVALID_ARGUMENT naming the spec
-  // field, NOT_FOUND naming the job, ... `owner` is who submits (for
+  // field (or job_id when it is not a job id), NOT_FOUND naming the job,
+  // ... `owner` is who submits (for
   // per-user limits; "" when unknown). Submit stores the spec with
   // resources.device resolved (never auto: cuda when the launchers offer
   // GPUs now, else cpu) and refuses a CUDA job with more ranks than the
@@ -158,7 +159,8 @@ class Coordinator : public LaunchEvents {
   void RemoveLauncher(const Launcher* launcher);
 
   // LaunchEvents; any thread, including from inside Launch(). Output of a
-  // rank that is not one of a running gang is dropped.
+  // rank that is not one of a running gang is dropped, and so is (with a
+  // line on stderr) an event whose job_id is not a job id.
   void OnRankOutput(const std::string& job_id, int64_t attempt, int64_t rank,
                     const std::string& line) override;
   void OnRankExited(const std::string& job_id, int64_t attempt, int64_t rank,

@@ -6,7 +6,9 @@
 #include <thread>
 
 #include "absl/status/status.h"
+#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
+#include "common/job_id.h"
 #include "server/agent_launcher.h"
 #include "server/gpus.h"
 
@@ -342,6 +344,12 @@ grpc::Status InternalServiceImpl::ReportMetrics(
                                  "the first report must be a WorkerHello"));
   }
   const v1::WorkerHello hello = report.hello();
+  if (!IsJobId(hello.job_id())) {
+    return rpc.Done(grpc::Status(
+        grpc::StatusCode::INVALID_ARGUMENT,
+        absl::StrCat("WorkerHello.job_id must be job-<n>, got \"",
+                     absl::CHexEscape(hello.job_id().substr(0, 64)), "\"")));
+  }
   while (reader->Read(&report)) {
     if (report.has_metric()) {
       v1::MetricSample sample = report.metric();

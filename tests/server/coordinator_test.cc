@@ -539,8 +539,25 @@ TEST_F(CoordinatorTest, OutputOfRanksThatAreNotRunningIsDropped) {
   ASSERT_TRUE(logs.ok());
   ASSERT_EQ(logs->size(), 1u);
   EXPECT_EQ((*logs)[0].text(), "kept");
+  // Not a job id: refused before it touches the store or a folder.
   EXPECT_EQ(coordinator_->ReadLogs("/tmp/x", -1, 0).status().code(),
-            absl::StatusCode::kNotFound);
+            absl::StatusCode::kInvalidArgument);
+}
+
+// Ids come from peers (clients, agents, ranks): only job ids reach the
+// store or a folder.
+TEST_F(CoordinatorTest, JobIdsThatAreNotJobIdsAreRefused) {
+  const std::string id = Submit(Spec(1));
+  ASSERT_EQ(id, "job-1");
+  EXPECT_EQ(coordinator_->GetJob("job-1/../x").status().message(),
+            "job_id must be job-<n>, got \"job-1/../x\"");
+  EXPECT_EQ(coordinator_->Cancel("../job-1", "").status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(coordinator_->Watch("job-1\n", false, false).status().message(),
+            "job_id must be job-<n>, got \"job-1\\n\"");
+  EXPECT_EQ(coordinator_->ReadLogs("", -1, 0).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(State(id), v1::JOB_STATE_PENDING);
 }
 
 // Descriptors of this process that point at a rank's log file.
