@@ -75,6 +75,14 @@ absl::StatusOr<int> LockStateDir(const std::string& state_dir) {
   return fd;
 }
 
+CoordinatorOptions WithDefaults(CoordinatorOptions options) {
+  if (options.admission.output_root.empty()) {
+    options.admission.output_root =
+        (fs::path(options.state_dir) / "outputs").string();
+  }
+  return options;
+}
+
 absl::Status CheckJobId(const std::string& id) {
   if (IsJobId(id)) return absl::OkStatus();
   return absl::InvalidArgumentError(absl::StrCat(
@@ -123,9 +131,9 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Create(
 Coordinator::Coordinator(const CoordinatorOptions& options,
                          std::unique_ptr<JobStore> store,
                          ServerMetrics* metrics, int lock_fd)
-    : options_(options),
+    : options_(WithDefaults(options)),
       clock_(options.clock != nullptr ? *options.clock : Clock::Real()),
-      admission_(options.admission),
+      admission_(options_.admission),
       store_(std::move(store)),
       metrics_(metrics),
       lock_fd_(lock_fd),
@@ -243,6 +251,8 @@ std::string Coordinator::JobDirOf(const std::string& id) const {
 }
 
 std::string Coordinator::OutputDirOf(const JobRecord& job) const {
+  if (!job.output_path.empty()) return job.output_path;
+  // Stored before outputs were confined: where it has always written.
   if (job.output_dir.empty()) return JobDirOf(job.id);
   fs::path p(job.output_dir);
   if (p.is_absolute()) return p.lexically_normal().string();
@@ -253,10 +263,13 @@ std::string Coordinator::OutputDirOf(const JobRecord& job) const {
 
 absl::StatusOr<v1::Job> Coordinator::Submit(
     const std::string& spec_yaml, const std::vector<std::string>& overrides,
-    const std::string& owner) {
+    const std::string& owner, bool owner_is_admin) {
   MOMENTUM_ASSIGN_OR_RETURN(JobSpec spec,
                             ParseJobSpec(spec_yaml, overrides, "spec"));
   MOMENTUM_RETURN_IF_ERROR(admission_.Check(spec));
+  MOMENTUM_ASSIGN_OR_RETURN(
+      const std::string output_path,
+      admission_.ResolveOutputDir(spec.output_dir, owner, owner_is_admin));
   // Ranks and `get` see cuda or cpu, decided once, here.
   int64_t gpus = 0;
   for (const auto& launcher : Launchers()) gpus += launcher->Gpus().size();
@@ -268,6 +281,9 @@ absl::StatusOr<v1::Job> Coordinator::Submit(
   job.output_dir = spec.output_dir;
   job.spec_yaml = JobSpecToYaml(spec);
   job.owner = owner;
+  job.output_path = output_path;
+  job.owner_is_admin = owner_is_admin;
+  // The store refuses an output path in use in the inserting transaction.
   MOMENTUM_ASSIGN_OR_RETURN(
       job,
       store_->Insert(job, clock_.WallMs(), options_.max_queued_jobs_per_user));
@@ -744,8 +760,28 @@ void Coordinator::FailUnlaunchable(const JobRecord& queued,
   if (after.ok()) PublishChange(queued, *after);
 }
 
+absl::StatusOr<std::string> Coordinator::OutputPathAtLaunch(
+    const JobRecord& job) const {
+  // Admitted before outputs were confined: as it was.
+  if (job.output_path.empty()) return OutputDirOf(job);
+  MOMENTUM_ASSIGN_OR_RETURN(
+      std::string path, admission_.ResolveOutputDir(job.output_path, job.owner,
+                                                    job.owner_is_admin));
+  MOMENTUM_RETURN_IF_ERROR(store_->CheckOutputFree(path, job.owner, job.id));
+  return path;
+}
+
 void Coordinator::Launch(const JobRecord& queued, const JobSpec& spec,
                          const std::vector<Placement>& placement) {
+  // Checked again now, before anything is written: the folders on the way
+  // may have changed since submission.
+  absl::StatusOr<std::string> output_path = OutputPathAtLaunch(queued);
+  if (!output_path.ok()) {
+    FailUnlaunchable(queued,
+                     absl::StrCat("not launched (bad input: not retried): ",
+                                  output_path.status().message()));
+    return;
+  }
   absl::StatusOr<int64_t> port = PickFreePort();
   if (!port.ok()) {
     FailUnlaunchable(queued, std::string(port.status().message()));
@@ -770,6 +806,7 @@ void Coordinator::Launch(const JobRecord& queued, const JobSpec& spec,
   if (!after.ok()) return;  // cancelled meanwhile
   JobRecord job = *after;
   job.attempt = queued.attempt + 1;
+  if (!queued.output_path.empty()) job.output_path = *output_path;
   if (queued.state == v1::JOB_STATE_RESTARTING) {
     job.restarts = queued.restarts + 1;
   }
@@ -813,7 +850,7 @@ void Coordinator::Launch(const JobRecord& queued, const JobSpec& spec,
     request.gpus = part.gpus;
     // The spec travels as stored; where to write is a parameter.
     request.spec_yaml = queued.spec_yaml;
-    request.output_dir = OutputDirOf(queued);
+    request.output_dir = OutputDirOf(job);
     request.master_addr = master_addr;
     request.master_port = *port;
     request.env = {absl::StrCat("MOMENTUM_JOB_ID=", job.id),

@@ -187,8 +187,8 @@ grpc::Status JobServiceImpl::SubmitJob(grpc::ServerContext* context,
   }
   std::vector<std::string> overrides(request->overrides().begin(),
                                      request->overrides().end());
-  absl::StatusOr<v1::Job> job =
-      coordinator_->Submit(request->spec_yaml(), overrides, who.name);
+  absl::StatusOr<v1::Job> job = coordinator_->Submit(
+      request->spec_yaml(), overrides, who.name, who.role == Role::kAdmin);
   if (!job.ok()) return rpc.Done(ToGrpc(job.status()));
   *response->mutable_job() = *std::move(job);
   return rpc.Done(grpc::Status::OK);

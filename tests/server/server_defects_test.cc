@@ -99,8 +99,11 @@ class ServerDefectsTest : public ::testing::Test {
     EXPECT_TRUE(client_->WaitForState(id, v1::JOB_STATE_SUCCEEDED));
   }
 
+  // Each has an output_dir of its own: live jobs may not share one.
   static std::string Spec(const std::string& extra = "") {
-    return "name: t\ndata: {path: /nonexistent}\n"
+    static int specs = 0;
+    return "name: t\noutput_dir: out-" + std::to_string(++specs) +
+           "\ndata: {path: /nonexistent}\n"
            "optim: {batch_size: 12}\nresources: {nproc: 1, device: cpu}\n" +
            extra;
   }
