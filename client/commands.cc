@@ -22,7 +22,7 @@ int ReportError(const CommandContext& context, absl::string_view method,
                 const absl::Status& status) {
   context.err << "momentum: " << method << ": "
               << absl::StatusCodeToString(status.code()) << ": "
-              << OneLine(status.message()) << "\n";
+              << EscapeForTerminal(OneLine(status.message())) << "\n";
   context.err.flush();
   return kExitFailure;
 }
@@ -119,7 +119,7 @@ int RunGet(const CommandContext& context, const GetOptions& options) {
     context.out << "spec_yaml:\n";
     for (absl::string_view line : absl::StrSplit(job->spec_yaml(), '\n')) {
       if (line.empty()) continue;
-      context.out << "  " << line << "\n";
+      context.out << "  " << EscapeForTerminal(line) << "\n";
     }
   }
   context.out.flush();
@@ -200,9 +200,10 @@ int RunLogs(const CommandContext& context, const LogsOptions& options) {
         if (json) {
           context.out << ToJson(line) << "\n";
         } else if (prefix) {
-          context.out << "[rank " << line.rank() << "] " << line.text() << "\n";
+          context.out << "[rank " << line.rank() << "] "
+                      << EscapeForTerminal(line.text()) << "\n";
         } else {
-          context.out << line.text() << "\n";
+          context.out << EscapeForTerminal(line.text()) << "\n";
         }
         // Followed lines should show up as they come, also through a pipe.
         if (options.follow) context.out.flush();

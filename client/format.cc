@@ -157,8 +157,8 @@ std::vector<std::string> JobTableHeader() {
 
 std::vector<std::string> JobRow(const v1::Job& job, absl::Time now) {
   return {
-      job.id(),
-      OrDash(job.name()),
+      EscapeForTerminal(job.id()),
+      OrDash(EscapeForTerminal(job.name())),
       StateName(job.state()),
       absl::StrCat(job.priority()),
       absl::StrCat(job.world_size()),
@@ -219,16 +219,16 @@ std::string RenderKeyValues(const KeyValues& fields, absl::string_view indent) {
 KeyValues JobFields(const v1::Job& job) {
   const v1::JobProgress& p = job.progress();
   return {
-      {"id", job.id()},
-      {"name", OrDash(job.name())},
-      {"owner", OrDash(job.owner())},
+      {"id", EscapeForTerminal(job.id())},
+      {"name", OrDash(EscapeForTerminal(job.name()))},
+      {"owner", OrDash(EscapeForTerminal(job.owner()))},
       {"state", StateName(job.state())},
-      {"state_reason", OrDash(OneLine(job.state_reason()))},
+      {"state_reason", OrDash(EscapeForTerminal(OneLine(job.state_reason())))},
       {"priority", absl::StrCat(job.priority())},
       {"world_size", absl::StrCat(job.world_size())},
       {"queue_position",
        job.queue_position() > 0 ? absl::StrCat(job.queue_position()) : "-"},
-      {"output_dir", OrDash(job.output_dir())},
+      {"output_dir", OrDash(EscapeForTerminal(job.output_dir()))},
       {"submit_time", FormatTimestamp(job.submit_time())},
       {"start_time", FormatTimestamp(job.start_time())},
       {"end_time", FormatTimestamp(job.end_time())},
@@ -242,13 +242,15 @@ KeyValues JobFields(const v1::Job& job) {
        absl::StrFormat("%.1f", p.images_per_second())},
       {"progress.eta_seconds", FormatDuration(p.eta_seconds())},
       {"progress.knn_top1", FormatPercent(p.knn_top1())},
-      {"export_path", OrDash(job.export_path())},
+      {"export_path", OrDash(EscapeForTerminal(job.export_path()))},
   };
 }
 
 std::string FormatSubmitted(const v1::Job& job) {
-  std::string out = absl::StrCat("submitted ", job.id());
-  if (!job.name().empty()) absl::StrAppend(&out, " (", job.name(), ")");
+  std::string out = absl::StrCat("submitted ", EscapeForTerminal(job.id()));
+  if (!job.name().empty()) {
+    absl::StrAppend(&out, " (", EscapeForTerminal(job.name()), ")");
+  }
   absl::StrAppend(&out, ", ", StateName(job.state()));
   if (job.queue_position() > 0) {
     absl::StrAppend(&out, ", queue position ", job.queue_position());
@@ -257,8 +259,9 @@ std::string FormatSubmitted(const v1::Job& job) {
 }
 
 std::string FormatStateLine(const v1::Job& job) {
-  std::string out = absl::StrCat(job.id(), " ", StateName(job.state()));
-  std::string reason = OneLine(job.state_reason());
+  std::string out =
+      absl::StrCat(EscapeForTerminal(job.id()), " ", StateName(job.state()));
+  std::string reason = EscapeForTerminal(OneLine(job.state_reason()));
   if (!reason.empty()) absl::StrAppend(&out, ": ", reason);
   return out;
 }
@@ -267,7 +270,7 @@ std::string FormatSummary(const v1::Job& job) {
   KeyValues fields = {
       {"steps", absl::StrCat(job.progress().step())},
       {"kNN top-1", FormatPercent(job.progress().knn_top1())},
-      {"export", OrDash(job.export_path())},
+      {"export", OrDash(EscapeForTerminal(job.export_path()))},
       {"wall time", FormatWallTime(job)},
   };
   if (job.restarts() > 0) {
@@ -292,6 +295,69 @@ std::string ToJson(const google::protobuf::Message& message) {
     std::abort();
   }
   return json;
+}
+
+std::string EscapeForTerminal(absl::string_view text) {
+  std::string out;
+  out.reserve(text.size());
+  const auto byte = [&text](size_t i) {
+    return static_cast<unsigned char>(text[i]);
+  };
+  const auto continuation = [&](size_t i) {
+    return i < text.size() && (byte(i) & 0xC0) == 0x80;
+  };
+  size_t i = 0;
+  while (i < text.size()) {
+    const unsigned char c = byte(i);
+    if (c < 0x80) {
+      if ((c < 0x20 && c != '\t') || c == 0x7F) {
+        absl::StrAppend(&out, absl::StrFormat("\\x%02x", c));
+      } else {
+        out += static_cast<char>(c);
+      }
+      ++i;
+      continue;
+    }
+    // One UTF-8 sequence: its length and its code point, checked for
+    // overlong forms, surrogates and the range (RFC 3629).
+    size_t length = 0;
+    uint32_t code = 0;
+    if (c >= 0xC2 && c <= 0xDF) {
+      length = 2;
+      code = c & 0x1F;
+    } else if (c >= 0xE0 && c <= 0xEF) {
+      length = 3;
+      code = c & 0x0F;
+    } else if (c >= 0xF0 && c <= 0xF4) {
+      length = 4;
+      code = c & 0x07;
+    }
+    bool valid = length > 0;
+    for (size_t k = 1; valid && k < length; ++k) {
+      valid = continuation(i + k);
+      if (valid) code = (code << 6) | (byte(i + k) & 0x3F);
+    }
+    if (valid) {
+      valid = !(length == 3 &&
+                (code < 0x800 || (code >= 0xD800 && code <= 0xDFFF))) &&
+              !(length == 4 && (code < 0x10000 || code > 0x10FFFF));
+    }
+    if (!valid) {
+      absl::StrAppend(&out, absl::StrFormat("\\x%02x", c));
+      ++i;
+      continue;
+    }
+    const bool c1 = code >= 0x80 && code <= 0x9F;
+    const bool bidi = (code >= 0x202A && code <= 0x202E) ||
+                      (code >= 0x2066 && code <= 0x2069);
+    if (c1 || bidi) {
+      absl::StrAppend(&out, absl::StrFormat("\\u%04x", code));
+    } else {
+      out.append(text.data() + i, length);
+    }
+    i += length;
+  }
+  return out;
 }
 
 std::string OneLine(absl::string_view text) {

@@ -125,6 +125,17 @@ std::string ToJson(const google::protobuf::Message& message);
 // one line.
 std::string OneLine(absl::string_view text);
 
+// Text that came from another user or a rank (names, owners, reasons,
+// paths, log lines, notices, server errors) made safe to print on a
+// terminal: every control character but tab (C0, DEL) becomes "\xHH", C1
+// controls (U+0080-U+009F) and the bidirectional overrides and isolates
+// (U+202A-U+202E, U+2066-U+2069, which reorder what is shown) become
+// "\uHHHH", and bytes that are not UTF-8 become "\xHH"; valid printable
+// UTF-8 is kept as it is. "\x1b[2J" (clear the screen) prints as the six
+// characters \x1b[2J. Backslashes are kept, so the escapes are for people,
+// not for parsing back.
+std::string EscapeForTerminal(absl::string_view text);
+
 }  // namespace momentum::client
 
 #endif  // MOMENTUM_CLIENT_FORMAT_H_

@@ -61,9 +61,10 @@ void WatchPrinter::OnEvent(const v1::WatchJobEvent& event, absl::Time now) {
       job_.set_state_reason(change.reason());
       if (change.to() != v1::JOB_STATE_PENDING) job_.set_queue_position(0);
       if (IsFinalState(change.to())) return;
-      std::string line = absl::StrCat(job_.id(), " ", StateName(change.from()),
-                                      " -> ", StateName(change.to()));
-      std::string reason = OneLine(change.reason());
+      std::string line = absl::StrCat(EscapeForTerminal(job_.id()), " ",
+                                      StateName(change.from()), " -> ",
+                                      StateName(change.to()));
+      std::string reason = EscapeForTerminal(OneLine(change.reason()));
       if (!reason.empty()) absl::StrAppend(&line, ": ", reason);
       PrintStateLine(line);
       // On a terminal the progress line comes back under the state line.
@@ -78,7 +79,8 @@ void WatchPrinter::OnEvent(const v1::WatchJobEvent& event, absl::Time now) {
       return;
     case v1::WatchJobEvent::kNotice: {
       std::string line =
-          absl::StrCat(job_.id(), " ", OneLine(event.notice().message()));
+          absl::StrCat(EscapeForTerminal(job_.id()), " ",
+                       EscapeForTerminal(OneLine(event.notice().message())));
       PrintStateLine(line);
       if (options_.rewrite) PrintProgress(now);
       return;

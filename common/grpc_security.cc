@@ -121,7 +121,10 @@ absl::StatusOr<TokenTable> TokenTable::Load(const std::string& path) {
     } else if (fields[2] == "agent") {
       id.role = Role::kAgent;
     } else if (fields[2] == "worker") {
-      id.role = Role::kWorker;
+      return absl::InvalidArgumentError(absl::StrCat(
+          path, ":", line_number,
+          ": role worker is no longer accepted: the coordinator gives each "
+          "rank a credential of its own at launch; remove the line"));
     } else if (fields[2] == "admin") {
       id.role = Role::kAdmin;
     } else if (fields[2] == "viewer") {
@@ -129,8 +132,8 @@ absl::StatusOr<TokenTable> TokenTable::Load(const std::string& path) {
     } else {
       return absl::InvalidArgumentError(
           absl::StrCat(path, ":", line_number,
-                       ": ROLE must be one of user, viewer, admin, agent, "
-                       "worker, got \"",
+                       ": ROLE must be one of user, viewer, admin or "
+                       "agent, got \"",
                        fields[2], "\""));
     }
     if (fields[0].size() < 16) {

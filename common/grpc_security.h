@@ -52,9 +52,10 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ServerCredentials(
 
 // Who may call what.
 // user: submits jobs and acts on its own; viewer: reads every job and
-// changes nothing; admin: everything; agent and worker: InternalService
-// only (docs/security.md has the whole matrix).
-enum class Role { kUser, kAgent, kWorker, kAdmin, kViewer };
+// changes nothing; admin: everything; agent: InternalService agent sessions
+// only (docs/security.md has the whole matrix). Ranks are none of these:
+// they report with per-launch credentials the coordinator issues.
+enum class Role { kUser, kAgent, kAdmin, kViewer };
 
 struct Identity {
   std::string name;
@@ -62,8 +63,8 @@ struct Identity {
 };
 
 // Tokens the server accepts: one per line, "TOKEN NAME ROLE" with ROLE one
-// of user (JobService), agent (InternalService agent sessions), worker
-// (metric reports) or admin (everything); '#' starts a comment. Lookups
+// of user (its own jobs), viewer (reads every job), admin (everything) or
+// agent (InternalService agent sessions); '#' starts a comment. Lookups
 // compare in constant time with every token.
 class TokenTable {
  public:

@@ -543,6 +543,14 @@ class RuleChecker {
     if (value.empty()) Fail(absl::StrCat(field, " must not be empty"));
   }
 
+  void MaxBytes(absl::string_view field, const std::string& value,
+                int64_t max) {
+    if (static_cast<int64_t>(value.size()) > max) {
+      Fail(absl::StrCat(field, " must have at most ", max, " bytes, got ",
+                        value.size()));
+    }
+  }
+
   // The double rules reject NaN and infinities first (the comparisons below
   // are false for NaN, which would let it through).
   void Greater(absl::string_view field, double value, double min) {
@@ -553,6 +561,20 @@ class RuleChecker {
   void AtLeast(absl::string_view field, double value, double min) {
     if (!Finite(field, value)) return;
     if (!(value >= min)) Fail(Message(field, ">= ", min, value));
+  }
+
+  // The one-sided rules above with an upper bound too; each side says its
+  // own rule ("must be > 0", "must be <= 100").
+  void Greater(absl::string_view field, double value, double min, double max) {
+    if (!Finite(field, value)) return;
+    if (!(value > min)) return Fail(Message(field, "> ", min, value));
+    if (value > max) Fail(Message(field, "<= ", max, value));
+  }
+
+  void AtLeast(absl::string_view field, double value, double min, double max) {
+    if (!Finite(field, value)) return;
+    if (!(value >= min)) return Fail(Message(field, ">= ", min, value));
+    if (value > max) Fail(Message(field, "<= ", max, value));
   }
 
   // value in the interval [min, max], with either end open when asked.
@@ -578,7 +600,7 @@ class RuleChecker {
   // Normalisation statistics: empty (the dataset's), one value for every
   // channel, or one per RGB channel.
   void Statistics(absl::string_view field, const std::vector<double>& values,
-                  bool positive) {
+                  bool positive, double max_abs) {
     if (values.size() != 0 && values.size() != 1 && values.size() != 3) {
       Fail(absl::StrCat(field, " must have 0, 1 or 3 values, got ",
                         values.size()));
@@ -587,9 +609,9 @@ class RuleChecker {
     for (size_t i = 0; i < values.size(); ++i) {
       const std::string element = absl::StrCat(field, "[", i, "]");
       if (positive) {
-        Greater(element, values[i], 0);
+        Greater(element, values[i], 0, max_abs);
       } else {
-        Finite(element, values[i]);
+        InRange(element, values[i], -max_abs, false, max_abs, false);
       }
     }
   }
@@ -604,9 +626,40 @@ class RuleChecker {
   std::vector<std::string> errors_;
 };
 
+// Upper bounds of the numeric fields. None is a model of what is sensible
+// (that is the user's business): each is far past any real run and keeps
+// every product the trainer and the coordinator make of them (steps times
+// batch, dim times queue, an int32 of the API) exact, and a typo (an extra
+// six zeros) from being taken for a request.
+constexpr int64_t kMaxNameBytes = 128;   // a job's name; shows in every list
+constexpr int64_t kMaxPathBytes = 4096;  // PATH_MAX on Linux
+constexpr int64_t kMaxWidth = 4096;
+constexpr int64_t kMaxDim = 65536;
+constexpr int64_t kMaxQueue = int64_t{1} << 24;
+constexpr int64_t kMaxImageSize = 4096;
+constexpr int64_t kMaxThreads = 1024;
+constexpr int64_t kMaxPrefetch = 1024;
+constexpr int64_t kMaxImages = (int64_t{1} << 31) - 1;  // one int32
+constexpr int64_t kMaxEpochs = 1000000;
+constexpr int64_t kMaxSteps = int64_t{1} << 30;  // x kMaxBatchSize < 2^63
+constexpr int64_t kMaxKeep = 1000;
+constexpr int64_t kMaxRestarts = 1000;  // Job.restarts is an int32
+constexpr int64_t kMaxMilestones = 64;
+constexpr double kMaxSeconds = 1e8;          // about three years
+constexpr double kMaxRankTimeoutS = 604800;  // a week
+constexpr double kMaxTemperature = 100;
+constexpr double kMaxLr = 100;
+constexpr double kMaxJitter = 100;
+constexpr double kMaxSigma = 100;
+constexpr double kMaxStatistic = 1000;
+constexpr double kMaxStragglerFactor = 1000;
+
 void CheckFields(const JobSpec& spec, RuleChecker& check) {
   check.NotEmpty("name", spec.name);
-  if (!spec.name.empty()) {
+  if (static_cast<int64_t>(spec.name.size()) > kMaxNameBytes) {
+    check.Fail(absl::StrCat("name must have at most ", kMaxNameBytes,
+                            " characters, got ", spec.name.size()));
+  } else if (!spec.name.empty()) {
     const bool valid =
         std::all_of(spec.name.begin(), spec.name.end(), [](char c) {
           return absl::ascii_isalnum(static_cast<unsigned char>(c)) ||
@@ -622,28 +675,30 @@ void CheckFields(const JobSpec& spec, RuleChecker& check) {
     }
   }
   check.NotEmpty("output_dir", spec.output_dir);
+  check.MaxBytes("output_dir", spec.output_dir, kMaxPathBytes);
 
   const ModelSpec& model = spec.model;
   check.OneOf("model.arch", model.arch, {"resnet18", "resnet50"});
-  check.AtLeast("model.width", model.width, 1);
+  check.Between("model.width", model.width, 1, kMaxWidth);
   check.OneOf("model.in_channels", model.in_channels, {1, 3});
 
   const MocoSpec& moco = spec.moco;
   check.OneOf("moco.version", moco.version, {"v1", "v2"});
-  check.AtLeast("moco.dim", moco.dim, 1);
-  check.AtLeast("moco.queue_size", moco.queue_size, 1);
+  check.Between("moco.dim", moco.dim, 1, kMaxDim);
+  check.Between("moco.queue_size", moco.queue_size, 1, kMaxQueue);
   check.InRange("moco.momentum", moco.momentum, 0, false, 1, false);
-  check.Greater("moco.temperature", moco.temperature, 0);
+  check.Greater("moco.temperature", moco.temperature, 0, kMaxTemperature);
   check.OneOf("moco.bn", moco.bn, {"auto", "split", "shuffle", "none"});
-  check.AtLeast("moco.bn_groups", moco.bn_groups, 1);
+  check.Between("moco.bn_groups", moco.bn_groups, 1, kMaxBatchSize);
 
   const DataSpec& data = spec.data;
   check.OneOf("data.format", data.format, {"fashion-mnist", "image-folder"});
   check.NotEmpty("data.path", data.path);
-  check.AtLeast("data.image_size", data.image_size, 0);
-  check.AtLeast("data.loader_threads", data.loader_threads, 1);
-  check.AtLeast("data.prefetch", data.prefetch, 1);
-  check.AtLeast("data.limit", data.limit, 0);
+  check.MaxBytes("data.path", data.path, kMaxPathBytes);
+  check.Between("data.image_size", data.image_size, 0, kMaxImageSize);
+  check.Between("data.loader_threads", data.loader_threads, 1, kMaxThreads);
+  check.Between("data.prefetch", data.prefetch, 1, kMaxPrefetch);
+  check.Between("data.limit", data.limit, 0, kMaxImages);
   check.OneOf("data.augment_on", data.augment_on, {"auto", "host", "device"});
 
   const AugmentSpec& augment = data.augment;
@@ -652,10 +707,11 @@ void CheckFields(const JobSpec& spec, RuleChecker& check) {
   check.InRange("data.augment.crop_max_scale", augment.crop_max_scale, 0, true,
                 1, false);
   check.AtLeast("data.augment.jitter_brightness", augment.jitter_brightness,
-                0.0);
-  check.AtLeast("data.augment.jitter_contrast", augment.jitter_contrast, 0.0);
+                0.0, kMaxJitter);
+  check.AtLeast("data.augment.jitter_contrast", augment.jitter_contrast, 0.0,
+                kMaxJitter);
   check.AtLeast("data.augment.jitter_saturation", augment.jitter_saturation,
-                0.0);
+                0.0, kMaxJitter);
   check.InRange("data.augment.jitter_hue", augment.jitter_hue, 0, false, 0.5,
                 false);
   check.InRange("data.augment.jitter_prob", augment.jitter_prob, 0, false, 1,
@@ -664,21 +720,30 @@ void CheckFields(const JobSpec& spec, RuleChecker& check) {
                 1, false);
   check.InRange("data.augment.blur_prob", augment.blur_prob, 0, false, 1,
                 false);
-  check.Greater("data.augment.blur_sigma_min", augment.blur_sigma_min, 0);
-  check.Greater("data.augment.blur_sigma_max", augment.blur_sigma_max, 0);
+  check.Greater("data.augment.blur_sigma_min", augment.blur_sigma_min, 0,
+                kMaxSigma);
+  check.Greater("data.augment.blur_sigma_max", augment.blur_sigma_max, 0,
+                kMaxSigma);
   check.InRange("data.augment.hflip_prob", augment.hflip_prob, 0, false, 1,
                 false);
-  check.Statistics("data.augment.mean", augment.mean, /*positive=*/false);
-  check.Statistics("data.augment.std", augment.std, /*positive=*/true);
+  check.Statistics("data.augment.mean", augment.mean, /*positive=*/false,
+                   kMaxStatistic);
+  check.Statistics("data.augment.std", augment.std, /*positive=*/true,
+                   kMaxStatistic);
 
   const OptimSpec& optim = spec.optim;
   check.Between("optim.batch_size", optim.batch_size, 1, kMaxBatchSize);
-  check.Greater("optim.lr", optim.lr, 0);
+  check.Greater("optim.lr", optim.lr, 0, kMaxLr);
   check.InRange("optim.momentum", optim.momentum, 0, false, 1, true);
-  check.AtLeast("optim.weight_decay", optim.weight_decay, 0.0);
+  check.AtLeast("optim.weight_decay", optim.weight_decay, 0.0, 1.0);
   check.OneOf("optim.schedule", optim.schedule, {"step", "cosine", "constant"});
   check.InRange("optim.warmup", optim.warmup, 0, false, 1, true);
   const size_t milestone_errors = check.errors().size();
+  if (static_cast<int64_t>(optim.milestones.size()) > kMaxMilestones) {
+    check.Fail(absl::StrCat("optim.milestones must have at most ",
+                            kMaxMilestones, " values, got ",
+                            optim.milestones.size()));
+  }
   for (size_t i = 0; i < optim.milestones.size(); ++i) {
     check.InRange(absl::StrCat("optim.milestones[", i, "]"),
                   optim.milestones[i], 0, true, 1, true);
@@ -692,46 +757,50 @@ void CheckFields(const JobSpec& spec, RuleChecker& check) {
                      FormatList(optim.milestones)));
   }
   check.InRange("optim.gamma", optim.gamma, 0, true, 1, false);
-  check.AtLeast("optim.epochs", optim.epochs, 0);
-  check.AtLeast("optim.steps", optim.steps, 0);
-  check.AtLeast("optim.time_budget_s", optim.time_budget_s, 0.0);
+  check.Between("optim.epochs", optim.epochs, 0, kMaxEpochs);
+  check.Between("optim.steps", optim.steps, 0, kMaxSteps);
+  check.AtLeast("optim.time_budget_s", optim.time_budget_s, 0.0, kMaxSeconds);
 
   const EvalSpec& eval = spec.eval;
-  check.AtLeast("eval.every_epochs", eval.every_epochs, 0);
-  check.AtLeast("eval.knn_k", eval.knn_k, 1);
-  check.Greater("eval.knn_temperature", eval.knn_temperature, 0);
-  check.AtLeast("eval.batch_size", eval.batch_size, 1);
-  check.AtLeast("eval.max_train", eval.max_train, 0);
-  check.AtLeast("eval.max_test", eval.max_test, 0);
+  check.Between("eval.every_epochs", eval.every_epochs, 0, kMaxEpochs);
+  check.Between("eval.knn_k", eval.knn_k, 1, kMaxQueue);
+  check.Greater("eval.knn_temperature", eval.knn_temperature, 0,
+                kMaxTemperature);
+  check.Between("eval.batch_size", eval.batch_size, 1, kMaxBatchSize);
+  check.Between("eval.max_train", eval.max_train, 0, kMaxImages);
+  check.Between("eval.max_test", eval.max_test, 0, kMaxImages);
 
   const CheckpointSpec& checkpoint = spec.checkpoint;
-  check.AtLeast("checkpoint.every_steps", checkpoint.every_steps, 0);
-  check.AtLeast("checkpoint.every_epochs", checkpoint.every_epochs, 0);
-  check.AtLeast("checkpoint.keep", checkpoint.keep, 1);
+  check.Between("checkpoint.every_steps", checkpoint.every_steps, 0, kMaxSteps);
+  check.Between("checkpoint.every_epochs", checkpoint.every_epochs, 0,
+                kMaxEpochs);
+  check.Between("checkpoint.keep", checkpoint.keep, 1, kMaxKeep);
 
-  check.AtLeast("logging.every_steps", spec.logging.every_steps, 1);
+  check.Between("logging.every_steps", spec.logging.every_steps, 1, kMaxSteps);
 
   const ResourcesSpec& resources = spec.resources;
-  check.AtLeast("resources.threads", resources.threads, 0);
+  check.Between("resources.threads", resources.threads, 0, kMaxThreads);
   // Past any real cluster; the bound keeps sizes exact in every int32 of
   // the API and a typo from queueing a job that can never start.
   check.Between("resources.nproc", resources.nproc, 1, kMaxRanks);
   check.OneOf("resources.backend", resources.backend, {"auto", "gloo", "nccl"});
   check.OneOf("resources.device", resources.device, {"auto", "cpu", "cuda"});
   check.OneOf("resources.precision", resources.precision, {"fp32", "bf16"});
-  check.Greater("resources.timeout_s", resources.timeout_s, 0);
+  check.Greater("resources.timeout_s", resources.timeout_s, 0,
+                kMaxRankTimeoutS);
 
   check.InRange("scheduling.priority",
                 static_cast<double>(spec.scheduling.priority), -1000, false,
                 1000, false);
-  check.AtLeast("scheduling.max_restarts", spec.scheduling.max_restarts, 0);
+  check.Between("scheduling.max_restarts", spec.scheduling.max_restarts, 0,
+                kMaxRestarts);
   check.InRange("scheduling.restart_backoff_s",
                 spec.scheduling.restart_backoff_s, 0, false, 3600, false);
   check.AtLeast("scheduling.hang_timeout_s", spec.scheduling.hang_timeout_s,
-                0.0);
+                0.0, kMaxRankTimeoutS);
   if (spec.scheduling.straggler_factor != 0) {
     check.AtLeast("scheduling.straggler_factor",
-                  spec.scheduling.straggler_factor, 1.0);
+                  spec.scheduling.straggler_factor, 1.0, kMaxStragglerFactor);
   }
   check.OneOf("faults.on_nonfinite", spec.faults.on_nonfinite,
               {"rollback", "fail"});
@@ -739,11 +808,12 @@ void CheckFields(const JobSpec& spec, RuleChecker& check) {
               {"rollback", "fail"});
   check.InRange("faults.collapse_std_ratio", spec.faults.collapse_std_ratio, 0,
                 false, 1, true);
-  check.AtLeast("faults.collapse_patience", spec.faults.collapse_patience,
-                int64_t{1});
+  check.Between("faults.collapse_patience", spec.faults.collapse_patience, 1,
+                kMaxSteps);
   check.InRange("faults.rollback_lr_factor", spec.faults.rollback_lr_factor, 0,
                 true, 1, false);
-  check.AtLeast("faults.max_rollbacks", spec.faults.max_rollbacks, 0);
+  check.Between("faults.max_rollbacks", spec.faults.max_rollbacks, 0,
+                kMaxRestarts);
 }
 
 // Rules across fields; they assume every field passed CheckFields (no

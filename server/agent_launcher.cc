@@ -41,6 +41,10 @@ absl::Status AgentLauncher::Launch(const LaunchRequest& request) {
     launch->set_spec_yaml(request.spec_yaml);
     launch->set_output_dir(request.output_dir);
     for (const std::string& e : request.env) launch->add_env(e);
+    // The rank's own credential goes to its agent only.
+    if (i < request.credentials.size()) {
+      launch->add_env("MOMENTUM_TOKEN=" + request.credentials[i]);
+    }
     if (!request.gpus.empty()) launch->set_gpu(request.gpus[i]);
     Push(std::move(command));
   }

@@ -26,6 +26,7 @@
 #include "common/health_server.h"
 #include "common/job_id.h"
 #include "common/process.h"
+#include "common/utf8.h"
 #include "momentum/v1/internal.grpc.pb.h"
 #include "server/gpus.h"
 #include "server/launcher.h"
@@ -65,7 +66,8 @@ class Session : public momentum::server::LaunchEvents {
     out->set_job_id(job_id);
     out->set_attempt(static_cast<int32_t>(attempt));
     out->set_rank(static_cast<int32_t>(rank));
-    out->add_lines(line);
+    // A proto string: bytes that are not UTF-8 would fail the session.
+    out->add_lines(momentum::ToValidUtf8(line));
     Write(m);
   }
   void OnRankExited(const std::string& job_id, int64_t attempt, int64_t rank,

@@ -23,7 +23,9 @@
 #include "common/job_spec.h"
 #include "common/process.h"
 #include "common/status_macros.h"
+#include "common/utf8.h"
 #include "server/gpus.h"
+#include "server/local_launcher.h"
 #include "server/server_metrics.h"
 
 namespace momentum::server {
@@ -139,7 +141,9 @@ Coordinator::Coordinator(const CoordinatorOptions& options,
       lock_fd_(lock_fd),
       health_(&clock_),
       logs_((fs::path(options.state_dir) / "jobs").string()),
-      watchers_(WatchHub::Options{options.max_watch_streams, 10000}) {}
+      watchers_(WatchHub::Options{options.max_watch_streams, 10000,
+                                  options.max_watch_streams_per_user}),
+      log_rate_(options.log_rate) {}
 
 Coordinator::~Coordinator() {
   Shutdown();
@@ -236,6 +240,7 @@ void Coordinator::Shutdown() {
     launchers.swap(launchers_);
     live_gangs_.clear();
   }
+  credentials_.RevokeAll();
   state.running.clear();
   launchers.clear();
   watchers_.CloseAll();
@@ -264,6 +269,7 @@ std::string Coordinator::OutputDirOf(const JobRecord& job) const {
 absl::StatusOr<v1::Job> Coordinator::Submit(
     const std::string& spec_yaml, const std::vector<std::string>& overrides,
     const std::string& owner, bool owner_is_admin) {
+  MOMENTUM_RETURN_IF_ERROR(CheckSubmit(spec_yaml, overrides, options_.limits));
   MOMENTUM_ASSIGN_OR_RETURN(JobSpec spec,
                             ParseJobSpec(spec_yaml, overrides, "spec"));
   MOMENTUM_RETURN_IF_ERROR(admission_.Check(spec));
@@ -271,9 +277,28 @@ absl::StatusOr<v1::Job> Coordinator::Submit(
       const std::string output_path,
       admission_.ResolveOutputDir(spec.output_dir, owner, owner_is_admin));
   // Ranks and `get` see cuda or cpu, decided once, here.
-  int64_t gpus = 0;
-  for (const auto& launcher : Launchers()) gpus += launcher->Gpus().size();
+  int64_t gpus = 0, slots = 0;
+  bool local_only = true;
+  const std::vector<std::shared_ptr<Launcher>> launchers = Launchers();
+  for (const auto& launcher : launchers) {
+    gpus += launcher->Gpus().size();
+    slots += launcher->Slots();
+    local_only = local_only &&
+                 dynamic_cast<const LocalLauncher*>(launcher.get()) != nullptr;
+  }
   MOMENTUM_RETURN_IF_ERROR(ResolveDevice(gpus, &spec));
+  // A CPU job larger than this machine while no agent is connected: the
+  // cluster that exists cannot hold it, and the user learns it now rather
+  // than from a job that stays PENDING. Where agents are connected, or the
+  // server has no slots of its own (it waits for agents), a larger job
+  // waits for more agents to join instead: they come and go.
+  if (spec.resources.device == "cpu" && local_only && !launchers.empty() &&
+      spec.resources.nproc > slots) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("resources.nproc ", spec.resources.nproc, " asks for ",
+                     spec.resources.nproc, " CPU slots, but this server has ",
+                     slots, " (--slots) and no agent is connected"));
+  }
   JobRecord job;
   job.name = spec.name;
   job.priority = spec.scheduling.priority;
@@ -311,10 +336,20 @@ absl::StatusOr<v1::ListJobsResponse> Coordinator::ListJobs(
     filter.states.push_back(static_cast<JobState>(s));
   }
   filter.name_contains = request.name_contains();
-  int64_t page_size = request.page_size() == 0 ? 50 : request.page_size();
-  if (page_size < 0 || page_size > 1000) {
+  const RequestLimits& limits = options_.limits;
+  if (static_cast<int64_t>(filter.name_contains.size()) >
+      limits.max_name_filter_bytes) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "page_size must be in [0, 1000], got ", request.page_size()));
+        "name_contains must have at most ", limits.max_name_filter_bytes,
+        " bytes, got ", filter.name_contains.size()));
+  }
+  int64_t page_size = request.page_size() == 0
+                          ? std::min<int64_t>(50, limits.max_page_size)
+                          : request.page_size();
+  if (page_size < 0 || page_size > limits.max_page_size) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("page_size must be in [0, ", limits.max_page_size,
+                     "], got ", request.page_size()));
   }
   int64_t offset = 0;
   if (!request.page_token().empty() &&
@@ -327,10 +362,23 @@ absl::StatusOr<v1::ListJobsResponse> Coordinator::ListJobs(
   MOMENTUM_ASSIGN_OR_RETURN(std::vector<JobRecord> jobs,
                             store_->List(filter, offset, page_size, &total));
   v1::ListJobsResponse response;
-  for (const JobRecord& job : jobs) *response.add_jobs() = ToProto(job);
+  // The page ends early rather than outgrow the response budget; the
+  // token says where the next one starts.
+  int64_t listed = 0;
+  size_t bytes = 0;
+  for (const JobRecord& job : jobs) {
+    v1::Job proto = ToProto(job);
+    bytes += proto.ByteSizeLong();
+    if (listed > 0 &&
+        static_cast<int64_t>(bytes) > limits.max_list_response_bytes) {
+      break;
+    }
+    *response.add_jobs() = std::move(proto);
+    ++listed;
+  }
   response.set_total_size(static_cast<int32_t>(total));
-  if (offset + static_cast<int64_t>(jobs.size()) < total) {
-    response.set_next_page_token(absl::StrCat(offset + jobs.size()));
+  if (offset + listed < total) {
+    response.set_next_page_token(absl::StrCat(offset + listed));
   }
   return response;
 }
@@ -338,6 +386,11 @@ absl::StatusOr<v1::ListJobsResponse> Coordinator::ListJobs(
 absl::StatusOr<v1::Job> Coordinator::Cancel(const std::string& id,
                                             const std::string& reason) {
   MOMENTUM_RETURN_IF_ERROR(CheckJobId(id));
+  if (static_cast<int64_t>(reason.size()) > options_.limits.max_reason_bytes) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "reason must have at most ", options_.limits.max_reason_bytes,
+        " bytes, got ", reason.size()));
+  }
   MOMENTUM_ASSIGN_OR_RETURN(JobRecord before, store_->Get(id));
   if (IsFinal(before.state)) return ToProto(before);
   const std::string why = reason.empty() ? "cancelled by request" : reason;
@@ -360,11 +413,11 @@ absl::StatusOr<v1::Job> Coordinator::Cancel(const std::string& id,
 }
 
 absl::StatusOr<std::shared_ptr<Subscription>> Coordinator::Watch(
-    const std::string& id, bool metrics, bool logs) {
+    const std::string& id, bool metrics, bool logs, const std::string& caller) {
   MOMENTUM_RETURN_IF_ERROR(CheckJobId(id));
   // Subscribed before the snapshot is read: no change falls in between.
   MOMENTUM_ASSIGN_OR_RETURN(std::shared_ptr<Subscription> subscription,
-                            watchers_.Subscribe(id, metrics, logs));
+                            watchers_.Subscribe(id, metrics, logs, caller));
   absl::StatusOr<JobRecord> job = store_->Get(id);
   if (!job.ok()) {
     watchers_.Unsubscribe(subscription);
@@ -406,6 +459,38 @@ void Coordinator::OnRankOutput(const std::string& job_id, int64_t attempt,
     auto gang = live_gangs_.find({job_id, attempt});
     if (gang == live_gangs_.end() || rank < 0 || rank >= gang->second) return;
   }
+  // Log lines are proto strings, which must be UTF-8 (a message with other
+  // bytes does not serialize: `logs` and `watch` would break on it), so
+  // the rank's bytes are made valid and cut into pieces that end between
+  // characters.
+  const std::string text = ToValidUtf8(line);
+  std::string_view rest = text;
+  do {
+    const size_t n = Utf8CutPoint(rest, JobLogs::kMaxLineBytes);
+    const LogRateLimiter::Verdict verdict =
+        log_rate_.Admit(job_id, rank, n, clock_.Now());
+    if (verdict.dropped_before > 0) {
+      StoreDroppedNotice(job_id, rank, verdict.dropped_before);
+    }
+    if (verdict.keep) StoreOutput(job_id, rank, std::string(rest.substr(0, n)));
+    rest.remove_prefix(n);
+  } while (!rest.empty());
+}
+
+void Coordinator::StoreDroppedNotice(const std::string& job_id, int64_t rank,
+                                     int64_t dropped) {
+  const LogRateLimiter::Options& rate = log_rate_.options();
+  StoreOutput(job_id, rank,
+              absl::StrFormat("momentum-server: dropped %d %s of rank %d: over "
+                              "the log rate limit (%.15g lines/s, %.15g "
+                              "bytes/s, bursts of %.15g s)",
+                              dropped, dropped == 1 ? "line" : "lines", rank,
+                              rate.lines_per_second, rate.bytes_per_second,
+                              rate.burst_seconds));
+}
+
+void Coordinator::StoreOutput(const std::string& job_id, int64_t rank,
+                              const std::string& line) {
   absl::StatusOr<std::vector<int64_t>> numbers =
       logs_.Append(job_id, rank, line);
   if (!numbers.ok()) return;
@@ -456,8 +541,9 @@ void Coordinator::OnMetric(const std::string& job_id, int64_t attempt,
       metrics_->SetStraggler(job_id, notice->rank(),
                              notice->kind() == "straggler");
     }
-    OnRankOutput(job_id, attempt, notice->rank(),
-                 "momentum-server: " + notice->message());
+    // The server's own line: past the rank's log rate limit.
+    StoreOutput(job_id, notice->rank(),
+                "momentum-server: " + notice->message());
     v1::WatchJobEvent event = EventAt(clock_.WallMs());
     *event.mutable_notice() = *notice;
     watchers_.Publish(job_id, event, WatchHub::Kind::kState);
@@ -611,10 +697,18 @@ void Coordinator::HandleExit(const Exit& exit) {
       std::string reason =
           absl::StrCat("rank ", exit.rank, " ", exit.description);
       if (bad_input) absl::StrAppend(&reason, " (bad input: not retried)");
-      const std::string tail = logs_.LastLine(exit.job_id, exit.rank);
+      // Its cut may fall inside a character.
+      const std::string tail =
+          ToValidUtf8(logs_.LastLine(exit.job_id, exit.rank));
       if (!tail.empty()) absl::StrAppend(&reason, ": ", tail);
       FailGang(*before, run, reason, /*retry=*/!bad_input);
     }
+  }
+  // A rank that ended in a flood: its drops are told after the reason read
+  // its last line.
+  if (const int64_t dropped = log_rate_.TakeDropped(exit.job_id, exit.rank);
+      dropped > 0) {
+    StoreDroppedNotice(exit.job_id, exit.rank, dropped);
   }
   if (exit.exit_code != 0) run.failed = true;
   for (const auto& [rank, s] : run.ranks) {
@@ -650,6 +744,9 @@ void Coordinator::HandleExit(const Exit& exit) {
   }
   health_.End(exit.job_id);
   logs_.CloseJob(exit.job_id);
+  log_rate_.Forget(exit.job_id);
+  // The gang's credentials die with it: a leftover rank cannot report.
+  credentials_.Revoke(exit.job_id, exit.attempt);
   {
     absl::MutexLock lock(&mu_);
     live_gangs_.erase({exit.job_id, exit.attempt});
@@ -840,6 +937,19 @@ void Coordinator::Launch(const JobRecord& queued, const JobSpec& spec,
     report_address = report_address_;
   }
   PublishChange(queued, job);
+  // One credential per rank, for this launch only (rank_credentials.h).
+  absl::StatusOr<std::vector<std::string>> credentials =
+      credentials_.Issue(job.id, job.attempt, job.world_size);
+  if (!credentials.ok()) {
+    for (const Placement& part : placement) {
+      for (int64_t r : part.ranks) {
+        PushExit({job.id, job.attempt, r, kExitFailed, 0,
+                  absl::StrCat("could not be given a credential: ",
+                               credentials.status().message())});
+      }
+    }
+    return;
+  }
   const std::string master_addr = placement.front().launcher->Address();
   for (const Placement& part : placement) {
     LaunchRequest request;
@@ -855,8 +965,8 @@ void Coordinator::Launch(const JobRecord& queued, const JobSpec& spec,
     request.master_port = *port;
     request.env = {absl::StrCat("MOMENTUM_JOB_ID=", job.id),
                    absl::StrCat("MOMENTUM_ATTEMPT=", job.attempt)};
-    if (!options_.worker_token.empty()) {
-      request.env.push_back("MOMENTUM_TOKEN=" + options_.worker_token);
+    for (int64_t r : part.ranks) {
+      request.credentials.push_back((*credentials)[static_cast<size_t>(r)]);
     }
     if (!report_address.empty()) {
       request.env.push_back("MOMENTUM_COORDINATOR=" + report_address);

@@ -56,7 +56,10 @@
 #include "server/job_store.h"
 #include "server/job_view.h"
 #include "server/launcher.h"
+#include "server/log_rate.h"
 #include "server/placement.h"
+#include "server/rank_credentials.h"
+#include "server/request_limits.h"
 #include "server/watch_hub.h"
 
 namespace momentum::server {
@@ -76,10 +79,14 @@ struct CoordinatorOptions {
   // Most PENDING jobs one owner may have; 0: no limit. Further submissions
   // are refused with RESOURCE_EXHAUSTED.
   int64_t max_queued_jobs_per_user = 0;
-  // Given to every rank (MOMENTUM_TOKEN) to report its metrics with.
-  std::string worker_token;
-  // Open WatchJob and GetJobLogs streams at most.
+  // Open WatchJob and GetJobLogs streams at most, in all and per caller.
   size_t max_watch_streams = 512;
+  size_t max_watch_streams_per_user = 128;
+  // Sizes of requests (spec text, overrides, pages, reasons).
+  RequestLimits limits;
+  // How many lines and bytes a rank may log (per second, and at once); the
+  // excess is dropped with a notice.
+  LogRateLimiter::Options log_rate;
   // Time; Clock::Real() when null. Tests pass a fake one.
   const Clock* clock = nullptr;
 };
@@ -119,10 +126,13 @@ class Coordinator : public LaunchEvents {
   // of a server that knows nobody are). Submit stores the spec with
   // resources.device resolved (never auto: cuda when the launchers offer
   // GPUs now, else cpu) and refuses a CUDA job with more ranks than the
-  // launchers have GPUs, used or free. It resolves and confines output_dir
-  // (Admission::ResolveOutputDir; PERMISSION_DENIED) and refuses one that
-  // overlaps another job's output (JobStore::CheckOutputFree;
-  // FAILED_PRECONDITION). None of them blocks on the loop.
+  // launchers have GPUs, used or free, and a CPU job with more ranks than
+  // the server's own slots while no agent is connected (see Submit). The
+  // request's sizes are checked first (options.limits). It resolves and
+  // confines output_dir (Admission::ResolveOutputDir; PERMISSION_DENIED)
+  // and refuses one that overlaps another job's output
+  // (JobStore::CheckOutputFree; FAILED_PRECONDITION). None of them blocks
+  // on the loop.
   absl::StatusOr<v1::Job> Submit(const std::string& spec_yaml,
                                  const std::vector<std::string>& overrides,
                                  const std::string& owner = "",
@@ -133,15 +143,18 @@ class Coordinator : public LaunchEvents {
       const v1::ListJobsRequest& request,
       const std::optional<std::string>& owner = std::nullopt);
   // Commits CANCELLED at once; the loop stops the ranks right after.
+  // INVALID_ARGUMENT for a reason longer than options.limits allows.
   absl::StatusOr<v1::Job> Cancel(const std::string& id,
                                  const std::string& reason);
 
   // A stream of the job's events: first a snapshot of the job, then its
   // state changes (and metric samples and log lines if asked), closed after
   // the job reached a final state and a last snapshot. RESOURCE_EXHAUSTED
-  // past options.max_watch_streams.
-  absl::StatusOr<std::shared_ptr<Subscription>> Watch(const std::string& id,
-                                                      bool metrics, bool logs);
+  // past options.max_watch_streams, or max_watch_streams_per_user streams
+  // of `caller` ("" for anonymous callers, who share one count).
+  absl::StatusOr<std::shared_ptr<Subscription>> Watch(
+      const std::string& id, bool metrics, bool logs,
+      const std::string& caller = "");
   void Unwatch(const std::shared_ptr<Subscription>& subscription);
 
   // Stored output lines of the job (rank >= 0: that rank only) from line
@@ -152,6 +165,12 @@ class Coordinator : public LaunchEvents {
 
   // A metric sample or heartbeat from a rank of the job's current attempt
   // (reports of other attempts, jobs or ranks are ignored).
+  // Whom a rank's credential (MOMENTUM_TOKEN, issued per launch and rank)
+  // speaks for; nullopt when it is unknown or its gang has ended.
+  std::optional<RankKey> RankOf(const std::string& token) const {
+    return credentials_.Find(token);
+  }
+
   void OnMetric(const std::string& job_id, int64_t attempt,
                 const v1::MetricSample& sample);
   void OnHeartbeat(const std::string& job_id, int64_t attempt, int64_t rank);
@@ -238,6 +257,13 @@ class Coordinator : public LaunchEvents {
   void ReleaseRank(RankSlot& slot);
   void UpdateGauges(const std::vector<std::shared_ptr<Launcher>>& launchers);
 
+  // Stores a line of the rank's output and publishes it to log watchers,
+  // unchecked (OnRankOutput checks the gang and the rank's log rate).
+  void StoreOutput(const std::string& job_id, int64_t rank,
+                   const std::string& line);
+  // The notice of `dropped` lines of the rank lost to its log rate limit.
+  void StoreDroppedNotice(const std::string& job_id, int64_t rank,
+                          int64_t dropped);
   v1::Job ToProto(const JobRecord& job);
   void PublishChange(const JobRecord& before, const JobRecord& after);
   void PushExit(Exit exit);
@@ -252,7 +278,9 @@ class Coordinator : public LaunchEvents {
   GangHealth health_;
   JobLogs logs_;
   WatchHub watchers_;
+  LogRateLimiter log_rate_;
   ProgressBoard progress_;
+  RankCredentials credentials_;
 
   LoopState loop_state_;  // the loop thread's only
   std::thread loop_;

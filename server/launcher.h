@@ -32,6 +32,9 @@ struct LaunchRequest {
   int64_t master_port = 0;
   // Extra environment for the ranks ("NAME=value").
   std::vector<std::string> env;
+  // Each rank's own credential (same order as `ranks`), which it gets as
+  // MOMENTUM_TOKEN to report with; empty when none is given.
+  std::vector<std::string> credentials;
 };
 
 // What happens to launched ranks. Called from the launchers' own threads;

@@ -171,7 +171,11 @@ absl::Status LocalLauncher::Launch(const LaunchRequest& request) {
     // The request's variables come first, so that an agent that launches a
     // machine's ranks one by one can give their LOCAL_RANK and
     // LOCAL_WORLD_SIZE.
-    options.env = RankEnvironment(place, request.env);
+    std::vector<std::string> extra = request.env;
+    if (i < request.credentials.size()) {
+      extra.push_back("MOMENTUM_TOKEN=" + request.credentials[i]);
+    }
+    options.env = RankEnvironment(place, extra);
     options.cwd = dir.string();
     options.new_process_group = true;
 

@@ -84,7 +84,9 @@ int main(int argc, char** argv) {
   std::string token_file;
   std::vector<std::string> data_roots, user_output_roots;
   std::string output_root;
-  int64_t max_ranks = 0;
+  // Far past what one server runs, yet a typo in resources.nproc (or a
+  // hostile spec) cannot queue a job that needs a thousand machines.
+  int64_t max_ranks = 1024;
   int64_t max_message_bytes = 16 << 20;
   app.add_option("--tls-cert", tls.cert,
                  "server certificate (PEM); with --tls-key enables TLS");
@@ -93,7 +95,7 @@ int main(int argc, char** argv) {
                  "CA of client certificates: require them (mutual TLS)");
   app.add_option("--token-file", token_file,
                  "accepted bearer tokens, \"TOKEN NAME ROLE\" per line (role: "
-                 "user, agent, worker or admin); without it no token is "
+                 "user, viewer, admin or agent); without it no token is "
                  "asked for");
   app.add_option("--data-root", data_roots,
                  "data.path of a job must lie under one of these "
@@ -109,7 +111,8 @@ int main(int argc, char** argv) {
                  "USER=DIR: USER may also write an absolute output_dir under "
                  "DIR (repeatable)");
   app.add_option("--max-ranks-per-job", max_ranks,
-                 "most ranks one job may ask for (0: no limit)")
+                 "most ranks one job may ask for (0: only the spec's own "
+                 "limit, 65536)")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
   int64_t max_queued = 0;
@@ -130,6 +133,46 @@ int main(int argc, char** argv) {
   int64_t max_watch_streams = 512;
   app.add_option("--max-watch-streams", max_watch_streams,
                  "most open watch and log streams (each holds a thread)")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  int64_t max_watch_streams_per_user = 128;
+  app.add_option("--max-watch-streams-per-user", max_watch_streams_per_user,
+                 "most open watch and log streams of one user (token name, "
+                 "else TLS client certificate name; anonymous callers share "
+                 "one count)")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  momentum::server::RequestLimits limits;
+  app.add_option("--max-spec-bytes", limits.max_spec_bytes,
+                 "largest job spec (YAML text) accepted")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  app.add_option("--max-overrides", limits.max_overrides,
+                 "most overrides (key=value) one submission may carry")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--max-override-bytes", limits.max_override_bytes,
+                 "longest override accepted")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  app.add_option("--max-page-size", limits.max_page_size,
+                 "most jobs in one ListJobs page")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  momentum::server::LogRateLimiter::Options log_rate;
+  app.add_option("--log-lines-per-second", log_rate.lines_per_second,
+                 "lines per second each rank may log; the excess is dropped "
+                 "with a notice of how many (0: no limit)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  int64_t log_bytes_per_second = 1 << 20;
+  app.add_option("--log-bytes-per-second", log_bytes_per_second,
+                 "bytes per second each rank may log (0: no limit)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--log-burst-seconds", log_rate.burst_seconds,
+                 "a rank may log this many seconds' worth of the two rates "
+                 "at once")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
   std::string health_listen;
@@ -185,17 +228,8 @@ int main(int argc, char** argv) {
     }
     tokens = *std::move(loaded);
   }
-  // Ranks report with a token of their own, made afresh by each server.
-  std::string worker_token;
-  if (!tokens.empty()) {
-    auto random = momentum::RandomToken();
-    if (!random.ok()) {
-      std::cerr << "momentum-server: " << random.status().message() << "\n";
-      return 1;
-    }
-    worker_token = *random;
-    tokens.Add(worker_token, {"ranks", momentum::Role::kWorker});
-  }
+  // Ranks report with credentials of their own, one per rank and launch,
+  // which the coordinator issues (server/rank_credentials.h).
 
   auto metrics = momentum::server::ServerMetrics::Create(
       metrics_listen, std::chrono::seconds(retention));
@@ -222,8 +256,12 @@ int main(int argc, char** argv) {
   }
   options.admission.max_ranks_per_job = max_ranks;
   options.max_queued_jobs_per_user = max_queued;
-  options.worker_token = worker_token;
   options.max_watch_streams = static_cast<size_t>(max_watch_streams);
+  options.max_watch_streams_per_user =
+      static_cast<size_t>(max_watch_streams_per_user);
+  options.limits = limits;
+  log_rate.bytes_per_second = static_cast<double>(log_bytes_per_second);
+  options.log_rate = log_rate;
   auto coordinator =
       momentum::server::Coordinator::Create(options, metrics->get());
   if (!coordinator.ok()) {

@@ -11,6 +11,7 @@
 #include "common/job_id.h"
 #include "server/agent_launcher.h"
 #include "server/gpus.h"
+#include "server/request_limits.h"
 
 namespace momentum::server {
 namespace {
@@ -47,6 +48,17 @@ class RpcRecord {
 
 namespace {
 
+// The call's "authorization: Bearer TOKEN" token; "" when there is none.
+std::string BearerToken(const grpc::ServerContext* context) {
+  const auto& metadata = context->client_metadata();
+  auto it = metadata.find("authorization");
+  if (it == metadata.end()) return "";
+  const std::string value(it->second.data(), it->second.size());
+  const std::string prefix = "Bearer ";
+  if (value.rfind(prefix, 0) != 0) return "";
+  return value.substr(prefix.size());
+}
+
 // The identity of the call's bearer token in `tokens` (not empty).
 grpc::Status TokenIdentity(const grpc::ServerContext* context,
                            const TokenTable& tokens, Identity* who) {
@@ -56,13 +68,12 @@ grpc::Status TokenIdentity(const grpc::ServerContext* context,
     return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
                         "missing bearer token (authorization metadata)");
   }
-  const std::string value(it->second.data(), it->second.size());
-  const std::string prefix = "Bearer ";
-  if (value.rfind(prefix, 0) != 0) {
+  const std::string token = BearerToken(context);
+  if (token.empty()) {
     return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
                         "the authorization metadata is not \"Bearer TOKEN\"");
   }
-  std::optional<Identity> found = tokens.Find(value.substr(prefix.size()));
+  std::optional<Identity> found = tokens.Find(token);
   if (!found) {
     return grpc::Status(grpc::StatusCode::UNAUTHENTICATED, "unknown token");
   }
@@ -90,15 +101,9 @@ grpc::Status Authorize(const grpc::ServerContext* context,
 
 std::string CallerName(const grpc::ServerContext* context,
                        const TokenTable& tokens) {
-  const auto& metadata = context->client_metadata();
-  auto it = metadata.find("authorization");
-  const std::string prefix = "Bearer ";
-  if (!tokens.empty() && it != metadata.end()) {
-    const std::string value(it->second.data(), it->second.size());
-    if (value.rfind(prefix, 0) == 0) {
-      if (std::optional<Identity> who =
-              tokens.Find(value.substr(prefix.size())))
-        return who->name;
+  if (!tokens.empty()) {
+    if (std::optional<Identity> who = tokens.Find(BearerToken(context))) {
+      return who->name;
     }
   }
   if (auto auth = context->auth_context(); auth != nullptr) {
@@ -131,7 +136,6 @@ grpc::Status MayAccess(const Identity& who, JobAccess access,
       allowed = access == JobAccess::kSubmit || who.name == owner;
       break;
     case Role::kAgent:
-    case Role::kWorker:
       allowed = false;
       break;
   }
@@ -157,14 +161,16 @@ grpc::Status ToGrpc(const absl::Status& status) {
 
 grpc::Status JobServiceImpl::Access(const grpc::ServerContext* context,
                                     JobAccess access, const std::string& job_id,
-                                    absl::StatusOr<v1::Job>* job) {
+                                    absl::StatusOr<v1::Job>* job,
+                                    std::string* caller) {
   Identity who;
   if (grpc::Status denied = IdentifyCaller(context, *tokens_, &who);
       !denied.ok()) {
     return denied;
   }
-  // Agents and ranks are refused before the job is looked up.
-  if (who.role == Role::kAgent || who.role == Role::kWorker) {
+  if (caller != nullptr) *caller = who.name;
+  // Agents are refused before the job is looked up.
+  if (who.role == Role::kAgent) {
     return MayAccess(who, access, "", "");
   }
   *job = coordinator_->GetJob(job_id);
@@ -217,7 +223,7 @@ grpc::Status JobServiceImpl::ListJobs(grpc::ServerContext* context,
       !denied.ok()) {
     return rpc.Done(denied);
   }
-  if (who.role == Role::kAgent || who.role == Role::kWorker) {
+  if (who.role == Role::kAgent) {
     return rpc.Done(MayAccess(who, JobAccess::kRead, "", ""));
   }
   // A user lists the jobs it submitted; viewers and admins all of them.
@@ -251,14 +257,15 @@ grpc::Status JobServiceImpl::WatchJob(
     grpc::ServerWriter<v1::WatchJobEvent>* writer) {
   RpcRecord rpc(metrics_, "WatchJob");
   absl::StatusOr<v1::Job> job;
+  std::string caller;
   if (grpc::Status denied =
-          Access(context, JobAccess::kRead, request->job_id(), &job);
+          Access(context, JobAccess::kRead, request->job_id(), &job, &caller);
       !denied.ok()) {
     return rpc.Done(denied);
   }
   absl::StatusOr<std::shared_ptr<Subscription>> subscription =
       coordinator_->Watch(request->job_id(), request->metrics(),
-                          request->logs());
+                          request->logs(), caller);
   if (!subscription.ok()) return rpc.Done(ToGrpc(subscription.status()));
   grpc::Status status = grpc::Status::OK;
   while (true) {
@@ -282,8 +289,9 @@ grpc::Status JobServiceImpl::GetJobLogs(
     grpc::ServerWriter<v1::LogLine>* writer) {
   RpcRecord rpc(metrics_, "GetJobLogs");
   absl::StatusOr<v1::Job> job;
+  std::string caller;
   if (grpc::Status denied =
-          Access(context, JobAccess::kRead, request->job_id(), &job);
+          Access(context, JobAccess::kRead, request->job_id(), &job, &caller);
       !denied.ok()) {
     return rpc.Done(denied);
   }
@@ -292,7 +300,7 @@ grpc::Status JobServiceImpl::GetJobLogs(
   std::shared_ptr<Subscription> subscription;
   if (request->follow()) {
     absl::StatusOr<std::shared_ptr<Subscription>> s =
-        coordinator_->Watch(request->job_id(), false, true);
+        coordinator_->Watch(request->job_id(), false, true, caller);
     if (!s.ok()) return rpc.Done(ToGrpc(s.status()));
     subscription = *s;
   }
@@ -332,10 +340,24 @@ grpc::Status InternalServiceImpl::ReportMetrics(
     grpc::ServerContext* context, grpc::ServerReader<v1::WorkerReport>* reader,
     v1::WorkerReportAck*) {
   RpcRecord rpc(metrics_, "ReportMetrics");
-  if (grpc::Status denied =
-          Authorize(context, *tokens_, Role::kWorker, "report metrics");
-      !denied.ok()) {
-    return rpc.Done(denied);
+  // Only a rank's own credential, issued for this launch, may report; with
+  // or without a token file.
+  const std::string token = BearerToken(context);
+  std::optional<RankKey> key = coordinator_->RankOf(token);
+  if (!key) {
+    // A known token of the file (a user's, an agent's) is refused as such.
+    if (!tokens_->empty() && tokens_->Find(token)) {
+      return rpc.Done(grpc::Status(
+          grpc::StatusCode::PERMISSION_DENIED,
+          absl::StrCat(tokens_->Find(token)->name,
+                       " may not report metrics: only a rank's own "
+                       "credential may")));
+    }
+    return rpc.Done(grpc::Status(
+        grpc::StatusCode::UNAUTHENTICATED,
+        token.empty()
+            ? "reporting metrics needs the rank's credential (bearer token)"
+            : "unknown or revoked rank credential"));
   }
   v1::WorkerReport report;
   if (!reader->Read(&report)) return rpc.Done(grpc::Status::OK);
@@ -350,19 +372,52 @@ grpc::Status InternalServiceImpl::ReportMetrics(
         absl::StrCat("WorkerHello.job_id must be job-<n>, got \"",
                      absl::CHexEscape(hello.job_id().substr(0, 64)), "\"")));
   }
+  if (absl::Status s =
+          MayReportAs(*key, hello.job_id(), hello.attempt(), hello.rank());
+      !s.ok()) {
+    return rpc.Done(ToGrpc(s));
+  }
   while (reader->Read(&report)) {
     if (report.has_metric()) {
       v1::MetricSample sample = report.metric();
-      sample.set_rank(hello.rank());
-      coordinator_->OnMetric(hello.job_id(), hello.attempt(), sample);
+      sample.set_rank(key->rank);
+      coordinator_->OnMetric(key->job_id, key->attempt, sample);
     } else if (report.has_summary()) {
-      coordinator_->OnSummary(hello.job_id(), hello.attempt(), hello.rank(),
+      coordinator_->OnSummary(key->job_id, key->attempt, key->rank,
                               report.summary());
     } else if (report.has_heartbeat()) {
-      coordinator_->OnHeartbeat(hello.job_id(), hello.attempt(), hello.rank());
+      coordinator_->OnHeartbeat(key->job_id, key->attempt, key->rank);
     }
   }
   return rpc.Done(grpc::Status::OK);
+}
+
+absl::StatusOr<std::string> InternalServiceImpl::ClaimAgentName(
+    const std::string& proven, const v1::AgentHello& hello) {
+  // Its length and characters are checked (CheckAgentHello).
+  const std::string& asked = hello.agent_id();
+  absl::MutexLock lock(&sessions_mu_);
+  std::string id;
+  if (proven.empty()) {
+    // Nobody is known: the agent's word, or a number.
+    id = asked.empty() ? absl::StrCat("agent-", next_agent_++) : asked;
+  } else if (asked.empty() || asked == proven) {
+    // The proven name; agents that share one token (a pool) are numbered.
+    id = proven;
+    if (asked.empty() && sessions_.count(id) > 0) {
+      id = absl::StrCat(proven, "/", next_agent_++);
+    }
+  } else {
+    // An agent may name itself, always under the name it proved.
+    id = absl::StrCat(proven, "/", asked);
+  }
+  if (!sessions_.insert(id).second) {
+    return absl::AlreadyExistsError(
+        absl::StrCat("agent ", id,
+                     " already has a session with this coordinator; one "
+                     "session per agent"));
+  }
+  return id;
 }
 
 grpc::Status InternalServiceImpl::AgentSession(
@@ -374,6 +429,9 @@ grpc::Status InternalServiceImpl::AgentSession(
       !denied.ok()) {
     return rpc.Done(denied);
   }
+  // Who the agent proved to be: its token's name, else its certificate's
+  // common name; "" on a server that knows nobody.
+  const std::string proven = CallerName(context, *tokens_);
   v1::AgentMessage message;
   if (!stream->Read(&message)) return rpc.Done(grpc::Status::OK);
   if (!message.has_hello()) {
@@ -390,13 +448,24 @@ grpc::Status InternalServiceImpl::AgentSession(
     return rpc.Done(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
                                  "AgentHello.advertise_address is empty"));
   }
+  if (absl::Status s = CheckAgentHello(hello); !s.ok()) {
+    return rpc.Done(ToGrpc(s));
+  }
   const std::vector<int> gpus(hello.gpus().begin(), hello.gpus().end());
   if (absl::Status s = CheckGpuIndices(gpus, "AgentHello.gpus"); !s.ok()) {
     return rpc.Done(ToGrpc(s));
   }
-  const std::string id = hello.agent_id().empty()
-                             ? absl::StrCat("agent-", next_agent_++)
-                             : hello.agent_id();
+  absl::StatusOr<std::string> claimed = ClaimAgentName(proven, hello);
+  if (!claimed.ok()) return rpc.Done(ToGrpc(claimed.status()));
+  const std::string id = *claimed;
+  struct Release {
+    InternalServiceImpl* self;
+    std::string id;
+    ~Release() {
+      absl::MutexLock lock(&self->sessions_mu_);
+      self->sessions_.erase(id);
+    }
+  } release{this, id};
   auto launcher = std::make_shared<AgentLauncher>(
       id, hello.hostname(), hello.advertise_address(), hello.slots(), gpus);
   v1::AgentCommand welcome;

@@ -6,8 +6,12 @@
 
 #include <grpcpp/grpcpp.h>
 
-#include <atomic>
+#include <set>
+#include <string>
 
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "common/grpc_security.h"
 #include "momentum/v1/internal.grpc.pb.h"
 #include "momentum/v1/jobs.grpc.pb.h"
@@ -73,8 +77,10 @@ class JobServiceImpl final : public v1::JobService::Service {
  private:
   // Identifies the caller, reads the job into `job` and checks the matrix
   // (MayAccess) for `access` to it.
+  // `caller`, when not null, gets the caller's name.
   grpc::Status Access(const grpc::ServerContext* context, JobAccess access,
-                      const std::string& job_id, absl::StatusOr<v1::Job>* job);
+                      const std::string& job_id, absl::StatusOr<v1::Job>* job,
+                      std::string* caller = nullptr);
 
   Coordinator* const coordinator_;
   ServerMetrics* const metrics_;
@@ -96,10 +102,20 @@ class InternalServiceImpl final : public v1::InternalService::Service {
       override;
 
  private:
+  // The name an agent's session goes by, reserved until the session ends:
+  // the name it proved (`proven`: its token's name or certificate's common
+  // name) or, when it asks for another (AgentHello.agent_id), "proven/asked"
+  // -- never another agent's name. Agents sharing one token without asking
+  // are told apart by a number. ALREADY_EXISTS when the name has a session.
+  absl::StatusOr<std::string> ClaimAgentName(const std::string& proven,
+                                             const v1::AgentHello& hello);
+
   Coordinator* const coordinator_;
   ServerMetrics* const metrics_;
   const TokenTable* const tokens_;
-  std::atomic<int64_t> next_agent_{1};
+  absl::Mutex sessions_mu_;
+  int64_t next_agent_ ABSL_GUARDED_BY(sessions_mu_) = 1;
+  std::set<std::string> sessions_ ABSL_GUARDED_BY(sessions_mu_);
 };
 
 // absl::Status -> grpc::Status (the codes are the same canonical codes).

@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "absl/status/status.h"
+#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
 
@@ -73,7 +74,8 @@ void Subscription::Close() {
 }
 
 absl::StatusOr<std::shared_ptr<Subscription>> WatchHub::Subscribe(
-    const std::string& job_id, bool metrics, bool logs) {
+    const std::string& job_id, bool metrics, bool logs,
+    const std::string& caller) {
   absl::MutexLock lock(&mu_);
   if (count_ >= options_.max_streams) {
     return absl::ResourceExhaustedError(absl::StrCat(
@@ -81,11 +83,27 @@ absl::StatusOr<std::shared_ptr<Subscription>> WatchHub::Subscribe(
         " watch and log streams open, its limit (--max-watch-streams); "
         "close one or try again later"));
   }
-  auto subscription = std::make_shared<Subscription>(job_id, metrics, logs,
-                                                     options_.max_backlog);
+  size_t& mine = per_caller_[caller];
+  if (mine >= options_.max_streams_per_caller) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        caller.empty() ? std::string("anonymous callers")
+                       : absl::StrCat("\"", absl::CHexEscape(caller), "\""),
+        " already have ", mine,
+        " watch and log streams open, the limit per user "
+        "(--max-watch-streams-per-user); close one or try again later"));
+  }
+  auto subscription = std::make_shared<Subscription>(
+      job_id, metrics, logs, options_.max_backlog, caller);
   subs_[job_id].push_back(subscription);
   ++count_;
+  ++mine;
   return subscription;
+}
+
+void WatchHub::ReleaseLocked(const Subscription& subscription) {
+  auto it = per_caller_.find(subscription.caller());
+  if (it == per_caller_.end()) return;
+  if (--it->second == 0) per_caller_.erase(it);
 }
 
 void WatchHub::Unsubscribe(const std::shared_ptr<Subscription>& subscription) {
@@ -95,6 +113,7 @@ void WatchHub::Unsubscribe(const std::shared_ptr<Subscription>& subscription) {
   auto& list = it->second;
   const auto end = std::remove(list.begin(), list.end(), subscription);
   count_ -= static_cast<size_t>(list.end() - end);
+  if (end != list.end()) ReleaseLocked(*subscription);
   list.erase(end, list.end());
   if (list.empty()) subs_.erase(it);
 }
@@ -123,6 +142,7 @@ void WatchHub::Close(const std::string& job_id) {
     if (it == subs_.end()) return;
     list = std::move(it->second);
     count_ -= list.size();
+    for (const auto& s : list) ReleaseLocked(*s);
     subs_.erase(it);
   }
   for (auto& s : list) s->Close();
@@ -135,6 +155,7 @@ void WatchHub::CloseAll() {
     all = std::move(subs_);
     subs_.clear();
     count_ = 0;
+    per_caller_.clear();
   }
   for (auto& [id, list] : all) {
     for (auto& s : list) s->Close();
@@ -144,6 +165,12 @@ void WatchHub::CloseAll() {
 size_t WatchHub::open_streams() const {
   absl::MutexLock lock(&mu_);
   return count_;
+}
+
+size_t WatchHub::open_streams_of(const std::string& caller) const {
+  absl::MutexLock lock(&mu_);
+  auto it = per_caller_.find(caller);
+  return it == per_caller_.end() ? 0 : it->second;
 }
 
 }  // namespace momentum::server

@@ -32,13 +32,17 @@ namespace momentum::server {
 // dropped, and there are few of them.
 class Subscription {
  public:
-  Subscription(std::string job_id, bool metrics, bool logs, size_t max_backlog)
+  // `caller`: who opened the stream (the token's name; "" when unknown).
+  Subscription(std::string job_id, bool metrics, bool logs, size_t max_backlog,
+               std::string caller = "")
       : job_id_(std::move(job_id)),
+        caller_(std::move(caller)),
         metrics_(metrics),
         logs_(logs),
         max_backlog_(max_backlog) {}
 
   const std::string& job_id() const { return job_id_; }
+  const std::string& caller() const { return caller_; }
   bool wants_metrics() const { return metrics_; }
   bool wants_logs() const { return logs_; }
 
@@ -54,6 +58,7 @@ class Subscription {
 
  private:
   const std::string job_id_;
+  const std::string caller_;
   const bool metrics_, logs_;
   const size_t max_backlog_;
   mutable absl::Mutex mu_;
@@ -68,19 +73,22 @@ class Subscription {
 // Thread-safe; owns no thread. Each open stream pins one gRPC thread (the
 // synchronous API), so their number is limited: past `max_streams`,
 // Subscribe() is refused with RESOURCE_EXHAUSTED instead of starving the
-// server of threads.
+// server of threads; past `max_streams_per_caller` of one caller too, so
+// that one user cannot take them all (anonymous callers share one count).
 class WatchHub {
  public:
   enum class Kind { kState, kMetric, kLog };
   struct Options {
     size_t max_streams = 512;
     size_t max_backlog = 10000;  // events per stream; see Subscription
+    size_t max_streams_per_caller = 128;
   };
   WatchHub() : WatchHub(Options()) {}
   explicit WatchHub(Options options) : options_(options) {}
 
   absl::StatusOr<std::shared_ptr<Subscription>> Subscribe(
-      const std::string& job_id, bool metrics, bool logs);
+      const std::string& job_id, bool metrics, bool logs,
+      const std::string& caller = "");
   void Unsubscribe(const std::shared_ptr<Subscription>& subscription);
   // To the job's streams that want it. Never blocks on a reader.
   void Publish(const std::string& job_id, const v1::WatchJobEvent& event,
@@ -89,13 +97,19 @@ class WatchHub {
   void Close(const std::string& job_id);
   void CloseAll();
   size_t open_streams() const;
+  size_t open_streams_of(const std::string& caller) const;
 
  private:
+  // The subscription no longer counts against its caller.
+  void ReleaseLocked(const Subscription& subscription)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
   const Options options_;
   mutable absl::Mutex mu_;
   std::map<std::string, std::vector<std::shared_ptr<Subscription>>> subs_
       ABSL_GUARDED_BY(mu_);
   size_t count_ ABSL_GUARDED_BY(mu_) = 0;
+  std::map<std::string, size_t> per_caller_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace momentum::server

@@ -779,6 +779,38 @@ TEST_F(CliTest, LogsOfSeveralRanksArePrefixed) {
   EXPECT_FALSE(service_.log_requests()[0].follow());
 }
 
+// A rank's output is another program's: its escape sequences ("\x1b[2J"
+// clears the screen) are printed as visible text, not run by the terminal.
+TEST_F(CliTest, LogLinesAndServerTextArePrintedEscaped) {
+  v1::Job job = MakeJob("job-3", "fashion-mnist", v1::JOB_STATE_RUNNING);
+  job.set_world_size(1);
+  job.set_owner("mallory\x1b[8m");
+  service_.AddJob(job);
+  v1::LogLine line;
+  line.set_rank(0);
+  line.set_line_number(1);
+  // (U+009B, CSI, in UTF-8: proto strings are UTF-8.)
+  line.set_text("epoch 1\x1b[2J\x1b]0;owned\a done\xc2\x9b");
+  service_.SetLogLines({line});
+  RunResult run = Momentum({"logs", "job-3"});
+  EXPECT_EQ(run.exit_code, 0) << run.err;
+  EXPECT_EQ(run.out, "epoch 1\\x1b[2J\\x1b]0;owned\\x07 done\\u009b\n");
+
+  run = Momentum({"get", "job-3"});
+  EXPECT_EQ(run.exit_code, 0) << run.err;
+  EXPECT_THAT(run.out, HasSubstr("\nowner:                      "
+                                 "mallory\\x1b[8m\n"));
+
+  // The server's answer to a cancel carries the reason it was given, and
+  // its errors repeat what the request said.
+  run = Momentum({"cancel", "job-3", "--reason", "bye\x1b[2J"});
+  EXPECT_EQ(run.exit_code, 0) << run.err;
+  EXPECT_EQ(run.out, "job-3 CANCELLED: bye\\x1b[2J\n");
+  run = Momentum({"get", "job-\x1b[2J"});
+  EXPECT_EQ(run.exit_code, 1);
+  EXPECT_EQ(run.err, "momentum: GetJob: NOT_FOUND: no job job-\\x1b[2J\n");
+}
+
 TEST_F(CliTest, LogsOfOneRankAreRaw) {
   service_.AddJob(MakeJob("job-3", "fashion-mnist", v1::JOB_STATE_RUNNING));
   service_.SetLogLines(TwoRankLog());

@@ -3,6 +3,7 @@
 
 #include <cmath>
 #include <limits>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -417,6 +418,73 @@ TEST(ToJsonTest, ListResponseShape) {
   EXPECT_NE(ToJson(response).find("\"next_page_token\":\"\""),
             std::string::npos);
   EXPECT_NE(ToJson(response).find("\"total_size\":7"), std::string::npos);
+}
+
+TEST(EscapeForTerminalTest, ControlCharactersBecomeVisible) {
+  EXPECT_EQ(EscapeForTerminal("a\x1b[2Jb"), "a\\x1b[2Jb");
+  EXPECT_EQ(EscapeForTerminal(std::string("nul\0end", 7)), "nul\\x00end");
+  EXPECT_EQ(EscapeForTerminal("bell\a cr\r lf\n del\x7f"),
+            "bell\\x07 cr\\x0d lf\\x0a del\\x7f");
+  EXPECT_EQ(EscapeForTerminal("tab\tkept"), "tab\tkept");
+  EXPECT_EQ(EscapeForTerminal(""), "");
+}
+
+TEST(EscapeForTerminalTest, KeepsPrintableUtf8) {
+  EXPECT_EQ(EscapeForTerminal("caf\xc3\xa9 \xe6\x97\xa5\xe6\x9c\xac "
+                              "\xf0\x9f\x99\x82 a\\b"),
+            "caf\xc3\xa9 \xe6\x97\xa5\xe6\x9c\xac \xf0\x9f\x99\x82 a\\b");
+}
+
+TEST(EscapeForTerminalTest, C1AndBidiControlsBecomeCodePoints) {
+  // U+009B (CSI, C2 9B in UTF-8) and U+0085 (NEL, C2 85).
+  EXPECT_EQ(EscapeForTerminal("x\xc2\x9b"
+                              "2Jy\xc2\x85z"),
+            "x\\u009b2Jy\\u0085z");
+  // U+202E, right-to-left override (E2 80 AE), and U+2066 (E2 81 A6).
+  EXPECT_EQ(EscapeForTerminal("abc\xe2\x80\xae"
+                              "txt.exe\xe2\x81\xa6"),
+            "abc\\u202etxt.exe\\u2066");
+}
+
+TEST(EscapeForTerminalTest, InvalidUtf8BytesAreEscapedOneByOne) {
+  // A lone 0x9B (CSI on 8-bit terminals), a cut sequence, an overlong '/'
+  // (C0 AF), a surrogate (ED A0 80), a code point past U+10FFFF (F4 90 80
+  // 80).
+  EXPECT_EQ(EscapeForTerminal("a\x9b"
+                              "b"),
+            "a\\x9bb");
+  EXPECT_EQ(EscapeForTerminal("\xe6\x97"), "\\xe6\\x97");
+  EXPECT_EQ(EscapeForTerminal("\xc0\xaf"), "\\xc0\\xaf");
+  EXPECT_EQ(EscapeForTerminal("\xed\xa0\x80"), "\\xed\\xa0\\x80");
+  EXPECT_EQ(EscapeForTerminal("\xf4\x90\x80\x80"), "\\xf4\\x90\\x80\\x80");
+}
+
+TEST(FormatTest, TextFromOthersIsEscaped) {
+  v1::Job job = RunningJob();
+  job.set_name("evil\x1b]0;owned\a");
+  job.set_owner("mallory\x1b[31m");
+  job.set_state_reason("rank 0: \x1b[2Jgone\nnext");
+  job.set_output_dir("/runs/\x1b[8m");
+  job.set_export_path(
+      "/exports/\xc2\x9b"
+      "1m");
+  EXPECT_EQ(FormatStateLine(job), "job-3 RUNNING: rank 0: \\x1b[2Jgone; next");
+  EXPECT_EQ(FormatSubmitted(job),
+            "submitted job-3 (evil\\x1b]0;owned\\x07), RUNNING");
+  EXPECT_EQ(JobRow(job, absl::FromUnixSeconds(kNoon + 70))[1],
+            "evil\\x1b]0;owned\\x07");
+  std::map<std::string, std::string> fields;
+  for (const auto& [key, value] : JobFields(job)) fields[key] = value;
+  EXPECT_EQ(fields["name"], "evil\\x1b]0;owned\\x07");
+  EXPECT_EQ(fields["owner"], "mallory\\x1b[31m");
+  EXPECT_EQ(fields["state_reason"], "rank 0: \\x1b[2Jgone; next");
+  EXPECT_EQ(fields["output_dir"], "/runs/\\x1b[8m");
+  EXPECT_EQ(fields["export_path"], "/exports/\\u009b1m");
+  EXPECT_EQ(FormatSummary(job),
+            "  steps:     700\n"
+            "  kNN top-1: 71.3%\n"
+            "  export:    /exports/\\u009b1m\n"
+            "  wall time: -\n");
 }
 
 }  // namespace

@@ -245,6 +245,26 @@ TEST(WatchPrinterTest, EndLineFinishesOnlyADrawnLine) {
   EXPECT_EQ(pipe.str(), "job-3 PENDING\n");
 }
 
+// Reasons and notices come from ranks and other users: their control
+// characters are printed as visible escapes, never sent to the terminal.
+TEST(WatchPrinterTest, ReasonsAndNoticesAreEscaped) {
+  std::ostringstream out;
+  WatchPrinter printer(out, WatchPrinterOptions());
+  printer.OnEvent(Snapshot(v1::JOB_STATE_PENDING, "waiting \x1b[2J"), T(0));
+  printer.OnEvent(Change(v1::JOB_STATE_PENDING, v1::JOB_STATE_RUNNING,
+                         "launched\x1b]0;owned\a"),
+                  T(1));
+  v1::WatchJobEvent notice;
+  notice.mutable_notice()->set_kind("straggler");
+  notice.mutable_notice()->set_rank(1);
+  notice.mutable_notice()->set_message("rank 1 \x1b[5mslow\x9b");
+  printer.OnEvent(notice, T(2));
+  EXPECT_EQ(out.str(),
+            "job-3 PENDING: waiting \\x1b[2J\n"
+            "job-3 PENDING -> RUNNING: launched\\x1b]0;owned\\x07\n"
+            "job-3 rank 1 \\x1b[5mslow\\x9b\n");
+}
+
 TEST(WatchPrinterTest, LogEventsAreIgnored) {
   std::ostringstream out;
   WatchPrinter printer(out, WatchPrinterOptions());

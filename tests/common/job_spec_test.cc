@@ -10,6 +10,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
 #include "common/file_util.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -369,6 +370,124 @@ TEST(JobSpecTest, RejectsOutOfRangeNumber) {
             "job.yaml: name must match [A-Za-z0-9._-]+, got \"a b\"");
   EXPECT_EQ(ParseError("output_dir: \"\"\n"),
             "job.yaml: output_dir must not be empty");
+}
+
+// Every numeric field has an upper bound (past any real run), so that no
+// value overflows what is made of it: one past each bound, and each bound
+// itself accepted. The bounds are written out here, not read from the code.
+TEST(JobSpecTest, RejectsEveryNumberPastItsUpperBound) {
+  struct Case {
+    std::string yaml;
+    std::string message;
+  };
+  const std::vector<Case> cases = {
+      {"model: {width: 4097}", "model.width must be in [1, 4096], got 4097"},
+      {"moco: {dim: 65537}", "moco.dim must be in [1, 65536], got 65537"},
+      {"moco: {queue_size: 16777217}",
+       "moco.queue_size must be in [1, 16777216], got 16777217"},
+      {"moco: {temperature: 100.5}",
+       "moco.temperature must be <= 100, got 100.5"},
+      {"moco: {bn_groups: 16777217}",
+       "moco.bn_groups must be in [1, 16777216], got 16777217"},
+      {"data: {image_size: 4097}",
+       "data.image_size must be in [0, 4096], got 4097"},
+      {"data: {loader_threads: 1025}",
+       "data.loader_threads must be in [1, 1024], got 1025"},
+      {"data: {prefetch: 1025}",
+       "data.prefetch must be in [1, 1024], got 1025"},
+      {"data: {limit: 2147483648}",
+       "data.limit must be in [0, 2147483647], got 2147483648"},
+      {"data: {augment: {jitter_brightness: 101}}",
+       "data.augment.jitter_brightness must be <= 100, got 101"},
+      {"data: {augment: {jitter_contrast: 101}}",
+       "data.augment.jitter_contrast must be <= 100, got 101"},
+      {"data: {augment: {jitter_saturation: 101}}",
+       "data.augment.jitter_saturation must be <= 100, got 101"},
+      {"data: {augment: {blur_sigma_min: 1, blur_sigma_max: 101}}",
+       "data.augment.blur_sigma_max must be <= 100, got 101"},
+      {"data: {augment: {mean: [1001]}}",
+       "data.augment.mean[0] must be in [-1000, 1000], got 1001"},
+      {"data: {augment: {std: [1, 1, 1e9]}}",
+       "data.augment.std[2] must be <= 1000, got 1000000000"},
+      {"optim: {lr: 101}", "optim.lr must be <= 100, got 101"},
+      {"optim: {weight_decay: 2}", "optim.weight_decay must be <= 1, got 2"},
+      {"optim: {epochs: 1000001}",
+       "optim.epochs must be in [0, 1000000], got 1000001"},
+      {"optim: {steps: 1073741825}",
+       "optim.steps must be in [0, 1073741824], got 1073741825"},
+      {"optim: {time_budget_s: 1e9}",
+       "optim.time_budget_s must be <= 100000000, got 1000000000"},
+      {"eval: {every_epochs: 1000001}",
+       "eval.every_epochs must be in [0, 1000000], got 1000001"},
+      {"eval: {knn_k: 16777217}",
+       "eval.knn_k must be in [1, 16777216], got 16777217"},
+      {"eval: {knn_temperature: 1000}",
+       "eval.knn_temperature must be <= 100, got 1000"},
+      {"eval: {batch_size: 16777217}",
+       "eval.batch_size must be in [1, 16777216], got 16777217"},
+      {"eval: {max_train: 2147483648}",
+       "eval.max_train must be in [0, 2147483647], got 2147483648"},
+      {"eval: {max_test: 2147483648}",
+       "eval.max_test must be in [0, 2147483647], got 2147483648"},
+      {"checkpoint: {every_steps: 1073741825}",
+       "checkpoint.every_steps must be in [0, 1073741824], got 1073741825"},
+      {"checkpoint: {every_epochs: 1000001}",
+       "checkpoint.every_epochs must be in [0, 1000000], got 1000001"},
+      {"checkpoint: {keep: 1001}",
+       "checkpoint.keep must be in [1, 1000], got 1001"},
+      {"logging: {every_steps: 1073741825}",
+       "logging.every_steps must be in [1, 1073741824], got 1073741825"},
+      {"resources: {threads: 1025}",
+       "resources.threads must be in [0, 1024], got 1025"},
+      {"resources: {timeout_s: 604801}",
+       "resources.timeout_s must be <= 604800, got 604801"},
+      {"scheduling: {priority: 1001}",
+       "scheduling.priority must be in [-1000, 1000], got 1001"},
+      {"scheduling: {max_restarts: 2147483648}",
+       "scheduling.max_restarts must be in [0, 1000], got 2147483648"},
+      {"scheduling: {restart_backoff_s: 3601}",
+       "scheduling.restart_backoff_s must be in [0, 3600], got 3601"},
+      {"scheduling: {hang_timeout_s: 604801}",
+       "scheduling.hang_timeout_s must be <= 604800, got 604801"},
+      {"scheduling: {straggler_factor: 1001}",
+       "scheduling.straggler_factor must be <= 1000, got 1001"},
+      {"faults: {collapse_patience: 1073741825}",
+       "faults.collapse_patience must be in [1, 1073741824], got 1073741825"},
+      {"faults: {max_rollbacks: 1001}",
+       "faults.max_rollbacks must be in [0, 1000], got 1001"},
+  };
+  for (const Case& c : cases) {
+    EXPECT_EQ(ParseError(c.yaml + "\n"), "job.yaml: " + c.message) << c.yaml;
+  }
+
+  const JobSpec largest = ParseOk(
+      "model: {width: 4096}\nmoco: {dim: 65536, queue_size: 16777216, "
+      "temperature: 100}\noptim: {epochs: 1000000, steps: 1073741824, "
+      "lr: 100, weight_decay: 1, time_budget_s: 100000000}\n"
+      "scheduling: {max_restarts: 1000, hang_timeout_s: 604800}\n"
+      "resources: {timeout_s: 604800}\n");
+  EXPECT_EQ(largest.optim.steps, 1073741824);
+  EXPECT_EQ(largest.scheduling.max_restarts, 1000);
+}
+
+TEST(JobSpecTest, RejectsLongNamesPathsAndListsNamingTheLimit) {
+  EXPECT_EQ(ParseError("name: " + std::string(129, 'a') + "\n"),
+            "job.yaml: name must have at most 128 characters, got 129");
+  EXPECT_EQ(ParseOk("name: " + std::string(128, 'a') + "\n").name.size(), 128u);
+  // A name is a path component and a column of `momentum list`: no
+  // control characters, no separators.
+  EXPECT_EQ(ParseError("name: \"a\\e[2Jb\"\n"),
+            "job.yaml: name must match [A-Za-z0-9._-]+, got \"a\\x1b[2Jb\"");
+  EXPECT_EQ(ParseError("output_dir: /" + std::string(4096, 'o') + "\n"),
+            "job.yaml: output_dir must have at most 4096 bytes, got 4097");
+  EXPECT_EQ(ParseError("data: {path: /" + std::string(4096, 'd') + "}\n"),
+            "job.yaml: data.path must have at most 4096 bytes, got 4097");
+  std::string milestones = "optim: {milestones: [";
+  for (int i = 1; i <= 65; ++i) {
+    absl::StrAppend(&milestones, i > 1 ? ", " : "", i / 100.0);
+  }
+  EXPECT_EQ(ParseError(milestones + "]}\n"),
+            "job.yaml: optim.milestones must have at most 64 values, got 65");
 }
 
 TEST(JobSpecTest, RejectsBadEnum) {

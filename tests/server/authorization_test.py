@@ -2,11 +2,12 @@
 """The authorization matrix of docs/security.md, cell by cell, over real gRPC.
 
 A momentum-server with a token file (alice and bob: user, vera: viewer,
-root: admin, node-1: agent, ranks: worker) and no slots, so that jobs stay
+root: admin, node-1: agent) and no slots, so that jobs stay
 PENDING and nothing but the calls changes them. Every JobService call is
 made by every caller on a job of alice's; each answer is checked against the
 matrix, and a refused cancel is checked to have changed nothing.
-ListJobs shows a user only its own jobs. A second server with mutual TLS
+ListJobs shows a user only its own jobs. A token file that still gives a
+token the retired role "worker" is refused at start. A second server with mutual TLS
 and no token file takes the client certificate's common name as the user.
 
 Outputs are confined (docs/security.md): each user's relative output_dir
@@ -35,7 +36,6 @@ TOKENS = {
     "vera": ("vera-token-0123456789abcdef", "viewer"),
     "root": ("root-token-0123456789abcdef", "admin"),
     "node-1": ("agent-token-0123456789abcdef", "agent"),
-    "ranks": ("ranks-token-0123456789abcdef", "worker"),
 }
 
 SPEC = """
@@ -54,7 +54,6 @@ MATRIX = {
     "vera": (True, False, False),
     "root": (True, True, True),
     "node-1": (False, False, False),
-    "ranks": (False, False, False),
 }
 
 
@@ -130,7 +129,7 @@ def main(source_dir, binary_dir):
                 check(state(alices.id) == pending, f"after {who}'s cancel alice's job is PENDING")
                 cells += 1
             # ListJobs: users see their own jobs, viewers and admins all,
-            # agents and ranks nothing.
+            # agents nothing.
             try:
                 listed = stub.ListJobs(jobs_pb2.ListJobsRequest(page_size=100), timeout=10,
                                        metadata=auth(who))
@@ -142,7 +141,7 @@ def main(source_dir, binary_dir):
                     check(role in ("viewer", "admin") and {"alice", "bob"} <= owners,
                           f"{who} ({role}) lists every job: {sorted(owners)}")
             except grpc.RpcError as e:
-                check(TOKENS[who][1] in ("agent", "worker")
+                check(TOKENS[who][1] == "agent"
                       and e.code() == grpc.StatusCode.PERMISSION_DENIED,
                       f"{who} lists jobs: {e.code().name}")
             cells += 1
@@ -219,15 +218,8 @@ def main(source_dir, binary_dir):
             except grpc.RpcError as e:
                 expect(e.code() == bad_id and "job_id" in e.details(),
                        f"{what} with an invalid job_id: {e.code().name}: {e.details()}")
-        from momentum.v1 import internal_pb2, internal_pb2_grpc
-        internal = internal_pb2_grpc.InternalServiceStub(grpc.insecure_channel(ready["grpc"]))
-        hello = internal_pb2.WorkerReport(hello=internal_pb2.WorkerHello(job_id="../job-1"))
-        try:
-            internal.ReportMetrics(iter([hello]), timeout=10, metadata=auth("ranks"))
-            expect(False, "a rank's hello with an invalid job_id: OK")
-        except grpc.RpcError as e:
-            expect(e.code() == bad_id and "WorkerHello.job_id" in e.details(),
-                   f"a rank's hello with an invalid job_id: {e.code().name}: {e.details()}")
+        # (A rank's WorkerHello is checked too, but only a live rank's own
+        # credential may send one: it has no cell here.)
 
         # The allowed cancels last: the owner's, then an admin's of bob's.
         for who, job in (("alice", alices), ("root", bobs)):
@@ -329,6 +321,17 @@ def main(source_dir, binary_dir):
         except RuntimeError as e:
             expect(False, f"a server with --user-output-root: {e}")
         check(not failures, f"output confinement: {len(failures)} cells failed")
+
+        # Ranks have per-launch credentials now: a shared "worker" token in
+        # the file is refused at start, naming the file and the line.
+        with open(os.path.join(work, "old-tokens"), "w") as f:
+            f.write("# before\nranks-token-0123456789abcdef ranks worker\n")
+        try:
+            start(binary_dir, work, "old-tokens", [f"--token-file={work}/old-tokens"], slots=0)
+            check(False, "a token file with a worker role is refused")
+        except RuntimeError as e:
+            check(f"{work}/old-tokens:2: role worker is no longer accepted" in str(e),
+                  f"a token file with a worker role is refused: {e}")
 
         # Mutual TLS and no token file: the client certificate's common name
         # is the user.

@@ -9,6 +9,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <memory>
 #include <string>
 #include <thread>
@@ -243,6 +244,54 @@ TEST_F(CoordinatorTest, RestartsBackOffDoublingUntilNoneAreLeft) {
   EXPECT_EQ(launcher_->stops().back().job_id, id);
   EXPECT_EQ(launcher_->stops().back().attempt, 4);
   EXPECT_DOUBLE_EQ(launcher_->stops().back().grace_seconds, 0.5);
+}
+
+// Each launch gives each rank a credential of its own, good for its job,
+// attempt and rank while the gang runs; a restart gets new ones.
+TEST_F(CoordinatorTest, EachLaunchGivesEachRankItsOwnCredential) {
+  Open(1);
+  auto other = AddLauncher("agent a", 1);
+  const std::string id = Submit(Spec(2, "max_restarts: 1"));
+  coordinator_->Tick();
+  ASSERT_EQ(launcher_->launches().size(), 1u);
+  ASSERT_EQ(other->launches().size(), 1u);
+  // A launcher gets the credentials of the ranks it runs, and only those.
+  std::map<int64_t, std::string> first;
+  for (const auto& l : {launcher_, other}) {
+    const LaunchRequest request = l->launches()[0];
+    ASSERT_EQ(request.credentials.size(), 1u);
+    first[request.ranks[0]] = request.credentials[0];
+    for (const std::string& env : request.env) {
+      EXPECT_FALSE(absl::StartsWith(env, "MOMENTUM_TOKEN=")) << env;
+    }
+  }
+  ASSERT_EQ(first.size(), 2u);
+  EXPECT_NE(first[0], first[1]);
+  for (const auto& [rank, token] : first) {
+    EXPECT_EQ(coordinator_->RankOf(token), (RankKey{id, 1, rank}));
+  }
+  // The gang fails and is restarted: the old credentials are revoked.
+  launcher_->ExitAll(id, kExitFailed);
+  other->ExitAll(id, kExitFailed);
+  coordinator_->Tick();
+  ASSERT_EQ(State(id), v1::JOB_STATE_RESTARTING);
+  for (const auto& [rank, token] : first) {
+    EXPECT_FALSE(coordinator_->RankOf(token).has_value()) << rank;
+  }
+  clock_.Advance(60);
+  coordinator_->Tick();
+  ASSERT_EQ(State(id), v1::JOB_STATE_RUNNING);
+  const LaunchRequest again = launcher_->launches().back();
+  ASSERT_EQ(again.attempt, 2);
+  ASSERT_EQ(again.credentials.size(), 1u);
+  EXPECT_NE(again.credentials[0], first[again.ranks[0]]);
+  EXPECT_EQ(coordinator_->RankOf(again.credentials[0]),
+            (RankKey{id, 2, again.ranks[0]}));
+  // Cancelled: revoked once its ranks are gone.
+  ASSERT_TRUE(coordinator_->Cancel(id, "test").ok());
+  coordinator_->Tick();
+  coordinator_->Tick();
+  EXPECT_FALSE(coordinator_->RankOf(again.credentials[0]).has_value());
 }
 
 TEST_F(CoordinatorTest, BackOffIsCappedAtAMinute) {
@@ -663,6 +712,33 @@ TEST_F(CoordinatorTest, LongLinesAreCutAndTheFailureReasonBounded) {
   EXPECT_LT(job.state_reason().size(), 1024u) << job.state_reason().size();
 }
 
+// Log lines are proto strings, which must be UTF-8: a byte that is not
+// becomes U+FFFD (EF BF BD), and pieces of a long line end between
+// characters. 6000 x U+65E5 (E6 97 A5, 3 bytes) = 18000 bytes: the first
+// piece holds floor(16384 / 3) = 5461 characters (16383 bytes), the second
+// the other 539 (1617 bytes).
+TEST_F(CoordinatorTest, LogLinesAreValidUtf8AndCutBetweenCharacters) {
+  const std::string id = Submit(Spec(1, "max_restarts: 0"));
+  coordinator_->Tick();
+  coordinator_->OnRankOutput(id, 1, 0, "bad \xff byte, cut \xe6\x97");
+  std::string wide;
+  for (int i = 0; i < 6000; ++i) wide += "\xe6\x97\xa5";
+  coordinator_->OnRankOutput(id, 1, 0, wide);
+  auto logs = coordinator_->ReadLogs(id, 0, 0);
+  ASSERT_TRUE(logs.ok());
+  ASSERT_EQ(logs->size(), 3u);
+  EXPECT_EQ((*logs)[0].text(),
+            "bad \xef\xbf\xbd byte, cut \xef\xbf\xbd\xef\xbf\xbd");
+  EXPECT_EQ((*logs)[1].text().size(), 16383u);
+  EXPECT_EQ((*logs)[2].text().size(), 1617u);
+  EXPECT_EQ((*logs)[1].text() + (*logs)[2].text(), wide);
+  // Every line serializes (a proto string with other bytes would not).
+  for (const v1::LogLine& line : *logs) {
+    std::string bytes;
+    EXPECT_TRUE(line.SerializeToString(&bytes));
+  }
+}
+
 TEST_F(CoordinatorTest, ResultComesFromRankZerosAccountOnTheStream) {
   const std::string id = Submit(Spec(2));
   coordinator_->Tick();
@@ -732,6 +808,156 @@ TEST_F(CoordinatorTest, WatchStreamsAreLimited) {
   EXPECT_TRUE(absl::StrContains(c.status().message(), "--max-watch-streams"));
   coordinator_->Unwatch(*a);
   EXPECT_TRUE(coordinator_->Watch(id, true, true).ok());
+}
+
+TEST_F(CoordinatorTest, WatchStreamsArePerUser) {
+  coordinator_.reset();
+  CoordinatorOptions options;
+  options.state_dir = dir_;
+  options.clock = &clock_;
+  options.max_watch_streams_per_user = 2;
+  auto created = Coordinator::Create(options);
+  ASSERT_TRUE(created.ok());
+  coordinator_ = *std::move(created);
+  const std::string id = Submit(Spec(1));
+  auto a = coordinator_->Watch(id, true, true, "alice");
+  auto b = coordinator_->Watch(id, false, true, "alice");
+  ASSERT_TRUE(a.ok() && b.ok());
+  auto c = coordinator_->Watch(id, true, true, "alice");
+  EXPECT_EQ(c.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(c.status().message(),
+            "\"alice\" already have 2 watch and log streams open, the limit "
+            "per user (--max-watch-streams-per-user); close one or try again "
+            "later");
+  // Bob has places of his own; alice gets one back when she closes one.
+  EXPECT_TRUE(coordinator_->Watch(id, true, true, "bob").ok());
+  coordinator_->Unwatch(*a);
+  EXPECT_TRUE(coordinator_->Watch(id, true, true, "alice").ok());
+}
+
+TEST_F(CoordinatorTest, RequestSizesAreRefusedNamingTheLimitAndStoreNothing) {
+  coordinator_.reset();
+  CoordinatorOptions options;
+  options.state_dir = dir_;
+  options.clock = &clock_;
+  options.limits.max_spec_bytes = 200;
+  options.limits.max_overrides = 2;
+  options.limits.max_override_bytes = 16;
+  options.limits.max_page_size = 3;
+  options.limits.max_reason_bytes = 10;
+  auto created = Coordinator::Create(options);
+  ASSERT_TRUE(created.ok());
+  coordinator_ = *std::move(created);
+  launcher_ = AddLauncher("local", 2);
+
+  auto refused = [&](const std::string& spec,
+                     const std::vector<std::string>& overrides) {
+    auto job = coordinator_->Submit(spec, overrides);
+    EXPECT_EQ(job.status().code(), absl::StatusCode::kInvalidArgument);
+    return std::string(job.status().message());
+  };
+  EXPECT_EQ(refused(std::string(201, '#'), {}),
+            "spec_yaml must have at most 200 bytes, got 201");
+  EXPECT_EQ(refused(Spec(1), {"seed=1", "seed=2", "seed=3"}),
+            "overrides must have at most 2 entries, got 3");
+  EXPECT_EQ(refused(Spec(1), {"seed=1", "optim.epochs=1000"}),
+            "overrides[1] must have at most 16 bytes, got 17");
+  v1::ListJobsRequest list;
+  EXPECT_EQ(coordinator_->ListJobs(list)->total_size(), 0);
+
+  // Pages: at most 3 jobs, the default page too.
+  for (int i = 0; i < 4; ++i) Submit(Spec(1));
+  list.set_page_size(4);
+  EXPECT_EQ(coordinator_->ListJobs(list).status().message(),
+            "page_size must be in [0, 3], got 4");
+  list.set_page_size(0);
+  auto page = coordinator_->ListJobs(list);
+  ASSERT_TRUE(page.ok());
+  EXPECT_EQ(page->jobs_size(), 3);
+  EXPECT_EQ(page->next_page_token(), "3");
+  list.set_name_contains(std::string(129, 't'));
+  EXPECT_EQ(coordinator_->ListJobs(list).status().message(),
+            "name_contains must have at most 128 bytes, got 129");
+
+  // A cancel's reason: 11 bytes are refused and the job stays as it was.
+  const std::string id = Get(page->jobs(0).id()).id();
+  auto cancelled = coordinator_->Cancel(id, "0123456789a");
+  EXPECT_EQ(cancelled.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(cancelled.status().message(),
+            "reason must have at most 10 bytes, got 11");
+  EXPECT_EQ(State(id), v1::JOB_STATE_PENDING);
+  EXPECT_TRUE(coordinator_->Cancel(id, "0123456789").ok());
+}
+
+TEST_F(CoordinatorTest, ListPageEndsBeforeItsResponseBudget) {
+  coordinator_.reset();
+  CoordinatorOptions options;
+  options.state_dir = dir_;
+  options.clock = &clock_;
+  // Less than any one job: every page holds one job, never none.
+  options.limits.max_list_response_bytes = 1;
+  auto created = Coordinator::Create(options);
+  ASSERT_TRUE(created.ok());
+  coordinator_ = *std::move(created);
+  for (int i = 0; i < 3; ++i) Submit(Spec(1));
+  v1::ListJobsRequest list;
+  std::vector<std::string> seen;
+  for (int page = 0; page < 3; ++page) {
+    auto listed = coordinator_->ListJobs(list);
+    ASSERT_TRUE(listed.ok());
+    ASSERT_EQ(listed->jobs_size(), 1);
+    EXPECT_EQ(listed->total_size(), 3);
+    seen.push_back(listed->jobs(0).id());
+    list.set_page_token(listed->next_page_token());
+  }
+  EXPECT_EQ(list.page_token(), "");
+  EXPECT_EQ(seen.size(), 3u);
+  EXPECT_NE(seen[0], seen[1]);
+  EXPECT_NE(seen[1], seen[2]);
+}
+
+// 10 lines/s in bursts of 1 s: the bucket holds 10 lines and resumes when
+// half full (5). The clock is the fake one, so the counts are exact.
+TEST_F(CoordinatorTest, FloodingRankIsCutWithOneNoticePerBurst) {
+  coordinator_.reset();
+  CoordinatorOptions options;
+  options.state_dir = dir_;
+  options.clock = &clock_;
+  options.log_rate = {10, 0, 1};
+  auto created = Coordinator::Create(options);
+  ASSERT_TRUE(created.ok());
+  coordinator_ = *std::move(created);
+  launcher_ = AddLauncher("local", 2);
+  const std::string id = Submit(Spec(1));
+  coordinator_->Tick();
+  int n = 0;
+  auto say = [&](int lines) {
+    for (int i = 0; i < lines; ++i) {
+      coordinator_->OnRankOutput(id, 1, 0, absl::StrCat("line ", ++n));
+    }
+  };
+  say(25);               // lines 1-10 kept, 11-25 dropped (15)
+  clock_.Advance(0.3);   // 3 lines back: still under half
+  say(1);                // line 26 dropped (16)
+  clock_.Advance(0.35);  // 6.5 lines: past half, resumes
+  say(7);                // notice; lines 27-32 kept (6.5 -> 0.5); 33 dropped
+  launcher_->ExitAll(id, 0);
+  coordinator_->Tick();  // the rank ended in a flood: its notice
+  EXPECT_EQ(State(id), v1::JOB_STATE_SUCCEEDED);
+
+  auto logs = coordinator_->ReadLogs(id, 0, 0);
+  ASSERT_TRUE(logs.ok());
+  std::vector<std::string> texts;
+  for (const v1::LogLine& line : *logs) texts.push_back(line.text());
+  std::vector<std::string> expected;
+  for (int i = 1; i <= 10; ++i) expected.push_back(absl::StrCat("line ", i));
+  const std::string limit =
+      " of rank 0: over the log rate limit (10 lines/s, 0 bytes/s, bursts "
+      "of 1 s)";
+  expected.push_back("momentum-server: dropped 16 lines" + limit);
+  for (int i = 27; i <= 32; ++i) expected.push_back(absl::StrCat("line ", i));
+  expected.push_back("momentum-server: dropped 1 line" + limit);
+  EXPECT_EQ(texts, expected);
 }
 
 TEST_F(CoordinatorTest, RunningLoopThreadSchedulesAndShutsDownWithTheGrace) {

@@ -6,13 +6,20 @@
 #include <filesystem>
 #include <fstream>
 #include <memory>
+#include <string>
+#include <tuple>
+#include <vector>
 
 #include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
 #include "common/job_progress.h"
 #include "server/admission.h"
 #include "server/job_logs.h"
+#include "server/log_rate.h"
 #include "server/placement.h"
+#include "server/rank_credentials.h"
 #include "server/report_address.h"
+#include "server/request_limits.h"
 #include "server/watch_hub.h"
 #include "tests/server/fake_launcher.h"
 
@@ -330,6 +337,138 @@ TEST_F(OutputConfinementTest, SymlinksAreResolvedBeforeTheCheck) {
   options.output_root = dir_ + "/out-link";
   EXPECT_EQ(*Admission(options).ResolveOutputDir("x", "alice", false),
             dir_ + "/out/alice/x");
+}
+
+TEST(RankCredentialsTest, EachSpeaksForOneRankOfOneLaunchUntilRevoked) {
+  RankCredentials credentials;
+  absl::StatusOr<std::vector<std::string>> first =
+      credentials.Issue("job-1", 1, 3);
+  ASSERT_TRUE(first.ok()) << first.status();
+  ASSERT_EQ(first->size(), 3u);
+  absl::StatusOr<std::vector<std::string>> second =
+      credentials.Issue("job-2", 1, 1);
+  ASSERT_TRUE(second.ok());
+  EXPECT_EQ(credentials.size(), 4u);
+  for (int64_t r = 0; r < 3; ++r) {
+    const std::string& token = (*first)[static_cast<size_t>(r)];
+    // "rank." + 16 hex digits + "." + 64 hex digits.
+    EXPECT_EQ(token.size(), 5u + 16 + 1 + 64) << token;
+    EXPECT_TRUE(RankCredentials::LooksLikeOne(token)) << token;
+    EXPECT_EQ(credentials.Find(token), (RankKey{"job-1", 1, r}));
+  }
+  EXPECT_NE((*first)[0], (*first)[1]);
+  // A wrong secret behind a right id, a cut or padded token: nobody.
+  std::string forged = (*first)[0];
+  forged.back() = forged.back() == '0' ? '1' : '0';
+  EXPECT_FALSE(credentials.Find(forged).has_value());
+  EXPECT_FALSE(credentials.Find((*first)[0].substr(0, 80)).has_value());
+  EXPECT_FALSE(credentials.Find((*first)[0] + "0").has_value());
+  EXPECT_FALSE(credentials.Find("").has_value());
+  EXPECT_FALSE(RankCredentials::LooksLikeOne("alice-token-0123456789abcdef"));
+  // Revoking one launch leaves the others.
+  credentials.Revoke("job-1", 1);
+  EXPECT_FALSE(credentials.Find((*first)[2]).has_value());
+  EXPECT_EQ(credentials.Find((*second)[0]), (RankKey{"job-2", 1, 0}));
+  EXPECT_EQ(credentials.size(), 1u);
+  credentials.RevokeAll();
+  EXPECT_EQ(credentials.size(), 0u);
+  EXPECT_FALSE(credentials.Find((*second)[0]).has_value());
+}
+
+TEST(RankCredentialsTest, ReportsOnlyAsTheRankItWasIssuedFor) {
+  const RankKey key{"job-3", 2, 1};
+  EXPECT_TRUE(MayReportAs(key, "job-3", 2, 1).ok());
+  for (const auto& [job, attempt, rank] :
+       std::vector<std::tuple<std::string, int64_t, int64_t>>{
+           {"job-3", 2, 0}, {"job-3", 1, 1}, {"job-4", 2, 1}}) {
+    const absl::Status s = MayReportAs(key, job, attempt, rank);
+    EXPECT_TRUE(absl::IsPermissionDenied(s)) << s;
+    EXPECT_EQ(s.message(),
+              absl::StrCat("this credential is for rank 1 of job-3 (attempt "
+                           "2); it may not report for rank ",
+                           rank, " of \"", job, "\" (attempt ", attempt, ")"));
+  }
+}
+
+// Bytes only: 100 bytes/s in bursts of 1 s, so the bucket holds 100 bytes,
+// resumes at 50, and no line costs more than 50.
+TEST(LogRateLimiterTest, ByteBucketDropsThenTellsHowManyOnceRefilled) {
+  LogRateLimiter limiter({/*lines_per_second=*/0, /*bytes_per_second=*/100,
+                          /*burst_seconds=*/1});
+  const Clock::TimePoint t0 = Clock::TimePoint() + std::chrono::hours(1);
+  auto admit = [&](size_t bytes, double at, const std::string& job = "job-1") {
+    return limiter.Admit(job, 0, bytes, t0 + Seconds(at));
+  };
+  EXPECT_TRUE(admit(40, 0).keep);               // 60 left
+  EXPECT_TRUE(admit(40, 0).keep);               // 20 left
+  EXPECT_FALSE(admit(40, 0).keep);              // dropped (1)
+  EXPECT_FALSE(admit(1, 0.2).keep);             // 40 < 50: still dropping (2)
+  LogRateLimiter::Verdict v = admit(40, 0.35);  // 55: resumes
+  EXPECT_TRUE(v.keep);
+  EXPECT_EQ(v.dropped_before, 2);  // 15 left
+  v = admit(1000, 1.5);            // 100, and the line costs 50
+  EXPECT_TRUE(v.keep);
+  EXPECT_EQ(v.dropped_before, 0);
+  EXPECT_TRUE(admit(50, 1.5).keep);  // 0 left
+  EXPECT_FALSE(admit(1, 1.5).keep);  // dropped, not yet told
+  EXPECT_EQ(limiter.TakeDropped("job-1", 0), 1);
+  EXPECT_EQ(limiter.TakeDropped("job-1", 0), 0);
+  // Another job has a bucket of its own; a forgotten job starts full.
+  EXPECT_TRUE(admit(100, 1.5, "job-2").keep);  // costs 50: 50 left
+  EXPECT_TRUE(admit(100, 1.5, "job-2").keep);  // 0 left
+  limiter.Forget("job-1");
+  EXPECT_TRUE(admit(50, 1.5).keep);
+  EXPECT_FALSE(admit(1, 1.5, "job-2").keep);
+}
+
+TEST(RequestLimitsTest, AgentHelloIsBoundedNamingTheField) {
+  v1::AgentHello hello;
+  hello.set_hostname("node-1.example.org");
+  hello.set_advertise_address("[fd00::1]:7000");
+  hello.set_agent_id("node-1");
+  hello.set_slots(65536);
+  for (int i = 0; i < 1024; ++i) hello.add_gpus(i);
+  EXPECT_TRUE(CheckAgentHello(hello).ok()) << CheckAgentHello(hello);
+
+  auto refused = [](const v1::AgentHello& bad) {
+    const absl::Status status = CheckAgentHello(bad);
+    EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+    return std::string(status.message());
+  };
+  v1::AgentHello bad = hello;
+  bad.set_hostname(std::string(254, 'h'));
+  EXPECT_EQ(refused(bad),
+            "AgentHello.hostname must have at most 253 bytes, got 254");
+  bad = hello;
+  bad.set_hostname("node\x1b[2J");
+  EXPECT_EQ(refused(bad),
+            "AgentHello.hostname must match [A-Za-z0-9._-]*, got "
+            "\"node\\x1b[2J\"");
+  bad = hello;
+  bad.set_advertise_address(std::string(262, 'a'));
+  EXPECT_EQ(refused(bad),
+            "AgentHello.advertise_address must have at most 261 bytes, got "
+            "262");
+  bad = hello;
+  bad.set_advertise_address("10.0.0.1 :7000");
+  EXPECT_EQ(refused(bad),
+            "AgentHello.advertise_address must be printable ASCII without "
+            "spaces, got \"10.0.0.1 :7000\"");
+  bad = hello;
+  bad.set_agent_id(std::string(129, 'i'));
+  EXPECT_EQ(refused(bad),
+            "AgentHello.agent_id must have at most 128 bytes, got 129");
+  bad = hello;
+  bad.set_agent_id("a/b");
+  EXPECT_EQ(refused(bad),
+            "AgentHello.agent_id must match [A-Za-z0-9._-]*, got \"a/b\"");
+  bad = hello;
+  bad.set_slots(65537);
+  EXPECT_EQ(refused(bad), "AgentHello.slots must be <= 65536, got 65537");
+  bad = hello;
+  bad.add_gpus(1024);
+  EXPECT_EQ(refused(bad),
+            "AgentHello.gpus must have at most 1024 entries, got 1025");
 }
 
 TEST(ReportAddressTest, WildcardHostsBecomeTheHostname) {

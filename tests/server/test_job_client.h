@@ -26,7 +26,7 @@ class TestJobClient {
   // A server that no longer answers fails a call after 10 s.
   grpc::Status TrySubmit(const std::string& spec, v1::Job* job) {
     grpc::ClientContext ctx;
-    ctx.set_deadline(Deadline());
+    Prepare(&ctx);
     v1::SubmitJobRequest request;
     request.set_spec_yaml(spec);
     v1::SubmitJobResponse response;
@@ -42,7 +42,7 @@ class TestJobClient {
   }
   v1::Job Get(const std::string& id) {
     grpc::ClientContext ctx;
-    ctx.set_deadline(Deadline());
+    Prepare(&ctx);
     v1::GetJobRequest request;
     request.set_job_id(id);
     v1::Job job;
@@ -52,7 +52,7 @@ class TestJobClient {
   }
   int32_t StoredJobs() {
     grpc::ClientContext ctx;
-    ctx.set_deadline(Deadline());
+    Prepare(&ctx);
     v1::ListJobsResponse listed;
     EXPECT_TRUE(stub_->ListJobs(&ctx, v1::ListJobsRequest(), &listed).ok());
     return listed.total_size();
@@ -61,6 +61,14 @@ class TestJobClient {
   bool WaitForState(const std::string& id, v1::JobState state) {
     return momentum::testing::Eventually(
         [&] { return Get(id).state() == state; });
+  }
+
+  // Every later call carries "authorization: Bearer <token>".
+  void set_token(const std::string& token) { token_ = token; }
+  // A deadline of 10 s and the token, for calls made by hand.
+  void Prepare(grpc::ClientContext* ctx) const {
+    ctx->set_deadline(Deadline());
+    if (!token_.empty()) ctx->AddMetadata("authorization", "Bearer " + token_);
   }
 
   v1::JobService::Stub& stub() { return *stub_; }
@@ -72,6 +80,7 @@ class TestJobClient {
   }
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::JobService::Stub> stub_;
+  std::string token_;
 };
 
 }  // namespace momentum::server::testing

@@ -841,7 +841,9 @@ def live_check(objects, bin_dir, tmp, user_files, python):
                           "worker": "/bin/false"})
         ag = Proc([os.path.join(bin_dir, "server", "momentum-agent")] + aargs, os.path.join(tmp, "agent.log"))
         procs.append(ag)
-        want = f"registered as momentum-agent-test with {slots} slots"
+        # The agent goes by its token's name (make-secrets.sh: agents), its
+        # --name under it (docs/security.md).
+        want = f"registered as agents/momentum-agent-test with {slots} slots"
         deadline = time.monotonic() + 20
         while want not in ag.text() and ag.p.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
