@@ -172,6 +172,7 @@ service_check() {
   mkdir -p "$run"
   "$bin/momentum-server" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 \
     --state-dir "$run/state" --ready-file "$run/ready.json" \
+    --output-root "$run" \
     --worker "$bin/momentum-worker" --gpus auto > "$run/server.log" 2>&1 &
   server_pid=$!
   trap 'kill -TERM $server_pid 2>/dev/null; wait $server_pid 2>/dev/null; trap - RETURN' RETURN

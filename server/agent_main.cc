@@ -19,10 +19,12 @@
 #include <iostream>
 #include <thread>
 
+#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "common/grpc_security.h"
 #include "common/health_server.h"
+#include "common/job_id.h"
 #include "common/process.h"
 #include "common/utf8.h"
 #include "momentum/v1/internal.grpc.pb.h"
@@ -135,6 +137,13 @@ void RunSession(v1::InternalService::Stub& stub, const v1::AgentHello& hello,
     while (stream->Read(&command)) {
       if (command.has_launch()) {
         const v1::LaunchRank& l = command.launch();
+        // The id names the rank's folder under --work-dir.
+        if (!momentum::IsJobId(l.job_id())) {
+          std::cerr << "momentum-agent: a launch of \""
+                    << absl::CHexEscape(l.job_id().substr(0, 64))
+                    << "\", which is not a job id; dropped\n";
+          continue;
+        }
         LaunchRequest request;
         request.job_id = l.job_id();
         request.attempt = l.attempt();

@@ -12,12 +12,14 @@
 #include <filesystem>
 #include <iostream>
 
+#include "absl/strings/escaping.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/strip.h"
 #include "absl/time/time.h"
 #include "common/exit_codes.h"
+#include "common/job_id.h"
 #include "common/job_spec.h"
 #include "common/process.h"
 #include "common/status_macros.h"
@@ -75,6 +77,21 @@ absl::StatusOr<int> LockStateDir(const std::string& state_dir) {
   return fd;
 }
 
+CoordinatorOptions WithDefaults(CoordinatorOptions options) {
+  if (options.admission.output_root.empty()) {
+    options.admission.output_root =
+        (fs::path(options.state_dir) / "outputs").string();
+  }
+  return options;
+}
+
+absl::Status CheckJobId(const std::string& id) {
+  if (IsJobId(id)) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat(
+      "job_id must be job-<n>, got \"", absl::CHexEscape(id.substr(0, 64)),
+      id.size() > 64 ? "...\"" : "\""));
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------- lifecycle
@@ -116,9 +133,9 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Create(
 Coordinator::Coordinator(const CoordinatorOptions& options,
                          std::unique_ptr<JobStore> store,
                          ServerMetrics* metrics, int lock_fd)
-    : options_(options),
+    : options_(WithDefaults(options)),
       clock_(options.clock != nullptr ? *options.clock : Clock::Real()),
-      admission_(options.admission),
+      admission_(options_.admission),
       store_(std::move(store)),
       metrics_(metrics),
       lock_fd_(lock_fd),
@@ -239,6 +256,8 @@ std::string Coordinator::JobDirOf(const std::string& id) const {
 }
 
 std::string Coordinator::OutputDirOf(const JobRecord& job) const {
+  if (!job.output_path.empty()) return job.output_path;
+  // Stored before outputs were confined: where it has always written.
   if (job.output_dir.empty()) return JobDirOf(job.id);
   fs::path p(job.output_dir);
   if (p.is_absolute()) return p.lexically_normal().string();
@@ -249,11 +268,14 @@ std::string Coordinator::OutputDirOf(const JobRecord& job) const {
 
 absl::StatusOr<v1::Job> Coordinator::Submit(
     const std::string& spec_yaml, const std::vector<std::string>& overrides,
-    const std::string& owner) {
+    const std::string& owner, bool owner_is_admin) {
   MOMENTUM_RETURN_IF_ERROR(CheckSubmit(spec_yaml, overrides, options_.limits));
   MOMENTUM_ASSIGN_OR_RETURN(JobSpec spec,
                             ParseJobSpec(spec_yaml, overrides, "spec"));
   MOMENTUM_RETURN_IF_ERROR(admission_.Check(spec));
+  MOMENTUM_ASSIGN_OR_RETURN(
+      const std::string output_path,
+      admission_.ResolveOutputDir(spec.output_dir, owner, owner_is_admin));
   // Ranks and `get` see cuda or cpu, decided once, here.
   int64_t gpus = 0, slots = 0;
   bool local_only = true;
@@ -284,6 +306,9 @@ absl::StatusOr<v1::Job> Coordinator::Submit(
   job.output_dir = spec.output_dir;
   job.spec_yaml = JobSpecToYaml(spec);
   job.owner = owner;
+  job.output_path = output_path;
+  job.owner_is_admin = owner_is_admin;
+  // The store refuses an output path in use in the inserting transaction.
   MOMENTUM_ASSIGN_OR_RETURN(
       job,
       store_->Insert(job, clock_.WallMs(), options_.max_queued_jobs_per_user));
@@ -297,6 +322,7 @@ absl::StatusOr<v1::Job> Coordinator::Submit(
 }
 
 absl::StatusOr<v1::Job> Coordinator::GetJob(const std::string& id) {
+  MOMENTUM_RETURN_IF_ERROR(CheckJobId(id));
   MOMENTUM_ASSIGN_OR_RETURN(JobRecord job, store_->Get(id));
   return ToProto(job);
 }
@@ -359,6 +385,7 @@ absl::StatusOr<v1::ListJobsResponse> Coordinator::ListJobs(
 
 absl::StatusOr<v1::Job> Coordinator::Cancel(const std::string& id,
                                             const std::string& reason) {
+  MOMENTUM_RETURN_IF_ERROR(CheckJobId(id));
   if (static_cast<int64_t>(reason.size()) > options_.limits.max_reason_bytes) {
     return absl::InvalidArgumentError(absl::StrCat(
         "reason must have at most ", options_.limits.max_reason_bytes,
@@ -387,6 +414,7 @@ absl::StatusOr<v1::Job> Coordinator::Cancel(const std::string& id,
 
 absl::StatusOr<std::shared_ptr<Subscription>> Coordinator::Watch(
     const std::string& id, bool metrics, bool logs, const std::string& caller) {
+  MOMENTUM_RETURN_IF_ERROR(CheckJobId(id));
   // Subscribed before the snapshot is read: no change falls in between.
   MOMENTUM_ASSIGN_OR_RETURN(std::shared_ptr<Subscription> subscription,
                             watchers_.Subscribe(id, metrics, logs, caller));
@@ -411,6 +439,7 @@ void Coordinator::Unwatch(const std::shared_ptr<Subscription>& subscription) {
 
 absl::StatusOr<std::vector<v1::LogLine>> Coordinator::ReadLogs(
     const std::string& id, int64_t rank, int64_t from_line) {
+  MOMENTUM_RETURN_IF_ERROR(CheckJobId(id));
   MOMENTUM_RETURN_IF_ERROR(store_->Get(id).status());
   return logs_.Read(id, rank, from_line);
 }
@@ -419,6 +448,12 @@ absl::StatusOr<std::vector<v1::LogLine>> Coordinator::ReadLogs(
 
 void Coordinator::OnRankOutput(const std::string& job_id, int64_t attempt,
                                int64_t rank, const std::string& line) {
+  if (!IsJobId(job_id)) {
+    std::cerr << "momentum-server: output of a rank of \""
+              << absl::CHexEscape(job_id.substr(0, 64))
+              << "\", which is not a job id; dropped\n";
+    return;
+  }
   {
     absl::MutexLock lock(&mu_);
     auto gang = live_gangs_.find({job_id, attempt});
@@ -475,6 +510,12 @@ void Coordinator::StoreOutput(const std::string& job_id, int64_t rank,
 void Coordinator::OnRankExited(const std::string& job_id, int64_t attempt,
                                int64_t rank, int exit_code, int signal,
                                const std::string& description) {
+  if (!IsJobId(job_id)) {
+    std::cerr << "momentum-server: the end of a rank of \""
+              << absl::CHexEscape(job_id.substr(0, 64))
+              << "\", which is not a job id; ignored\n";
+    return;
+  }
   PushExit({job_id, attempt, rank, exit_code, signal, description});
 }
 
@@ -816,8 +857,28 @@ void Coordinator::FailUnlaunchable(const JobRecord& queued,
   if (after.ok()) PublishChange(queued, *after);
 }
 
+absl::StatusOr<std::string> Coordinator::OutputPathAtLaunch(
+    const JobRecord& job) const {
+  // Admitted before outputs were confined: as it was.
+  if (job.output_path.empty()) return OutputDirOf(job);
+  MOMENTUM_ASSIGN_OR_RETURN(
+      std::string path, admission_.ResolveOutputDir(job.output_path, job.owner,
+                                                    job.owner_is_admin));
+  MOMENTUM_RETURN_IF_ERROR(store_->CheckOutputFree(path, job.owner, job.id));
+  return path;
+}
+
 void Coordinator::Launch(const JobRecord& queued, const JobSpec& spec,
                          const std::vector<Placement>& placement) {
+  // Checked again now, before anything is written: the folders on the way
+  // may have changed since submission.
+  absl::StatusOr<std::string> output_path = OutputPathAtLaunch(queued);
+  if (!output_path.ok()) {
+    FailUnlaunchable(queued,
+                     absl::StrCat("not launched (bad input: not retried): ",
+                                  output_path.status().message()));
+    return;
+  }
   absl::StatusOr<int64_t> port = PickFreePort();
   if (!port.ok()) {
     FailUnlaunchable(queued, std::string(port.status().message()));
@@ -842,6 +903,7 @@ void Coordinator::Launch(const JobRecord& queued, const JobSpec& spec,
   if (!after.ok()) return;  // cancelled meanwhile
   JobRecord job = *after;
   job.attempt = queued.attempt + 1;
+  if (!queued.output_path.empty()) job.output_path = *output_path;
   if (queued.state == v1::JOB_STATE_RESTARTING) {
     job.restarts = queued.restarts + 1;
   }
@@ -898,7 +960,7 @@ void Coordinator::Launch(const JobRecord& queued, const JobSpec& spec,
     request.gpus = part.gpus;
     // The spec travels as stored; where to write is a parameter.
     request.spec_yaml = queued.spec_yaml;
-    request.output_dir = OutputDirOf(queued);
+    request.output_dir = OutputDirOf(job);
     request.master_addr = master_addr;
     request.master_port = *port;
     request.env = {absl::StrCat("MOMENTUM_JOB_ID=", job.id),

@@ -67,13 +67,14 @@ namespace momentum::server {
 class ServerMetrics;
 
 struct CoordinatorOptions {
-  // Holds jobs.db, the lock file and, per job, jobs/<id>/ (logs, attempts,
-  // and the output of a spec whose output_dir is relative).
+  // Holds jobs.db, the lock file, per job jobs/<id>/ (logs), and
+  // outputs/, the default output root (admission.output_root).
   std::string state_dir;
   // How long a stopped rank has between SIGTERM and SIGKILL, on cancel,
   // failure and shutdown alike.
   double grace_seconds = 10;
-  // Limits and path roots.
+  // Limits and path roots; an empty admission.output_root is
+  // <state_dir>/outputs.
   AdmissionOptions admission;
   // Most PENDING jobs one owner may have; 0: no limit. Further submissions
   // are refused with RESOURCE_EXHAUSTED.
@@ -119,17 +120,23 @@ class Coordinator : public LaunchEvents {
   void Shutdown();
 
   // The job API. Errors are canonical: INVALID_ARGUMENT naming the spec
-  // field, NOT_FOUND naming the job, ... `owner` is who submits (for
-  // per-user limits; "" when unknown). Submit stores the spec with
+  // field (or job_id when it is not a job id), NOT_FOUND naming the job,
+  // ... `owner` is who submits (for per-user limits and output folders; ""
+  // when unknown), `owner_is_admin` whether as an admin (anonymous callers
+  // of a server that knows nobody are). Submit stores the spec with
   // resources.device resolved (never auto: cuda when the launchers offer
   // GPUs now, else cpu) and refuses a CUDA job with more ranks than the
   // launchers have GPUs, used or free, and a CPU job with more ranks than
   // the server's own slots while no agent is connected (see Submit). The
-  // request's sizes are checked first (options.limits). None of them blocks
+  // request's sizes are checked first (options.limits). It resolves and
+  // confines output_dir (Admission::ResolveOutputDir; PERMISSION_DENIED)
+  // and refuses one that overlaps another job's output
+  // (JobStore::CheckOutputFree; FAILED_PRECONDITION). None of them blocks
   // on the loop.
   absl::StatusOr<v1::Job> Submit(const std::string& spec_yaml,
                                  const std::vector<std::string>& overrides,
-                                 const std::string& owner = "");
+                                 const std::string& owner = "",
+                                 bool owner_is_admin = true);
   absl::StatusOr<v1::Job> GetJob(const std::string& id);
   // `owner`: only the jobs this owner submitted.
   absl::StatusOr<v1::ListJobsResponse> ListJobs(
@@ -177,15 +184,17 @@ class Coordinator : public LaunchEvents {
   void RemoveLauncher(const Launcher* launcher);
 
   // LaunchEvents; any thread, including from inside Launch(). Output of a
-  // rank that is not one of a running gang is dropped.
+  // rank that is not one of a running gang is dropped, and so is (with a
+  // line on stderr) an event whose job_id is not a job id.
   void OnRankOutput(const std::string& job_id, int64_t attempt, int64_t rank,
                     const std::string& line) override;
   void OnRankExited(const std::string& job_id, int64_t attempt, int64_t rank,
                     int exit_code, int signal,
                     const std::string& description) override;
 
-  // The folder where the job's ranks write (its spec's output_dir, made
-  // absolute under the job's folder when relative).
+  // The folder where the job's ranks write: its output_path, resolved at
+  // submission (for jobs stored before that: output_dir, under the job's
+  // folder when relative).
   std::string OutputDirOf(const JobRecord& job) const;
   std::string JobDirOf(const std::string& id) const;
 
@@ -241,6 +250,10 @@ class Coordinator : public LaunchEvents {
   void Launch(const JobRecord& queued, const JobSpec& spec,
               const std::vector<Placement>& placement);
   void FailUnlaunchable(const JobRecord& queued, const std::string& reason);
+  // The job's output path checked again as at submission, on the
+  // filesystem as it is now (a folder may have become a symlink since):
+  // the path to launch with, or why the job may not be launched.
+  absl::StatusOr<std::string> OutputPathAtLaunch(const JobRecord& job) const;
   void ReleaseRank(RankSlot& slot);
   void UpdateGauges(const std::vector<std::shared_ptr<Launcher>>& launchers);
 

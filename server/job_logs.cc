@@ -42,15 +42,6 @@ int64_t CountLines(const std::string& path) {
 
 }  // namespace
 
-bool IsJobId(const std::string& id) {
-  constexpr char kPrefix[] = "job-";
-  if (id.size() <= 4 || id.size() > 24 || id.rfind(kPrefix, 0) != 0) {
-    return false;
-  }
-  return std::all_of(id.begin() + 4, id.end(),
-                     [](char c) { return absl::ascii_isdigit(c); });
-}
-
 JobLogs::~JobLogs() {
   absl::MutexLock lock(&mu_);
   for (auto& [key, file] : files_) ::close(file.fd);

@@ -17,13 +17,14 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "common/job_id.h"
 #include "momentum/v1/jobs.pb.h"
 
 namespace momentum::server {
 
-// True for the ids the store gives out: "job-" and decimal digits. Nothing
-// else names a folder under the state directory.
-bool IsJobId(const std::string& id);
+// Nothing but a job id (common/job_id.h) names a folder under the state
+// directory.
+using ::momentum::IsJobId;
 
 // Thread-safe; owns no thread. Files are opened close-on-exec, so ranks
 // started later never inherit them, and closed when their job ends.

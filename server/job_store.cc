@@ -32,7 +32,7 @@ namespace {
 // The version of the schema below, kept in PRAGMA user_version. A file with a
 // newer version was written by a newer coordinator: refuse it rather than
 // guess.
-constexpr int kSchemaVersion = 2;
+constexpr int kSchemaVersion = 3;
 
 // SQLite waits this long for another connection's write lock before it gives
 // up with "database is locked". Writes are a few statements each, so a
@@ -79,6 +79,11 @@ constexpr const char* kMigrations[][2] = {
     // version 1 and for servers without identities.
     {"ALTER TABLE jobs ADD COLUMN owner TEXT NOT NULL DEFAULT ''",
      "CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, state)"},
+    // 3: where each job writes, resolved and confined at submission, and
+    // whether its owner was an admin then (the check is made again at
+    // launch); '' for jobs stored before.
+    {"ALTER TABLE jobs ADD COLUMN output_path TEXT NOT NULL DEFAULT ''",
+     "ALTER TABLE jobs ADD COLUMN owner_is_admin INTEGER NOT NULL DEFAULT 0"},
 };
 static_assert(std::size(kMigrations) == kSchemaVersion - 1);
 
@@ -86,7 +91,7 @@ static_assert(std::size(kMigrations) == kSchemaVersion - 1);
 #define MOMENTUM_JOB_COLUMNS                                                  \
   "seq, id, name, priority, world_size, state, state_reason, spec_yaml, "     \
   "output_dir, submit_ms, start_ms, end_ms, restarts, attempt, export_path, " \
-  "knn_top1, owner"
+  "knn_top1, owner, output_path, owner_is_admin"
 
 // The status code for an SQLite result code, by what the caller should do.
 absl::StatusCode CodeFor(int rc) {
@@ -149,6 +154,17 @@ absl::Status CheckFolder(const std::string& path) {
 }
 
 }  // namespace
+
+bool OutputPathsOverlap(const std::string& a, const std::string& b) {
+  // One is a prefix of the other that ends at a component boundary.
+  const std::string& shorter = a.size() <= b.size() ? a : b;
+  const std::string& longer = a.size() <= b.size() ? b : a;
+  if (shorter.empty() || longer.compare(0, shorter.size(), shorter) != 0) {
+    return false;
+  }
+  return longer.size() == shorter.size() || shorter.back() == '/' ||
+         longer[shorter.size()] == '/';
+}
 
 struct JobStore::Impl {
   // One cached prepared statement in use. Binding errors are kept and
@@ -414,6 +430,8 @@ struct JobStore::Impl {
     job.export_path = text(14);
     job.knn_top1 = sqlite3_column_double(stmt, 15);
     job.owner = text(16);
+    job.output_path = text(17);
+    job.owner_is_admin = sqlite3_column_int64(stmt, 18) != 0;
     return job;
   }
 
@@ -453,6 +471,47 @@ struct JobStore::Impl {
       return absl::NotFoundError(absl::StrCat("no job with id \"", id, "\""));
     }
     return std::move(jobs.front());
+  }
+
+  // See CheckOutputFree().
+  absl::Status CheckOutputFreeLocked(const std::string& output_path,
+                                     const std::string& owner,
+                                     const std::string& self_id,
+                                     absl::string_view op)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    // Every job that could be in the way; the paths are compared here, by
+    // component, not by SQL patterns ('_' and '%' are LIKE's wildcards).
+    MOMENTUM_ASSIGN_OR_RETURN(
+        Stmt stmt,
+        PrepareLocked("SELECT " MOMENTUM_JOB_COLUMNS
+                      " FROM jobs WHERE output_path != '' AND id != ?1 AND "
+                      "(state IN (?2, ?3, ?4) OR owner != ?5) ORDER BY seq",
+                      op));
+    stmt.Bind(1, self_id)
+        .Bind(2, static_cast<int64_t>(v1::JOB_STATE_PENDING))
+        .Bind(3, static_cast<int64_t>(v1::JOB_STATE_RUNNING))
+        .Bind(4, static_cast<int64_t>(v1::JOB_STATE_RESTARTING))
+        .Bind(5, owner);
+    MOMENTUM_ASSIGN_OR_RETURN(std::vector<JobRecord> jobs, ReadJobs(stmt, op));
+    for (const JobRecord& other : jobs) {
+      if (!OutputPathsOverlap(output_path, other.output_path)) continue;
+      // Overlapping paths: the longer one lies inside the shorter.
+      const char* how = output_path.size() == other.output_path.size() ? "is"
+                        : output_path.size() > other.output_path.size()
+                            ? "lies inside"
+                            : "contains";
+      return absl::FailedPreconditionError(absl::StrCat(
+          "output_dir ", output_path, " ", how, " the output of ", other.id,
+          " (", StateName(other.state),
+          other.owner != owner
+              ? absl::StrCat(", submitted by ", other.owner.empty()
+                                                    ? "an anonymous caller"
+                                                    : other.owner)
+              : std::string(),
+          "): a job may not write into another job's output; pick another "
+          "output_dir"));
+    }
+    return absl::OkStatus();
   }
 
   absl::Status AddEventLocked(const std::string& id, int64_t time_ms,
@@ -541,15 +600,20 @@ absl::StatusOr<JobRecord> JobStore::Insert(JobRecord job, int64_t now_ms,
           "; this server allows ", max_pending_per_owner, " per user"));
     }
   }
+  if (!job.output_path.empty()) {
+    MOMENTUM_RETURN_IF_ERROR(
+        impl_->CheckOutputFreeLocked(job.output_path, job.owner, "", kOp));
+  }
   {
     MOMENTUM_ASSIGN_OR_RETURN(
         Impl::Stmt insert,
         impl_->PrepareLocked(
             "INSERT INTO jobs (name, priority, world_size, state, "
             "state_reason, spec_yaml, output_dir, submit_ms, start_ms, end_ms, "
-            "restarts, attempt, export_path, knn_top1, owner) "
+            "restarts, attempt, export_path, knn_top1, owner, output_path, "
+            "owner_is_admin) "
             "VALUES (?1, ?2, ?3, ?4, 'submitted', ?5, ?6, ?7, 0, 0, ?8, ?9, "
-            "?10, ?11, ?12)",
+            "?10, ?11, ?12, ?13, ?14)",
             kOp));
     insert.Bind(1, job.name)
         .Bind(2, job.priority)
@@ -562,7 +626,9 @@ absl::StatusOr<JobRecord> JobStore::Insert(JobRecord job, int64_t now_ms,
         .Bind(9, job.attempt)
         .Bind(10, job.export_path)
         .Bind(11, job.knn_top1)
-        .Bind(12, job.owner);
+        .Bind(12, job.owner)
+        .Bind(13, job.output_path)
+        .Bind(14, static_cast<int64_t>(job.owner_is_admin ? 1 : 0));
     MOMENTUM_RETURN_IF_ERROR(insert.Run(kOp));
   }
   // The id comes from the seq AUTOINCREMENT just gave, in the same
@@ -582,6 +648,14 @@ absl::StatusOr<JobRecord> JobStore::Insert(JobRecord job, int64_t now_ms,
   MOMENTUM_ASSIGN_OR_RETURN(JobRecord stored, impl_->FindLocked(id, kOp));
   MOMENTUM_RETURN_IF_ERROR(impl_->CommitLocked(txn, kOp));
   return stored;
+}
+
+absl::Status JobStore::CheckOutputFree(const std::string& output_path,
+                                       const std::string& owner,
+                                       const std::string& self_id) const {
+  absl::MutexLock lock(&impl_->mu_);
+  return impl_->CheckOutputFreeLocked(output_path, owner, self_id,
+                                      "checking output paths");
 }
 
 absl::StatusOr<JobRecord> JobStore::Get(const std::string& id) const {
@@ -745,13 +819,15 @@ absl::Status JobStore::UpdateRun(const JobRecord& job) {
     MOMENTUM_ASSIGN_OR_RETURN(
         Impl::Stmt update,
         impl_->PrepareLocked("UPDATE jobs SET attempt = ?1, restarts = ?2, "
-                             "export_path = ?3, knn_top1 = ?4 WHERE id = ?5",
+                             "export_path = ?3, knn_top1 = ?4, output_path = "
+                             "?6 WHERE id = ?5",
                              kOp));
     update.Bind(1, job.attempt)
         .Bind(2, job.restarts)
         .Bind(3, job.export_path)
         .Bind(4, job.knn_top1)
-        .Bind(5, job.id);
+        .Bind(5, job.id)
+        .Bind(6, job.output_path);
     MOMENTUM_RETURN_IF_ERROR(update.Run(kOp));
   }
   if (sqlite3_changes(impl_->db_) == 0) {

@@ -55,7 +55,16 @@ struct JobRecord {
   std::string export_path;
   double knn_top1 = -1;  // the final (or latest known) kNN top-1
   std::string owner;     // who submitted it ("" when unknown)
+  // Where its ranks write: output_dir resolved and confined at submission
+  // (server/admission.h), absolute. "" for jobs stored before outputs were
+  // confined: theirs is derived from output_dir as it was then.
+  std::string output_path;
+  bool owner_is_admin = false;  // the owner submitted it as an admin
 };
+
+// True when one path is the other or lies inside it: "/o/a" and "/o/a/b"
+// overlap, "/o/a" and "/o/ab" do not. Both absolute and lexically normal.
+bool OutputPathsOverlap(const std::string& a, const std::string& b);
 
 // One committed change of state.
 struct JobEvent {
@@ -87,8 +96,19 @@ class JobStore {
   // submission event recorded with reason "submitted") in one transaction
   // and returns the stored record. With `max_pending_per_owner` > 0, refuses
   // (RESOURCE_EXHAUSTED) when job.owner already has that many PENDING jobs.
+  // With job.output_path set, refuses as CheckOutputFree() does, in the
+  // same transaction: two submissions cannot both take one folder.
   absl::StatusOr<JobRecord> Insert(JobRecord job, int64_t now_ms,
                                    int64_t max_pending_per_owner = 0);
+
+  // FAILED_PRECONDITION, naming `output_path` and the other job, when
+  // `output_path` overlaps (OutputPathsOverlap) the output_path of another
+  // job than `self_id` that is not final, or of any job of another owner
+  // than `owner`: a job never writes into another's output, and an owner
+  // resumes only from its own finished jobs' outputs.
+  absl::Status CheckOutputFree(const std::string& output_path,
+                               const std::string& owner,
+                               const std::string& self_id) const;
 
   // NOT_FOUND names the id.
   absl::StatusOr<JobRecord> Get(const std::string& id) const;
@@ -119,7 +139,8 @@ class JobStore {
                                        int64_t now_ms);
 
   // Updates the bookkeeping fields that are not states: attempt, restarts,
-  // export_path and knn_top1 of the stored row (id from `job`).
+  // export_path, knn_top1 and output_path of the stored row (id from
+  // `job`).
   absl::Status UpdateRun(const JobRecord& job);
 
   // The job's events in order.

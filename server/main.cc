@@ -82,7 +82,8 @@ int main(int argc, char** argv) {
       ->check(CLI::NonNegativeNumber);
   momentum::TlsFiles tls;
   std::string token_file;
-  std::vector<std::string> data_roots, output_roots;
+  std::vector<std::string> data_roots, user_output_roots;
+  std::string output_root;
   // Far past what one server runs, yet a typo in resources.nproc (or a
   // hostile spec) cannot queue a job that needs a thousand machines.
   int64_t max_ranks = 1024;
@@ -99,9 +100,16 @@ int main(int argc, char** argv) {
   app.add_option("--data-root", data_roots,
                  "data.path of a job must lie under one of these "
                  "(repeatable; default: anywhere)");
-  app.add_option("--output-root", output_roots,
-                 "an absolute output_dir must lie under one of these "
-                 "(repeatable; default: anywhere)");
+  app.add_option("--output-root", output_root,
+                 "each submitter's outputs live in a folder of its own here, "
+                 "DIR/NAME (NAME: the token's or certificate's name, "
+                 "_anonymous without): a relative output_dir within it, an "
+                 "absolute one under it or a --user-output-root of the "
+                 "submitter's (admins: anywhere under DIR or any "
+                 "--user-output-root); default: STATE_DIR/outputs");
+  app.add_option("--user-output-root", user_output_roots,
+                 "USER=DIR: USER may also write an absolute output_dir under "
+                 "DIR (repeatable)");
   app.add_option("--max-ranks-per-job", max_ranks,
                  "most ranks one job may ask for (0: only the spec's own "
                  "limit, 65536)")
@@ -233,7 +241,19 @@ int main(int argc, char** argv) {
   options.state_dir = state_dir;
   options.grace_seconds = grace;
   options.admission.data_roots = data_roots;
-  options.admission.output_roots = output_roots;
+  options.admission.output_root = output_root;
+  for (const std::string& entry : user_output_roots) {
+    const size_t eq = entry.find('=');
+    if (eq == 0 || eq == std::string::npos || eq + 1 == entry.size() ||
+        entry[eq + 1] != '/') {
+      std::cerr << "momentum-server: --user-output-root must be USER=DIR "
+                   "with an absolute DIR, got \""
+                << entry << "\"\n";
+      return 2;
+    }
+    options.admission.user_output_roots.emplace_back(entry.substr(0, eq),
+                                                     entry.substr(eq + 1));
+  }
   options.admission.max_ranks_per_job = max_ranks;
   options.max_queued_jobs_per_user = max_queued;
   options.max_watch_streams = static_cast<size_t>(max_watch_streams);

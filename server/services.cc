@@ -5,7 +5,9 @@
 #include <thread>
 
 #include "absl/status/status.h"
+#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
+#include "common/job_id.h"
 #include "server/agent_launcher.h"
 #include "server/internal_dispatch.h"
 
@@ -189,8 +191,8 @@ grpc::Status JobServiceImpl::SubmitJob(grpc::ServerContext* context,
   }
   std::vector<std::string> overrides(request->overrides().begin(),
                                      request->overrides().end());
-  absl::StatusOr<v1::Job> job =
-      coordinator_->Submit(request->spec_yaml(), overrides, who.name);
+  absl::StatusOr<v1::Job> job = coordinator_->Submit(
+      request->spec_yaml(), overrides, who.name, who.role == Role::kAdmin);
   if (!job.ok()) return rpc.Done(ToGrpc(job.status()));
   *response->mutable_job() = *std::move(job);
   return rpc.Done(grpc::Status::OK);
@@ -362,6 +364,12 @@ grpc::Status InternalServiceImpl::ReportMetrics(
                                  "the first report must be a WorkerHello"));
   }
   const v1::WorkerHello hello = report.hello();
+  if (!IsJobId(hello.job_id())) {
+    return rpc.Done(grpc::Status(
+        grpc::StatusCode::INVALID_ARGUMENT,
+        absl::StrCat("WorkerHello.job_id must be job-<n>, got \"",
+                     absl::CHexEscape(hello.job_id().substr(0, 64)), "\"")));
+  }
   if (absl::Status s =
           MayReportAs(*key, hello.job_id(), hello.attempt(), hello.rank());
       !s.ok()) {

@@ -10,6 +10,13 @@ ListJobs shows a user only its own jobs. A token file that still gives a
 token the retired role "worker" is refused at start. A second server with mutual TLS
 and no token file takes the client certificate's common name as the user.
 
+Outputs are confined (docs/security.md): each user's relative output_dir
+lives in a folder of its own, an absolute one (also through a symlink) must
+lie under the user's roots, no two live jobs share an output, no job writes
+into another owner's, and the check is made again at launch: a third server
+with one slot and a fake worker (a shell script) sees a queued job's folder
+swapped for a symlink into bob's. Invalid job ids are INVALID_ARGUMENT.
+
 usage: authorization_test.py SOURCE_DIR BINARY_DIR
 """
 
@@ -17,6 +24,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from python_client_test import check, generate_stubs, stop_processes  # noqa: E402
@@ -32,6 +40,7 @@ TOKENS = {
 
 SPEC = """
 name: {name}
+output_dir: {name}
 data: {{path: /nonexistent}}
 optim: {{batch_size: 16}}
 resources: {{nproc: 1, device: cpu}}
@@ -60,8 +69,10 @@ def main(source_dir, binary_dir):
             for name, (token, role) in TOKENS.items():
                 f.write(f"{token} {name} {role}\n")
         # No slots: jobs stay PENDING, and only the calls change them.
+        outputs = os.path.join(os.path.realpath(work), "outputs")
         server, ready = start(binary_dir, work, "tokens",
-                              [f"--token-file={work}/tokens"], slots=0)
+                              [f"--token-file={work}/tokens", f"--output-root={outputs}"],
+                              slots=0)
         procs.append(server)
         stub = jobs_pb2_grpc.JobServiceStub(grpc.insecure_channel(ready["grpc"]))
 
@@ -134,6 +145,82 @@ def main(source_dir, binary_dir):
                       and e.code() == grpc.StatusCode.PERMISSION_DENIED,
                       f"{who} lists jobs: {e.code().name}")
             cells += 1
+        # Outputs. Every cell is checked and the failures listed at the end.
+        failures = []
+
+        def expect(cond, what):
+            print(("ok: " if cond else "FAILED: ") + what)
+            if not cond:
+                failures.append(what)
+
+        def refused(spec_yaml, who, code, *words):
+            """Whether submitting is refused with `code` and a message holding
+            `words`; the answer's text."""
+            try:
+                job = stub.SubmitJob(jobs_pb2.SubmitJobRequest(spec_yaml=spec_yaml),
+                                     timeout=10, metadata=auth(who)).job
+                return False, f"accepted as {job.id} writing to {job.output_dir}"
+            except grpc.RpcError as e:
+                return (e.code() == code and all(w in e.details() for w in words),
+                        f"{e.code().name}: {e.details()}")
+
+        def out_spec(name, out):
+            return SPEC.replace(f"output_dir: {{name}}", f"output_dir: {out}").format(name=name)
+
+        def stored():
+            return stub.ListJobs(jobs_pb2.ListJobsRequest(page_size=1), timeout=10,
+                                 metadata=auth("root")).total_size
+
+        alices_out = f"{outputs}/alice/alices"
+        expect(alices.output_dir == alices_out,
+               f"alice's relative output_dir lives in her folder: {alices.output_dir}")
+        before = stored()
+        denied = grpc.StatusCode.PERMISSION_DENIED
+        os.makedirs(f"{outputs}/bob", exist_ok=True)
+        os.symlink(f"{outputs}/alice", f"{outputs}/bob/to-alice")
+        for out, what in (("../alice/alices", "a relative path out of his folder"),
+                          (alices_out, "her output_dir, absolute"),
+                          (f"{outputs}/alice", "her whole folder"),
+                          ("to-alice/alices", "a symlink in his folder to hers"),
+                          (f"{outputs}/bob/to-alice/alices", "that symlink, absolute")):
+            ok, answer = refused(out_spec("bobs-theft", out), "bob", denied, "output_dir")
+            expect(ok, f"bob may not write into alice's output via {what} ({out}): {answer}")
+        ok, answer = refused(out_spec("bobs-theft", "to-alice/alices"), "bob", denied,
+                             f"resolves to {alices_out}")
+        expect(ok, f"the refusal names where the symlink leads: {answer}")
+        expect(stored() == before, f"nothing of bob's refused jobs is stored ({stored()} jobs, "
+               f"{before} before)")
+        in_use = grpc.StatusCode.FAILED_PRECONDITION
+        for out, how in (("alices", "is"), (f"{alices_out}/sub", "lies inside"),
+                         (outputs + "/alice", "contains")):
+            ok, answer = refused(out_spec("alices-twin", out), "alice", in_use,
+                                 "output_dir", f"{how} the output of {alices.id} (PENDING)")
+            expect(ok, f"alice's second live job may not share her first's output "
+                   f"({out}): {answer}")
+        expect(stored() == before, "nothing of alice's refused jobs is stored")
+
+        # Job ids from peers name no file and no row unless they are job-<n>.
+        bad_id = grpc.StatusCode.INVALID_ARGUMENT
+        for what, call in (
+                ("GetJob", lambda: stub.GetJob(jobs_pb2.GetJobRequest(job_id=f"{alices.id}/../x"),
+                                               timeout=10, metadata=auth("alice"))),
+                ("CancelJob", lambda: stub.CancelJob(jobs_pb2.CancelJobRequest(job_id="../job-1"),
+                                                     timeout=10, metadata=auth("alice"))),
+                ("WatchJob", lambda: next(iter(stub.WatchJob(
+                    jobs_pb2.WatchJobRequest(job_id="job-1a"), timeout=10,
+                    metadata=auth("root"))))),
+                ("GetJobLogs", lambda: list(stub.GetJobLogs(
+                    jobs_pb2.GetJobLogsRequest(job_id="job-"), timeout=10,
+                    metadata=auth("root"))))):
+            try:
+                call()
+                expect(False, f"{what} with an invalid job_id: OK")
+            except grpc.RpcError as e:
+                expect(e.code() == bad_id and "job_id" in e.details(),
+                       f"{what} with an invalid job_id: {e.code().name}: {e.details()}")
+        # (A rank's WorkerHello is checked too, but only a live rank's own
+        # credential may send one: it has no cell here.)
+
         # The allowed cancels last: the owner's, then an admin's of bob's.
         for who, job in (("alice", alices), ("root", bobs)):
             answer = stub.CancelJob(jobs_pb2.CancelJobRequest(job_id=job.id), timeout=10,
@@ -142,6 +229,98 @@ def main(source_dir, binary_dir):
                   f"{who} cancels {job.id} (of {job.owner})")
             cells += 1
         print(f"authorization matrix: {cells} cells checked")
+
+        # Ended jobs: their owner may write there again (and resume from
+        # them); nobody else may, not even an admin.
+        try:
+            again = stub.SubmitJob(jobs_pb2.SubmitJobRequest(spec_yaml=SPEC.format(name="alices")),
+                                   timeout=10, metadata=auth("alice")).job
+            expect(again.output_dir == alices_out,
+                   f"alice resubmits her output_dir after {alices.id} ended: {again.id} "
+                   f"writes to {again.output_dir}")
+        except grpc.RpcError as e:
+            expect(False, f"alice resubmits her output_dir after {alices.id} ended: "
+                   f"{e.code().name}: {e.details()}")
+        ok, answer = refused(out_spec("roots", f"{outputs}/bob/bobs"), "root", in_use,
+                             f"the output of {bobs.id} (CANCELLED, submitted by bob)")
+        expect(ok, f"an admin may not write into bob's ended job's output: {answer}")
+        try:
+            stub.SubmitJob(jobs_pb2.SubmitJobRequest(spec_yaml=SPEC.format(name="bobs")),
+                           timeout=10, metadata=auth("bob"))
+            expect(True, "bob resubmits his own ended job's output_dir")
+        except grpc.RpcError as e:
+            expect(False, f"bob resubmits his own ended job's output_dir: {e.details()}")
+
+        # At launch: one slot, held by alice's first job (a fake worker that
+        # waits for a file); her second, queued, has its folder swapped for
+        # a symlink into bob's before it launches.
+        worker = os.path.join(work, "fake-worker.sh")
+        with open(worker, "w") as f:
+            f.write(f"#!/bin/sh\ntouch {work}/ran-$MOMENTUM_JOB_ID\n"
+                    f"while [ ! -e {work}/release ]; do sleep 0.05; done\n")
+        os.chmod(worker, 0o755)
+        launch_outputs = os.path.join(os.path.realpath(work), "launch-outputs")
+        server, launch_ready = start(binary_dir, work, "launch", [
+            f"--token-file={work}/tokens", f"--output-root={launch_outputs}"],
+            slots=1, worker=worker)
+        procs.append(server)
+        launch = jobs_pb2_grpc.JobServiceStub(grpc.insecure_channel(launch_ready["grpc"]))
+
+        def wait_for(job_id, states, timeout=30):
+            deadline = time.time() + timeout
+            while True:
+                job = launch.GetJob(jobs_pb2.GetJobRequest(job_id=job_id), timeout=10,
+                                    metadata=auth("alice"))
+                if job.state in states or time.time() > deadline:
+                    return job
+                time.sleep(0.05)
+
+        first = launch.SubmitJob(jobs_pb2.SubmitJobRequest(spec_yaml=SPEC.format(name="first")),
+                                 timeout=10, metadata=auth("alice")).job
+        expect(wait_for(first.id, [jobs_pb2.JOB_STATE_RUNNING]).state == jobs_pb2.JOB_STATE_RUNNING,
+               f"alice's {first.id} runs on the one slot")
+        queued = launch.SubmitJob(jobs_pb2.SubmitJobRequest(spec_yaml=SPEC.format(name="swapped")),
+                                  timeout=10, metadata=auth("alice")).job
+        bobs_dir = f"{launch_outputs}/bob/x"
+        os.makedirs(bobs_dir)
+        os.makedirs(f"{launch_outputs}/alice", exist_ok=True)
+        os.symlink(bobs_dir, f"{launch_outputs}/alice/swapped")
+        open(os.path.join(work, "release"), "w").close()
+        final = wait_for(queued.id, [jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED,
+                                     jobs_pb2.JOB_STATE_CANCELLED])
+        expect(final.state == jobs_pb2.JOB_STATE_FAILED and "output_dir" in final.state_reason
+               and f"resolves to {bobs_dir}" in final.state_reason and final.restarts == 0,
+               f"a folder swapped for a symlink into bob's fails the job at launch: "
+               f"{jobs_pb2.JobState.Name(final.state)}: {final.state_reason}")
+        expect(not os.path.exists(f"{work}/ran-{queued.id}") and os.listdir(bobs_dir) == [],
+               f"no rank of {queued.id} started and nothing was written in bob's folder")
+        expect(os.path.exists(f"{work}/ran-{first.id}"), f"the rank of {first.id} did start")
+
+        # A root of alice's own besides her folder (--user-output-root).
+        scratch = os.path.join(os.path.realpath(work), "scratch-alice")
+        os.makedirs(scratch)
+        try:
+            server, roots_ready = start(binary_dir, work, "roots", [
+                f"--token-file={work}/tokens", f"--output-root={outputs}",
+                f"--user-output-root=alice={scratch}"], slots=0)
+            procs.append(server)
+            roots = jobs_pb2_grpc.JobServiceStub(grpc.insecure_channel(roots_ready["grpc"]))
+            mine = roots.SubmitJob(jobs_pb2.SubmitJobRequest(
+                spec_yaml=out_spec("scratch", f"{scratch}/run")), timeout=10,
+                metadata=auth("alice")).job
+            expect(mine.output_dir == f"{scratch}/run", f"alice writes under her root: "
+                   f"{mine.output_dir}")
+            try:
+                roots.SubmitJob(jobs_pb2.SubmitJobRequest(
+                    spec_yaml=out_spec("scratch", f"{scratch}/bobs")), timeout=10,
+                    metadata=auth("bob"))
+                expect(False, "bob may not write under alice's root")
+            except grpc.RpcError as e:
+                expect(e.code() == denied and "output_dir" in e.details(),
+                       f"bob may not write under alice's root: {e.details()}")
+        except RuntimeError as e:
+            expect(False, f"a server with --user-output-root: {e}")
+        check(not failures, f"output confinement: {len(failures)} cells failed")
 
         # Ranks have per-launch credentials now: a shared "worker" token in
         # the file is refused at start, naming the file and the line.

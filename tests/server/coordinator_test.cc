@@ -35,7 +35,7 @@ std::string MakeTempDir() {
 }
 
 class CoordinatorTest : public ::testing::Test {
- protected:
+protected:
   void SetUp() override {
     dir_ = MakeTempDir();
     Open();
@@ -58,7 +58,7 @@ class CoordinatorTest : public ::testing::Test {
     launcher_ = AddLauncher("local", slots, std::move(gpus));
   }
 
-  std::shared_ptr<FakeLauncher> AddLauncher(const std::string& name,
+  std::shared_ptr<FakeLauncher> AddLauncher(const std::string &name,
                                             int64_t slots,
                                             std::vector<int> gpus = {}) {
     auto launcher =
@@ -70,28 +70,31 @@ class CoordinatorTest : public ::testing::Test {
     return launcher;
   }
 
-  // A job spec; `extra` is more YAML (flow style) under scheduling.
-  static std::string Spec(int64_t nproc, const std::string& scheduling = "",
-                          const std::string& device = "cpu") {
-    return absl::StrCat(
-        "name: t\ndata: {path: /data}\n"
-        "optim: {batch_size: ",
-        16 * nproc, "}\nresources: {nproc: ", nproc, ", device: ", device,
-        "}\nscheduling: {", scheduling, "}\n");
+  // A job spec; `extra` is more YAML (flow style) under scheduling. Each
+  // has an output_dir of its own: live jobs may not share one.
+  static std::string Spec(int64_t nproc, const std::string &scheduling = "",
+                          const std::string &device = "cpu") {
+    static int specs = 0;
+    return absl::StrCat("name: t\noutput_dir: out-", ++specs,
+                        "\ndata: {path: /data}\n"
+                        "optim: {batch_size: ",
+                        16 * nproc, "}\nresources: {nproc: ", nproc,
+                        ", device: ", device, "}\nscheduling: {", scheduling,
+                        "}\n");
   }
 
-  std::string Submit(const std::string& spec) {
+  std::string Submit(const std::string &spec) {
     auto job = coordinator_->Submit(spec, {});
     EXPECT_TRUE(job.ok()) << job.status();
     return job.ok() ? job->id() : "";
   }
 
-  v1::Job Get(const std::string& id) {
+  v1::Job Get(const std::string &id) {
     auto job = coordinator_->GetJob(id);
     EXPECT_TRUE(job.ok()) << job.status();
     return job.ok() ? *job : v1::Job();
   }
-  v1::JobState State(const std::string& id) { return Get(id).state(); }
+  v1::JobState State(const std::string &id) { return Get(id).state(); }
 
   std::string dir_;
   FakeClock clock_;
@@ -143,7 +146,7 @@ TEST_F(CoordinatorTest, QueueRunsByPriorityThenSubmission) {
 
   std::vector<std::string> order;
   for (int i = 0; i < 4; ++i) {
-    for (const LaunchRequest& r : launcher_->launches()) {
+    for (const LaunchRequest &r : launcher_->launches()) {
       if (order.empty() || order.back() != r.job_id) {
         if (std::find(order.begin(), order.end(), r.job_id) == order.end()) {
           order.push_back(r.job_id);
@@ -154,7 +157,7 @@ TEST_F(CoordinatorTest, QueueRunsByPriorityThenSubmission) {
     coordinator_->Tick();
   }
   EXPECT_EQ(order, (std::vector<std::string>{a, c, b, d}));
-  for (const std::string& id : order) {
+  for (const std::string &id : order) {
     EXPECT_EQ(State(id), v1::JOB_STATE_SUCCEEDED) << id;
   }
 }
@@ -301,7 +304,7 @@ TEST_F(CoordinatorTest, BackOffIsCappedAtAMinute) {
   coordinator_->Tick();
   launcher_->Exit(id, 2, 0, kExitFailed);
   coordinator_->Tick();
-  clock_.Advance(59.9);  // 80 s doubled, but at most 60
+  clock_.Advance(59.9); // 80 s doubled, but at most 60
   coordinator_->Tick();
   EXPECT_EQ(State(id), v1::JOB_STATE_RESTARTING);
   clock_.Advance(0.1);
@@ -375,7 +378,7 @@ TEST_F(CoordinatorTest, SilentRankIsHungAndTheGangRestarted) {
     coordinator_->Tick();
     ASSERT_EQ(State(id), v1::JOB_STATE_RUNNING) << "after " << 10 * (i + 1);
   }
-  clock_.Advance(0.5);  // rank 1 silent for 30.5 s
+  clock_.Advance(0.5); // rank 1 silent for 30.5 s
   coordinator_->Tick();
   v1::Job job = Get(id);
   EXPECT_EQ(job.state(), v1::JOB_STATE_RESTARTING);
@@ -394,13 +397,13 @@ TEST_F(CoordinatorTest, RankStuckAtOneStepIsHung) {
   sample.set_step(7);
   sample.set_knn_top1(-1);
   for (int i = 0; i < 6; ++i) {
-    coordinator_->OnMetric(id, 1, sample);  // alive, but at step 7
+    coordinator_->OnMetric(id, 1, sample); // alive, but at step 7
     clock_.Advance(5);
     coordinator_->Tick();
     ASSERT_EQ(State(id), v1::JOB_STATE_RUNNING) << "after " << 5 * (i + 1);
   }
   coordinator_->OnMetric(id, 1, sample);
-  clock_.Advance(0.5);  // at step 7 for 30.5 s
+  clock_.Advance(0.5); // at step 7 for 30.5 s
   coordinator_->Tick();
   v1::Job job = Get(id);
   EXPECT_EQ(job.state(), v1::JOB_STATE_RESTARTING);
@@ -426,15 +429,16 @@ TEST_F(CoordinatorTest, SlowRankIsReportedAsAStragglerOnTheWatchStream) {
   auto drain = [&] {
     v1::WatchJobEvent event;
     while ((*watch)->Next(&event, std::chrono::milliseconds(0))) {
-      if (event.has_notice()) notices.push_back(event.notice());
+      if (event.has_notice())
+        notices.push_back(event.notice());
     }
   };
   for (int step = 1; step <= 2; ++step) {
     report(0, step, 0.1);
-    report(1, step, 0.25);  // 2.5x the median
+    report(1, step, 0.25); // 2.5x the median
   }
   drain();
-  EXPECT_TRUE(notices.empty());  // two strikes
+  EXPECT_TRUE(notices.empty()); // two strikes
   report(0, 3, 0.1);
   report(1, 3, 0.25);
   drain();
@@ -459,7 +463,7 @@ TEST_F(CoordinatorTest, SlowRankIsReportedAsAStragglerOnTheWatchStream) {
 
 TEST_F(CoordinatorTest, CancelLandingDuringLaunchStopsTheGangRightAfter) {
   std::string id;
-  launcher_->set_on_launch([&](const LaunchRequest& request) {
+  launcher_->set_on_launch([&](const LaunchRequest &request) {
     // A client cancels while the loop is inside Launch().
     auto cancelled = coordinator_->Cancel(request.job_id, "");
     EXPECT_TRUE(cancelled.ok()) << cancelled.status();
@@ -515,7 +519,7 @@ TEST_F(CoordinatorTest, StopThatReportsExitsFromInsideIsHandled) {
   const std::string id = Submit(Spec(2));
   coordinator_->Tick();
   ASSERT_TRUE(coordinator_->Cancel(id, "").ok());
-  coordinator_->Tick();  // Stop() calls back into OnRankExited
+  coordinator_->Tick(); // Stop() calls back into OnRankExited
   coordinator_->Tick();
   EXPECT_EQ(launcher_->running(), 0u);
   const std::string next = Submit(Spec(2));
@@ -588,14 +592,84 @@ TEST_F(CoordinatorTest, OutputOfRanksThatAreNotRunningIsDropped) {
   ASSERT_TRUE(logs.ok());
   ASSERT_EQ(logs->size(), 1u);
   EXPECT_EQ((*logs)[0].text(), "kept");
+  // Not a job id: refused before it touches the store or a folder.
   EXPECT_EQ(coordinator_->ReadLogs("/tmp/x", -1, 0).status().code(),
-            absl::StatusCode::kNotFound);
+            absl::StatusCode::kInvalidArgument);
+}
+
+// Output folders are checked again at launch, on the filesystem as it is
+// then: a folder swapped for a symlink into another user's folder, or onto
+// a live job's output, fails the job before anything starts.
+TEST_F(CoordinatorTest, OutputSwappedForASymlinkFailsAtLaunch) {
+  Open(1);
+  const std::string outputs = dir_ + "/outputs";
+  auto submit = [&](const std::string &out, const std::string &owner) {
+    absl::StatusOr<v1::Job> job = coordinator_->Submit(
+        Spec(1), {"output_dir=" + out}, owner, /*owner_is_admin=*/false);
+    EXPECT_TRUE(job.ok()) << job.status();
+    return job.ok() ? *job : v1::Job();
+  };
+  const v1::Job first = submit("first", "alice");
+  coordinator_->Tick();
+  ASSERT_EQ(State(first.id()), v1::JOB_STATE_RUNNING);
+  const v1::Job queued = submit("b", "alice");
+  EXPECT_EQ(queued.output_dir(), outputs + "/alice/b");
+  // Meanwhile alice's b becomes a link into bob's folder.
+  fs::create_directories(outputs + "/bob/b");
+  fs::create_directories(outputs + "/alice");
+  fs::create_directory_symlink(outputs + "/bob/b", outputs + "/alice/b");
+  launcher_->ExitAll(first.id(), 0);
+  coordinator_->Tick();
+  const v1::Job failed = Get(queued.id());
+  EXPECT_EQ(failed.state(), v1::JOB_STATE_FAILED);
+  EXPECT_EQ(failed.state_reason(),
+            "not launched (bad input: not retried): output_dir must lie "
+            "under " +
+                outputs + "/alice for alice, got " + outputs +
+                "/alice/b (which resolves to " + outputs + "/bob/b)");
+  EXPECT_EQ(failed.restarts(), 0);
+  ASSERT_EQ(launcher_->launches().size(), 1u); // the first job's only
+  EXPECT_TRUE(fs::is_empty(outputs + "/bob/b"));
+
+  // Two jobs of alice's; before they launch, d becomes a link to c. c
+  // launches first (it is RUNNING when d is checked).
+  Open(2);
+  const v1::Job c = submit("c", "alice");
+  const v1::Job d = submit("d", "alice");
+  fs::create_directories(outputs + "/alice/c");
+  fs::create_directory_symlink(outputs + "/alice/c", outputs + "/alice/d");
+  coordinator_->Tick();
+  EXPECT_EQ(State(c.id()), v1::JOB_STATE_RUNNING);
+  EXPECT_EQ(Get(d.id()).state_reason(),
+            "not launched (bad input: not retried): output_dir " + outputs +
+                "/alice/c is the output of " + c.id() +
+                " (RUNNING): a job may not write into another job's output; "
+                "pick another output_dir");
+  EXPECT_EQ(State(d.id()), v1::JOB_STATE_FAILED);
+  ASSERT_EQ(launcher_->launches().size(), 1u);
+  EXPECT_EQ(launcher_->launches()[0].output_dir, outputs + "/alice/c");
+}
+
+// Ids come from peers (clients, agents, ranks): only job ids reach the
+// store or a folder.
+TEST_F(CoordinatorTest, JobIdsThatAreNotJobIdsAreRefused) {
+  const std::string id = Submit(Spec(1));
+  ASSERT_EQ(id, "job-1");
+  EXPECT_EQ(coordinator_->GetJob("job-1/../x").status().message(),
+            "job_id must be job-<n>, got \"job-1/../x\"");
+  EXPECT_EQ(coordinator_->Cancel("../job-1", "").status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(coordinator_->Watch("job-1\n", false, false).status().message(),
+            "job_id must be job-<n>, got \"job-1\\n\"");
+  EXPECT_EQ(coordinator_->ReadLogs("", -1, 0).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(State(id), v1::JOB_STATE_PENDING);
 }
 
 // Descriptors of this process that point at a rank's log file.
 std::vector<int> RankLogFds() {
   std::vector<int> fds;
-  for (const auto& entry : fs::directory_iterator("/proc/self/fd")) {
+  for (const auto &entry : fs::directory_iterator("/proc/self/fd")) {
     std::error_code ec;
     const fs::path target = fs::read_symlink(entry.path(), ec);
     if (!ec && absl::StrContains(target.string(), "/logs/rank-")) {
@@ -676,8 +750,8 @@ TEST_F(CoordinatorTest, ResultComesFromRankZerosAccountOnTheStream) {
   account.set_export_path("/out/backbone.pt");
   v1::RunSummary other = account;
   other.set_export_path("/wrong");
-  coordinator_->OnSummary(id, 1, 1, other);  // not rank 0
-  coordinator_->OnSummary(id, 7, 0, other);  // not this attempt
+  coordinator_->OnSummary(id, 1, 1, other); // not rank 0
+  coordinator_->OnSummary(id, 7, 0, other); // not this attempt
   coordinator_->OnSummary(id, 1, 0, account);
   launcher_->ExitAll(id, 0);
   coordinator_->Tick();
@@ -694,7 +768,10 @@ TEST_F(CoordinatorTest, ResultComesFromRankZerosAccountOnTheStream) {
   const LaunchRequest request = launcher_->launches()[0];
   EXPECT_EQ(request.spec_yaml, job.spec_yaml());
   EXPECT_EQ(request.output_dir, job.output_dir());
-  EXPECT_TRUE(absl::StartsWith(request.output_dir, dir_ + "/jobs/" + id))
+  // A relative output_dir of an anonymous caller: in _anonymous/ under
+  // the default output root.
+  EXPECT_TRUE(
+      absl::StartsWith(request.output_dir, dir_ + "/outputs/_anonymous/out-"))
       << request.output_dir;
 }
 
@@ -898,5 +975,5 @@ TEST_F(CoordinatorTest, RunningLoopThreadSchedulesAndShutsDownWithTheGrace) {
   EXPECT_EQ(State(id), v1::JOB_STATE_RUNNING);
 }
 
-}  // namespace
-}  // namespace momentum::server
+} // namespace
+} // namespace momentum::server

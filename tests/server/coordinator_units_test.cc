@@ -166,10 +166,12 @@ TEST(AdmissionTest, LimitsAndRootsNameTheField) {
   fs::create_directories(dir + "/data/set");
   fs::create_directories(dir + "/elsewhere");
   fs::create_directory_symlink(dir + "/elsewhere", dir + "/data/link");
-  Admission admission({2, {dir + "/data"}, {dir + "/out"}});
+  AdmissionOptions options;
+  options.max_ranks_per_job = 2;
+  options.data_roots = {dir + "/data"};
+  Admission admission(options);
   JobSpec spec;
   spec.data.path = dir + "/data/set";
-  spec.output_dir = "out";
   spec.resources.nproc = 2;
   EXPECT_TRUE(admission.Check(spec).ok());
   spec.resources.nproc = 3;
@@ -179,13 +181,162 @@ TEST(AdmissionTest, LimitsAndRootsNameTheField) {
   spec.data.path = dir + "/data/link/x";  // resolves outside
   EXPECT_EQ(admission.Check(spec).code(), absl::StatusCode::kPermissionDenied);
   EXPECT_TRUE(absl::StartsWith(admission.Check(spec).message(), "data.path"));
-  spec.data.path = dir + "/data/set";
-  spec.output_dir = "../../x";
-  EXPECT_TRUE(absl::StartsWith(admission.Check(spec).message(),
-                               "output_dir must stay inside"));
-  spec.output_dir = "/etc";
-  EXPECT_TRUE(absl::StartsWith(admission.Check(spec).message(), "output_dir"));
   fs::remove_all(dir);
+}
+
+TEST(OwnerFolderTest, EveryNameIsOneSafeComponentOfItsOwn) {
+  EXPECT_EQ(*OwnerFolder("alice"), "alice");
+  EXPECT_EQ(*OwnerFolder("ci-bot@example.org"), "ci-bot@example.org");
+  EXPECT_EQ(*OwnerFolder("a.b_c"), "a.b_c");
+  EXPECT_EQ(*OwnerFolder(""), "_anonymous");
+  // '_' (0x5F) and '.' (0x2E) only inside a name; '/' is 0x2F, ' ' 0x20,
+  // '%' 0x25.
+  EXPECT_EQ(*OwnerFolder("_anonymous"), "%5Fanonymous");
+  EXPECT_EQ(*OwnerFolder("."), "%2E");
+  EXPECT_EQ(*OwnerFolder(".."), "%2E.");
+  EXPECT_EQ(*OwnerFolder("../x"), "%2E.%2Fx");
+  EXPECT_EQ(*OwnerFolder("a/b"), "a%2Fb");
+  EXPECT_EQ(*OwnerFolder("Alice Smith"), "Alice%20Smith");
+  EXPECT_EQ(*OwnerFolder("50%"), "50%25");
+  EXPECT_EQ(*OwnerFolder("\xC3\xA9"), "%C3%A9");  // é in UTF-8
+  EXPECT_EQ(OwnerFolder(std::string(86, '/')).status().code(),
+            absl::StatusCode::kPermissionDenied);  // 258 bytes encoded
+  EXPECT_EQ(OwnerFolder(std::string(85, '/'))->size(), 255u);
+}
+
+class OutputConfinementTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char pattern[] = "/tmp/confinement-test-XXXXXX";
+    dir_ = ::mkdtemp(pattern);
+    fs::create_directories(dir_ + "/out/alice/runs");
+    fs::create_directories(dir_ + "/out/bob/runs");
+    fs::create_directories(dir_ + "/scratch/alice");
+    fs::create_directories(dir_ + "/scratch/bob");
+    AdmissionOptions options;
+    options.output_root = dir_ + "/out/";  // a trailing '/' changes nothing
+    options.user_output_roots = {{"alice", dir_ + "/scratch/alice"},
+                                 {"bob", dir_ + "/scratch/bob"}};
+    admission_ = std::make_unique<Admission>(options);
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+
+  std::string Resolve(const std::string& output_dir, const std::string& owner,
+                      bool admin = false) {
+    absl::StatusOr<std::string> path =
+        admission_->ResolveOutputDir(output_dir, owner, admin);
+    return path.ok() ? *path
+                     : "refused: " + std::string(path.status().message());
+  }
+
+  std::string dir_;
+  std::unique_ptr<Admission> admission_;
+};
+
+TEST_F(OutputConfinementTest, RelativeDirsLiveInTheOwnersFolder) {
+  EXPECT_EQ(Resolve("runs/x", "alice"), dir_ + "/out/alice/runs/x");
+  EXPECT_EQ(Resolve("runs/x", "bob"), dir_ + "/out/bob/runs/x");
+  EXPECT_EQ(Resolve("./runs//x/", "alice"), dir_ + "/out/alice/runs/x");
+  EXPECT_EQ(Resolve("runs/../y", "alice"), dir_ + "/out/alice/y");
+  EXPECT_EQ(Resolve(".", "alice"), dir_ + "/out/alice");
+  EXPECT_EQ(Resolve("runs/x", ""), dir_ + "/out/_anonymous/runs/x");
+  EXPECT_EQ(Resolve("x", "a/b"), dir_ + "/out/a%2Fb/x");
+  EXPECT_EQ(Resolve("x", ".."), dir_ + "/out/%2E./x");
+  EXPECT_EQ(Resolve("../bob/runs", "alice"),
+            "refused: output_dir must stay inside the submitter's folder " +
+                dir_ +
+                "/out/alice (a relative output_dir may not climb out with "
+                "\"..\"), got ../bob/runs");
+  EXPECT_EQ(Resolve("runs/../../bob", "alice").substr(0, 52),
+            "refused: output_dir must stay inside the submitter's");
+  EXPECT_EQ(Resolve("", "alice"), "refused: output_dir must not be empty");
+}
+
+TEST_F(OutputConfinementTest, AbsoluteDirsLieUnderTheOwnersRoots) {
+  EXPECT_EQ(Resolve(dir_ + "/out/alice/runs/x", "alice"),
+            dir_ + "/out/alice/runs/x");
+  EXPECT_EQ(Resolve(dir_ + "/scratch/alice/x", "alice"),
+            dir_ + "/scratch/alice/x");
+  EXPECT_EQ(Resolve(dir_ + "/out/alice/runs/x", "bob"),
+            "refused: output_dir must lie under one of " + dir_ + "/out/bob, " +
+                dir_ + "/scratch/bob for bob, got " + dir_ +
+                "/out/alice/runs/x");
+  EXPECT_EQ(Resolve(dir_ + "/scratch/alice/x", "bob").substr(0, 41),
+            "refused: output_dir must lie under one of");
+  EXPECT_EQ(Resolve(dir_ + "/out/bob/../alice/x", "bob"),
+            "refused: output_dir must lie under one of " + dir_ + "/out/bob, " +
+                dir_ + "/scratch/bob for bob, got " + dir_ +
+                "/out/bob/../alice/x (which resolves to " + dir_ +
+                "/out/alice/x)");
+  // No user root of its own: the own folder alone.
+  EXPECT_EQ(Resolve("/etc", "carol"), "refused: output_dir must lie under " +
+                                          dir_ + "/out/carol for carol, got " +
+                                          "/etc");
+  // A sibling whose name starts alike is not inside.
+  EXPECT_EQ(Resolve(dir_ + "/out/alice2/x", "alice").substr(0, 41),
+            "refused: output_dir must lie under one of");
+  // Admins: anywhere under the output root or any user root, nowhere else.
+  EXPECT_EQ(Resolve(dir_ + "/out/bob/runs/x", "root", true),
+            dir_ + "/out/bob/runs/x");
+  EXPECT_EQ(Resolve(dir_ + "/scratch/bob/x", "root", true),
+            dir_ + "/scratch/bob/x");
+  EXPECT_EQ(Resolve("/etc", "", true),
+            "refused: output_dir must lie under one of " + dir_ + "/out, " +
+                dir_ + "/scratch/alice, " + dir_ +
+                "/scratch/bob for anonymous callers, got /etc");
+}
+
+TEST_F(OutputConfinementTest, SymlinksAreResolvedBeforeTheCheck) {
+  // A link in alice's folder into bob's, and one that stays in hers.
+  fs::create_directory_symlink(dir_ + "/out/bob/runs",
+                               dir_ + "/out/alice/to-bob");
+  fs::create_directory_symlink(dir_ + "/out/alice/runs",
+                               dir_ + "/out/alice/mine");
+  EXPECT_EQ(Resolve("to-bob/x", "alice"),
+            "refused: output_dir must lie under one of " + dir_ +
+                "/out/alice, " + dir_ + "/scratch/alice for alice, got " +
+                "to-bob/x (which resolves to " + dir_ + "/out/bob/runs/x)");
+  EXPECT_EQ(Resolve(dir_ + "/out/alice/to-bob", "alice").substr(0, 41),
+            "refused: output_dir must lie under one of");
+  EXPECT_EQ(Resolve("mine/x", "alice"), dir_ + "/out/alice/runs/x");
+  // A dangling link is followed too: its target may exist by launch.
+  fs::create_directory_symlink(dir_ + "/out/bob/not-yet",
+                               dir_ + "/out/alice/later");
+  EXPECT_EQ(Resolve("later/x", "alice"),
+            "refused: output_dir must lie under one of " + dir_ +
+                "/out/alice, " + dir_ + "/scratch/alice for alice, got " +
+                "later/x (which resolves to " + dir_ + "/out/bob/not-yet/x)");
+  // ".." after a link goes up from where the link points, as open() does.
+  fs::create_directory_symlink(dir_ + "/out/bob/runs",
+                               dir_ + "/out/alice/deep");
+  EXPECT_EQ(Resolve(dir_ + "/out/alice/deep/../x", "alice"),
+            "refused: output_dir must lie under one of " + dir_ +
+                "/out/alice, " + dir_ + "/scratch/alice for alice, got " +
+                dir_ + "/out/alice/deep/../x (which resolves to " + dir_ +
+                "/out/bob/x)");
+  // A loop resolves to nothing.
+  fs::create_directory_symlink(dir_ + "/out/alice/loop",
+                               dir_ + "/out/alice/loop");
+  EXPECT_EQ(Resolve("loop/x", "alice"),
+            "refused: output_dir must resolve to a folder, got " + dir_ +
+                "/out/alice/loop/x (too many levels of symlinks)");
+  // Relative links resolve from the link's folder.
+  fs::create_directory_symlink("../bob/runs", dir_ + "/out/alice/rel");
+  EXPECT_EQ(Resolve("rel", "alice").substr(0, 41),
+            "refused: output_dir must lie under one of");
+  // The owner's folder itself a link elsewhere: what it points to is not
+  // the owner's.
+  fs::create_directory_symlink(dir_ + "/out/bob", dir_ + "/out/mallory");
+  EXPECT_EQ(Resolve("runs", "mallory"),
+            "refused: output_dir must lie under " + dir_ +
+                "/out/mallory for mallory, got runs (which resolves to " +
+                dir_ + "/out/bob/runs)");
+  // The output root may be reached through a link: it is resolved.
+  fs::create_directory_symlink(dir_ + "/out", dir_ + "/out-link");
+  AdmissionOptions options;
+  options.output_root = dir_ + "/out-link";
+  EXPECT_EQ(*Admission(options).ResolveOutputDir("x", "alice", false),
+            dir_ + "/out/alice/x");
 }
 
 TEST(RankCredentialsTest, EachSpeaksForOneRankOfOneLaunchUntilRevoked) {

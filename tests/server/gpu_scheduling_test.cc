@@ -116,10 +116,12 @@ class GpuSchedulingTest : public ::testing::Test {
         std::make_unique<Process>(args, dir_ + "/" + name + ".log"));
   }
 
-  // A valid spec the fake worker runs: `resources` in YAML flow style.
+  // A valid spec the fake worker runs: `resources` in YAML flow style. Each
+  // has an output_dir of its own: live jobs may not share one.
   static std::string Spec(const std::string& name, const std::string& resources,
                           const std::string& extra = "") {
-    return "name: " + name +
+    static int specs = 0;
+    return "name: " + name + "\noutput_dir: out-" + std::to_string(++specs) +
            "\ndata: {path: /nonexistent}\n"
            "optim: {batch_size: 12, epochs: 1}\n"
            "resources: {" +

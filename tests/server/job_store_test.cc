@@ -105,6 +105,8 @@ void ExpectSameJob(const JobRecord& actual, const JobRecord& expected) {
   EXPECT_EQ(actual.export_path, expected.export_path);
   EXPECT_EQ(actual.knn_top1, expected.knn_top1);
   EXPECT_EQ(actual.owner, expected.owner);
+  EXPECT_EQ(actual.output_path, expected.output_path);
+  EXPECT_EQ(actual.owner_is_admin, expected.owner_is_admin);
 }
 
 std::vector<std::string> Ids(const std::vector<JobRecord>& jobs) {
@@ -217,6 +219,8 @@ TEST_F(JobStoreTest, InsertRoundTripsEveryFieldAndAssignsTheStoresOwn) {
   in.export_path = "/srv/momentum/out/x/encoder.pt";
   in.knn_top1 = 0.8125;
   in.owner = "alice";
+  in.output_path = "/srv/momentum/outputs/alice/x";
+  in.owner_is_admin = true;
   // Fields Insert() assigns itself; these values must not survive.
   in.seq = 42;
   in.id = "job-42";
@@ -682,7 +686,7 @@ TEST_F(JobStoreTest, JobSurvivesAProcessThatExitsWithoutClosing) {
   EXPECT_EQ(events->size(), 1u);
 }
 
-TEST_F(JobStoreTest, FileIsInWalModeWithSchemaVersionTwo) {
+TEST_F(JobStoreTest, FileIsInWalModeWithSchemaVersionThree) {
   {
     auto store = OpenStore();
     ASSERT_NE(store, nullptr);
@@ -690,7 +694,7 @@ TEST_F(JobStoreTest, FileIsInWalModeWithSchemaVersionTwo) {
   }
   RawDb raw(path_);
   EXPECT_EQ(raw.Value("PRAGMA journal_mode"), "wal");
-  EXPECT_EQ(raw.Value("PRAGMA user_version"), "2");
+  EXPECT_EQ(raw.Value("PRAGMA user_version"), "3");
   EXPECT_EQ(raw.Value("SELECT id FROM jobs WHERE seq = 1"), "job-1");
   EXPECT_EQ(raw.Value("SELECT COUNT(*) FROM pragma_index_list('jobs') "
                       "WHERE name = 'jobs_by_owner'"),
@@ -748,7 +752,7 @@ TEST_F(JobStoreTest, OpenNamesAFileThatIsNotADatabase) {
 
 TEST_F(JobStoreTest, OpenRefusesANewerSchema) {
   ASSERT_NE(OpenStore(), nullptr);
-  RawDb(path_).Exec("PRAGMA user_version = 3");
+  RawDb(path_).Exec("PRAGMA user_version = 4");
   absl::StatusOr<std::unique_ptr<JobStore>> store = JobStore::Open(path_);
   ASSERT_FALSE(store.ok());
   EXPECT_EQ(store.status().code(), absl::StatusCode::kFailedPrecondition);
@@ -757,7 +761,8 @@ TEST_F(JobStoreTest, OpenRefusesANewerSchema) {
 }
 
 // A store written by the first release (schema version 1, typed out here
-// as that release created it) opens with its jobs intact and no owner.
+// as that release created it) opens with its jobs intact, no owner and no
+// output path (the coordinator derives theirs as it always did).
 TEST_F(JobStoreTest, OpensAVersionOneStoreAndAddsOwners) {
   {
     sqlite3* db = nullptr;
@@ -792,13 +797,76 @@ TEST_F(JobStoreTest, OpensAVersionOneStoreAndAddsOwners) {
   EXPECT_EQ(old->name, "old");
   EXPECT_EQ(old->world_size, 2);
   EXPECT_EQ(old->owner, "");
+  EXPECT_EQ(old->output_dir, "/out");
+  EXPECT_EQ(old->output_path, "");
+  EXPECT_FALSE(old->owner_is_admin);
   JobRecord next = MakeJob("new");
   next.owner = "bob";
   absl::StatusOr<JobRecord> inserted = store->Insert(next, kT0);
   ASSERT_TRUE(inserted.ok()) << inserted.status();
   EXPECT_EQ(inserted->id, "job-2");
   EXPECT_EQ(inserted->owner, "bob");
-  EXPECT_EQ(RawDb(path_).Value("PRAGMA user_version"), "2");
+  EXPECT_EQ(RawDb(path_).Value("PRAGMA user_version"), "3");
+}
+
+TEST(OutputPathsOverlapTest, ComparesWholeComponents) {
+  EXPECT_TRUE(OutputPathsOverlap("/o/a", "/o/a"));
+  EXPECT_TRUE(OutputPathsOverlap("/o/a", "/o/a/b"));
+  EXPECT_TRUE(OutputPathsOverlap("/o/a/b", "/o/a"));
+  EXPECT_TRUE(OutputPathsOverlap("/", "/o/a"));
+  EXPECT_FALSE(OutputPathsOverlap("/o/a", "/o/ab"));
+  EXPECT_FALSE(OutputPathsOverlap("/o/ab", "/o/a"));
+  EXPECT_FALSE(OutputPathsOverlap("/o/a", "/o/b"));
+  EXPECT_FALSE(OutputPathsOverlap("/o/a/b", "/o/a/c"));
+}
+
+// A live job's output is its own; a finished one's is its owner's.
+TEST_F(JobStoreTest, InsertRefusesAnOutputPathInUse) {
+  auto store = OpenStore();
+  ASSERT_NE(store, nullptr);
+  auto submit = [&](const std::string& owner, const std::string& path) {
+    JobRecord job = MakeJob("o");
+    job.owner = owner;
+    job.output_path = path;
+    return store->Insert(job, kT0);
+  };
+  ASSERT_TRUE(submit("alice", "/o/alice/run").ok());  // job-1
+  const std::string rule =
+      ": a job may not write into another job's output; pick another "
+      "output_dir";
+  absl::StatusOr<JobRecord> same = submit("alice", "/o/alice/run");
+  EXPECT_EQ(same.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(same.status().message(),
+            "output_dir /o/alice/run is the output of job-1 (PENDING)" + rule);
+  EXPECT_EQ(submit("alice", "/o/alice/run/sub").status().message(),
+            "output_dir /o/alice/run/sub lies inside the output of job-1 "
+            "(PENDING)" +
+                rule);
+  EXPECT_EQ(
+      submit("alice", "/o/alice").status().message(),
+      "output_dir /o/alice contains the output of job-1 (PENDING)" + rule);
+  // Nothing of the refused jobs was stored.
+  int64_t total = 0;
+  ASSERT_TRUE(store->List(JobFilter{}, 0, 0, &total).ok());
+  EXPECT_EQ(total, 1);
+  EXPECT_EQ(RawDb(path_).Value("SELECT COUNT(*) FROM events"), "1");
+  // A sibling whose name starts alike is another folder.
+  ASSERT_TRUE(submit("alice", "/o/alice/run2").ok());  // job-2
+  // Once job-1 ended, alice may write there again (and resume from it);
+  // bob never may.
+  ASSERT_TRUE(
+      store->Transition("job-1", JOB_STATE_CANCELLED, "test", kT0).ok());
+  absl::StatusOr<JobRecord> again = submit("alice", "/o/alice/run");
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(again->id, "job-3");
+  EXPECT_EQ(submit("bob", "/o/alice/run/x").status().message(),
+            "output_dir /o/alice/run/x lies inside the output of job-1 "
+            "(CANCELLED, submitted by alice)" +
+                rule);
+  // The check at launch leaves the job itself out.
+  EXPECT_TRUE(store->CheckOutputFree("/o/alice/run", "alice", "job-3").ok());
+  EXPECT_EQ(store->CheckOutputFree("/o/alice/run", "alice", "job-9").code(),
+            absl::StatusCode::kFailedPrecondition);
 }
 
 // Only the owner's PENDING jobs count; a job that starts frees its place.

@@ -62,14 +62,14 @@ def make_pki(d, clients=("client",)):
                 "-out", f"{name}.pem", cwd=d)
 
 
-def start(binary_dir, work, name, extra, env=None, slots=2):
+def start(binary_dir, work, name, extra, env=None, slots=2, worker=None):
     ready = os.path.join(work, f"{name}-ready.json")
     log = open(os.path.join(work, f"{name}.log"), "w")
     proc = subprocess.Popen(
         [os.path.join(binary_dir, "server", "momentum-server"),
          "--listen=127.0.0.1:0", "--metrics-listen=127.0.0.1:0",
          f"--state-dir={work}/{name}-state", f"--slots={slots}", "--gpus=none",
-         f"--worker={binary_dir}/worker/momentum-worker",
+         f"--worker={worker or binary_dir + '/worker/momentum-worker'}",
          f"--ready-file={ready}", *extra],
         stdout=log, stderr=subprocess.STDOUT, env=env)
     deadline = time.time() + 30
@@ -165,7 +165,11 @@ def main(source_dir, binary_dir):
         check(code_of(lambda: internal.ReportMetrics(iter([hello]), timeout=5, metadata=auth))
               == grpc.StatusCode.PERMISSION_DENIED, "a user's token on InternalService: PERMISSION_DENIED")
 
-        def spec(path, out="out", nproc=2):
+        specs = iter(range(1, 1000))
+
+        def spec(path, out=None, nproc=2):
+            # Each its own output_dir: live jobs may not share one.
+            out = out or f"out-{next(specs)}"
             return f"""
 name: secure
 output_dir: {out}

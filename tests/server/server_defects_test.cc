@@ -106,8 +106,11 @@ class ServerDefectsTest : public ::testing::Test {
     EXPECT_TRUE(client_->WaitForState(id, v1::JOB_STATE_SUCCEEDED));
   }
 
+  // Each has an output_dir of its own: live jobs may not share one.
   static std::string Spec(const std::string& extra = "") {
-    return "name: t\ndata: {path: /nonexistent}\n"
+    static int specs = 0;
+    return "name: t\noutput_dir: out-" + std::to_string(++specs) +
+           "\ndata: {path: /nonexistent}\n"
            "optim: {batch_size: 12}\nresources: {nproc: 1, device: cpu}\n" +
            extra;
   }
@@ -323,8 +326,11 @@ TEST_F(ServerDefectsTest, OversizedRequestsAreRefusedAndNothingIsStored) {
     EXPECT_TRUE(absl::StrContains(status.error_message(), message))
         << status.error_message();
   };
-  // Spec() is 8 + 27 + 24 + 35 = 94 bytes; a comment of 207 makes 301.
-  const std::string spec = Spec();
+  // 8 + 27 + 24 + 35 = 94 bytes (Spec() without its output_dir); a comment
+  // of 207 makes 301.
+  const std::string spec =
+      "name: t\ndata: {path: /nonexistent}\n"
+      "optim: {batch_size: 12}\nresources: {nproc: 1, device: cpu}\n";
   ASSERT_EQ(spec.size(), 94u);
   expect_refused(submit(spec + "#" + std::string(205, 'x') + "\n", {}),
                  "spec_yaml must have at most 300 bytes, got 301");

@@ -119,9 +119,12 @@ class ServiceTest : public ::testing::Test {
   }
 
   // A small job: the fake data, a width-4 ResNet, `nproc` ranks.
+  // Each has an output_dir of its own: live jobs may not share one.
   std::string Spec(const std::string& name, int nproc,
                    const std::string& bound = "epochs: 2") const {
-    return "name: " + name + "\nseed: 1\noutput_dir: out\n" +
+    static std::atomic<int> specs{0};
+    return "name: " + name + "\nseed: 1\noutput_dir: out-" +
+           std::to_string(++specs) + "\n" +
            "model: {width: 4, in_channels: 1, small_stem: true}\n"
            "moco: {dim: 8, queue_size: 40}\n"
            "data: {path: " +

@@ -113,7 +113,7 @@ faults: {{collapse_std_ratio: 0}}
                 f.write(b"this is not an IDX file\n" * 8)
         bad = stub.SubmitJob(jobs_pb2.SubmitJobRequest(spec_yaml=f"""
 name: broken
-output_dir: out
+output_dir: out-broken
 model: {{width: 4, in_channels: 1, small_stem: true}}
 moco: {{dim: 8, queue_size: 24}}
 data: {{path: {corrupt}, loader_threads: 1}}
