@@ -551,6 +551,24 @@ class RuleChecker {
     }
   }
 
+  // A path of at most `max` bytes without control characters: the system
+  // calls that open it end it at a NUL ("/data/..\0x" opens "/data/..",
+  // which a check of the whole string would take for a folder under
+  // /data), and a newline or escape would reach logs and terminals.
+  void PathText(absl::string_view field, const std::string& value,
+                int64_t max) {
+    MaxBytes(field, value, max);
+    for (size_t i = 0; i < value.size(); ++i) {
+      const unsigned char c = static_cast<unsigned char>(value[i]);
+      if (c < 0x20 || c == 0x7f) {
+        Fail(absl::StrCat(field,
+                          " must not contain control characters, got byte ",
+                          static_cast<int>(c), " at offset ", i));
+        return;
+      }
+    }
+  }
+
   // The double rules reject NaN and infinities first (the comparisons below
   // are false for NaN, which would let it through).
   void Greater(absl::string_view field, double value, double min) {
@@ -675,7 +693,7 @@ void CheckFields(const JobSpec& spec, RuleChecker& check) {
     }
   }
   check.NotEmpty("output_dir", spec.output_dir);
-  check.MaxBytes("output_dir", spec.output_dir, kMaxPathBytes);
+  check.PathText("output_dir", spec.output_dir, kMaxPathBytes);
 
   const ModelSpec& model = spec.model;
   check.OneOf("model.arch", model.arch, {"resnet18", "resnet50"});
@@ -694,7 +712,7 @@ void CheckFields(const JobSpec& spec, RuleChecker& check) {
   const DataSpec& data = spec.data;
   check.OneOf("data.format", data.format, {"fashion-mnist", "image-folder"});
   check.NotEmpty("data.path", data.path);
-  check.MaxBytes("data.path", data.path, kMaxPathBytes);
+  check.PathText("data.path", data.path, kMaxPathBytes);
   check.Between("data.image_size", data.image_size, 0, kMaxImageSize);
   check.Between("data.loader_threads", data.loader_threads, 1, kMaxThreads);
   check.Between("data.prefetch", data.prefetch, 1, kMaxPrefetch);

@@ -482,6 +482,15 @@ TEST(JobSpecTest, RejectsLongNamesPathsAndListsNamingTheLimit) {
             "job.yaml: output_dir must have at most 4096 bytes, got 4097");
   EXPECT_EQ(ParseError("data: {path: /" + std::string(4096, 'd') + "}\n"),
             "job.yaml: data.path must have at most 4096 bytes, got 4097");
+  // Found by fuzzing the confinement: a NUL ends the path the worker
+  // opens ("/data/..\0x" opens "/data/..") while the whole string looks
+  // like a folder under /data.
+  EXPECT_EQ(ParseError("data: {path: \"/data/..\\0x\"}\n"),
+            "job.yaml: data.path must not contain control characters, got "
+            "byte 0 at offset 8");
+  EXPECT_EQ(ParseError("output_dir: \"runs/a\\nb\"\n"),
+            "job.yaml: output_dir must not contain control characters, got "
+            "byte 10 at offset 6");
   std::string milestones = "optim: {milestones: [";
   for (int i = 1; i <= 65; ++i) {
     absl::StrAppend(&milestones, i > 1 ? ", " : "", i / 100.0);
