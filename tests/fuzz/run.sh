@@ -30,7 +30,8 @@ coordinator=(server/coordinator.cc server/admission.cc server/agent_launcher.cc
              server/internal_dispatch.cc server/job_logs.cc server/job_store.cc
              server/job_view.cc server/placement.cc server/server_metrics.cc
              server/watch_hub.cc server/log_rate.cc server/request_limits.cc
-             server/rank_credentials.cc common/job_spec.cc common/file_util.cc
+             server/rank_credentials.cc server/local_launcher.cc
+             common/job_spec.cc common/file_util.cc
              common/job_progress.cc common/process.cc common/utf8.cc
              common/grpc_security.cc
              "$proto/jobs.pb.cc" "$proto/internal.pb.cc")

@@ -297,7 +297,7 @@ faults: {{collapse_std_ratio: 0}}
         check(final.state == jobs_pb2.JOB_STATE_SUCCEEDED, f"{job.id} succeeded")
         # A client mistake: the errors panel must show it by method and code.
         try:
-            stub.GetJob(jobs_pb2.GetJobRequest(job_id="no-such-job"), timeout=10)
+            stub.GetJob(jobs_pb2.GetJobRequest(job_id="job-999999"), timeout=10)
         except grpc.RpcError as e:
             check(e.code() == grpc.StatusCode.NOT_FOUND, "GetJob of an unknown job: NOT_FOUND")
         time.sleep(4)  # scrapes of the final samples and of the failed RPC
