@@ -42,6 +42,40 @@ uint64_t StartTime(pid_t pid) {
   return start;
 }
 
+// Processes whose working directory is `dir` and whose environment says
+// they are ranks of `job_id` (MOMENTUM_JOB_ID): the ranks started there,
+// pid file or not (a coordinator killed between a spawn and the pid file's
+// write leaves none), and what they started.
+std::vector<pid_t> RanksWorkingIn(const fs::path& dir,
+                                  const std::string& job_id) {
+  std::vector<pid_t> found;
+  std::error_code ec;
+  const fs::path want = fs::canonical(dir, ec);
+  if (ec) return found;
+  const std::string marker = "MOMENTUM_JOB_ID=" + job_id;
+  for (const auto& entry : fs::directory_iterator("/proc", ec)) {
+    const std::string name = entry.path().filename().string();
+    if (name.empty() ||
+        name.find_first_not_of("0123456789") != std::string::npos) {
+      continue;
+    }
+    std::error_code link_ec;
+    const fs::path cwd = fs::read_symlink(entry.path() / "cwd", link_ec);
+    if (link_ec || cwd != want) continue;
+    std::ifstream in(entry.path() / "environ", std::ios::binary);
+    std::string var;
+    bool ours = false;
+    while (std::getline(in, var, '\0')) {
+      if (var == marker) {
+        ours = true;
+        break;
+      }
+    }
+    if (ours) found.push_back(static_cast<pid_t>(std::stol(name)));
+  }
+  return found;
+}
+
 std::string PidFile(const fs::path& dir, int64_t rank) {
   return (dir / absl::StrCat("rank-", rank, ".pid")).string();
 }
@@ -356,6 +390,18 @@ int LocalLauncher::StopLeftoverRanks(const std::string& attempt_dir,
       ::kill(-pid, SIGTERM);
     }
   }
+  // Ranks without a pid file, found by where they run.
+  const fs::path dir(attempt_dir);
+  for (pid_t pid : RanksWorkingIn(dir, dir.parent_path().filename())) {
+    if (std::any_of(alive.begin(), alive.end(),
+                    [&](const auto& a) { return a.first == pid; })) {
+      continue;
+    }
+    const uint64_t start = StartTime(pid);
+    if (start == 0) continue;
+    alive.emplace_back(pid, start);
+    if (::kill(-pid, SIGTERM) != 0) ::kill(pid, SIGTERM);
+  }
   auto gone = [&] {
     for (const auto& [pid, start] : alive) {
       if (StartTime(pid) == start) return false;
@@ -370,7 +416,9 @@ int LocalLauncher::StopLeftoverRanks(const std::string& attempt_dir,
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
   for (const auto& [pid, start] : alive) {
-    if (StartTime(pid) == start) ::kill(-pid, SIGKILL);
+    if (StartTime(pid) == start && ::kill(-pid, SIGKILL) != 0) {
+      ::kill(pid, SIGKILL);
+    }
   }
   // A killed orphan is reaped by init at once; a zombie still counts as
   // present in /proc until then.

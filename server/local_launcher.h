@@ -62,7 +62,10 @@ class LocalLauncher : public Launcher {
   // run (it died without stopping them): SIGTERM to each one's process
   // group, SIGKILL after `grace_seconds`, and returns once they are gone,
   // with how many there were. Each rank's pid and start time are in
-  // rank-<r>.pid there while it runs, so a reused pid is left alone.
+  // rank-<r>.pid there while it runs, so a reused pid is left alone; a rank
+  // without one (its coordinator was killed between the spawn and the
+  // file's write) is found by its working directory and its
+  // MOMENTUM_JOB_ID (the folder above `attempt_dir`).
   static int StopLeftoverRanks(const std::string& attempt_dir,
                                double grace_seconds);
 

@@ -1,20 +1,25 @@
 // The coordinator's units on their own: placement, the watch hub, job logs,
 // admission, the report address and the progress fold.
 #include <gtest/gtest.h>
+#include <signal.h>
 #include <stdlib.h>
+#include <sys/wait.h>
 
 #include <filesystem>
 #include <fstream>
 #include <memory>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <vector>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "common/job_progress.h"
+#include "common/process.h"
 #include "server/admission.h"
 #include "server/job_logs.h"
+#include "server/local_launcher.h"
 #include "server/log_rate.h"
 #include "server/placement.h"
 #include "server/rank_credentials.h"
@@ -478,6 +483,43 @@ TEST(RequestLimitsTest, AgentHelloIsBoundedNamingTheField) {
   bad = hello;
   bad.set_gpus(3, 2);
   EXPECT_TRUE(absl::StrContains(refused(bad), "AgentHello.gpus"));
+}
+
+// Was: a coordinator killed between spawning a rank and writing its pid
+// file left the rank running under the next one (service_chaos_test saw
+// two attempts of one job alive). The rank is found by where it runs.
+TEST(LocalLauncherTest, LeftoverWithoutPidFileIsFoundByWhereItRuns) {
+  char pattern[] = "/tmp/momentum-leftover-XXXXXX";
+  const fs::path dir = ::mkdtemp(pattern);
+  const fs::path attempt = dir / "job-7" / "attempt-2";
+  fs::create_directories(attempt);
+  const auto spawn = [&](const std::string& job) {
+    SpawnOptions options;
+    options.argv = {"sleep", "300"};
+    options.env = {"PATH=/usr/bin:/bin", "MOMENTUM_JOB_ID=" + job};
+    options.cwd = attempt.string();
+    options.new_process_group = true;
+    absl::StatusOr<pid_t> pid = Spawn(options);
+    EXPECT_TRUE(pid.ok()) << pid.status();
+    return pid.ok() ? *pid : -1;
+  };
+  const pid_t rank = spawn("job-7");
+  const pid_t stranger = spawn("job-8");  // same folder, another job's
+  ASSERT_GT(rank, 0);
+  ASSERT_GT(stranger, 0);
+  // The rank is this test's child: reaped here as soon as it ends, as init
+  // reaps an orphan.
+  int status = 0;
+  std::thread reaper([&] { ::waitpid(rank, &status, 0); });
+  const int stopped = LocalLauncher::StopLeftoverRanks(attempt.string(), 5);
+  EXPECT_EQ(stopped, 1);
+  if (stopped == 0) ::kill(rank, SIGKILL);  // not found: the reaper waits
+  reaper.join();
+  EXPECT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGTERM) << status;
+  EXPECT_EQ(::waitpid(stranger, &status, WNOHANG), 0);  // still runs
+  ::kill(stranger, SIGKILL);
+  ::waitpid(stranger, &status, 0);
+  fs::remove_all(dir);
 }
 
 TEST(ReportAddressTest, WildcardHostsBecomeTheHostname) {
