@@ -10,6 +10,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_replace.h"
+#include "common/utf8.h"
 #include "google/protobuf/struct.pb.h"
 #include "google/protobuf/util/json_util.h"
 
@@ -310,60 +311,28 @@ std::string ToJson(const google::protobuf::Message& message) {
 std::string EscapeForTerminal(absl::string_view text) {
   std::string out;
   out.reserve(text.size());
-  const auto byte = [&text](size_t i) {
-    return static_cast<unsigned char>(text[i]);
-  };
-  const auto continuation = [&](size_t i) {
-    return i < text.size() && (byte(i) & 0xC0) == 0x80;
-  };
+  const std::string_view view(text.data(), text.size());
   size_t i = 0;
-  while (i < text.size()) {
-    const unsigned char c = byte(i);
-    if (c < 0x80) {
-      if ((c < 0x20 && c != '\t') || c == 0x7F) {
-        absl::StrAppend(&out, absl::StrFormat("\\x%02x", c));
-      } else {
-        out += static_cast<char>(c);
-      }
-      ++i;
-      continue;
-    }
-    // One UTF-8 sequence: its length and its code point, checked for
-    // overlong forms, surrogates and the range (RFC 3629).
-    size_t length = 0;
+  while (i < view.size()) {
     uint32_t code = 0;
-    if (c >= 0xC2 && c <= 0xDF) {
-      length = 2;
-      code = c & 0x1F;
-    } else if (c >= 0xE0 && c <= 0xEF) {
-      length = 3;
-      code = c & 0x0F;
-    } else if (c >= 0xF0 && c <= 0xF4) {
-      length = 4;
-      code = c & 0x07;
-    }
-    bool valid = length > 0;
-    for (size_t k = 1; valid && k < length; ++k) {
-      valid = continuation(i + k);
-      if (valid) code = (code << 6) | (byte(i + k) & 0x3F);
-    }
-    if (valid) {
-      valid = !(length == 3 &&
-                (code < 0x800 || (code >= 0xD800 && code <= 0xDFFF))) &&
-              !(length == 4 && (code < 0x10000 || code > 0x10FFFF));
-    }
-    if (!valid) {
-      absl::StrAppend(&out, absl::StrFormat("\\x%02x", c));
+    const size_t length = Utf8SequenceAt(view, i, &code);
+    if (length == 0) {  // not UTF-8
+      absl::StrAppend(
+          &out,
+          absl::StrFormat("\\x%02x", static_cast<unsigned char>(view[i])));
       ++i;
       continue;
     }
+    const bool c0 = (code < 0x20 && code != '\t') || code == 0x7F;
     const bool c1 = code >= 0x80 && code <= 0x9F;
     const bool bidi = (code >= 0x202A && code <= 0x202E) ||
                       (code >= 0x2066 && code <= 0x2069);
-    if (c1 || bidi) {
+    if (c0) {
+      absl::StrAppend(&out, absl::StrFormat("\\x%02x", code));
+    } else if (c1 || bidi) {
       absl::StrAppend(&out, absl::StrFormat("\\u%04x", code));
     } else {
-      out.append(text.data() + i, length);
+      out.append(view.data() + i, length);
     }
     i += length;
   }

@@ -3,15 +3,16 @@
 #include <cstdint>
 
 namespace momentum {
-namespace {
 
-// The length of the well-formed sequence at text[i], 0 when there is none.
-size_t SequenceLength(std::string_view text, size_t i) {
+size_t Utf8SequenceAt(std::string_view text, size_t i, uint32_t* code_point) {
   const auto byte = [&text](size_t k) {
     return static_cast<unsigned char>(text[k]);
   };
   const unsigned char c = byte(i);
-  if (c < 0x80) return 1;
+  if (c < 0x80) {
+    if (code_point != nullptr) *code_point = c;
+    return 1;
+  }
   size_t length = 0;
   uint32_t code = 0;
   if (c >= 0xC2 && c <= 0xDF) {
@@ -35,17 +36,16 @@ size_t SequenceLength(std::string_view text, size_t i) {
     return 0;
   }
   if (length == 4 && (code < 0x10000 || code > 0x10FFFF)) return 0;
+  if (code_point != nullptr) *code_point = code;
   return length;
 }
-
-}  // namespace
 
 std::string ToValidUtf8(std::string_view text) {
   std::string out;
   out.reserve(text.size());
   size_t i = 0;
   while (i < text.size()) {
-    const size_t length = SequenceLength(text, i);
+    const size_t length = Utf8SequenceAt(text, i);
     if (length == 0) {
       out += "\xEF\xBF\xBD";  // U+FFFD
       ++i;

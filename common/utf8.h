@@ -9,6 +9,7 @@
 #define MOMENTUM_COMMON_UTF8_H_
 
 #include <cstddef>
+#include <cstdint>
 #include <string>
 #include <string_view>
 
@@ -19,6 +20,12 @@ namespace momentum {
 // U+10FFFF) replaced by U+FFFD, the replacement character. Valid text is
 // returned unchanged.
 std::string ToValidUtf8(std::string_view text);
+
+// The length of the well-formed UTF-8 sequence that starts at text[i]
+// (1 to 4; i < text.size()), with its code point in `*code_point` when
+// not null; 0 when the bytes there are not one.
+size_t Utf8SequenceAt(std::string_view text, size_t i,
+                      uint32_t* code_point = nullptr);
 
 // The longest prefix of valid UTF-8 `text` of at most `max_bytes` bytes
 // that does not end inside a sequence: `max_bytes` itself when the text is

@@ -86,6 +86,7 @@ case $target in
     max_len=131072 ;;
   client_render)
     srcs=(client/format.cc client/watch_printer.cc common/job_progress.cc
+          common/utf8.cc
           "$proto/jobs.pb.cc")
     pkgs=(protobuf absl_time) ;;
   *) echo "run.sh: unknown target $target" >&2; exit 2 ;;
