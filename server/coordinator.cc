@@ -185,6 +185,16 @@ void Coordinator::Recover() {
       }
     }
   }
+  // Then those of jobs that are no longer unfinished (a cancel committed
+  // just before the previous coordinator died, before it stopped them).
+  for (const auto& launcher : Launchers()) {
+    const int stopped = launcher->StopEveryLeftover(options_.grace_seconds);
+    if (stopped > 0) {
+      std::cerr << "momentum-server: stopped " << stopped
+                << " more rank(s) left running by the previous coordinator on "
+                << launcher->Name() << "\n";
+    }
+  }
 }
 
 void Coordinator::Shutdown() {

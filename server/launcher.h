@@ -83,6 +83,15 @@ class Launcher {
     (void)job_id, (void)attempt, (void)grace_seconds;
     return 0;
   }
+  // Ranks of any job that an earlier coordinator started here and that
+  // still run, including those of jobs that ended in the store meanwhile
+  // (cancelled just before that coordinator died): stops them all, blocks
+  // as StopLeftovers does, and says how many there were. Called once the
+  // unfinished jobs' leftovers are stopped, before anything is launched.
+  virtual int StopEveryLeftover(double grace_seconds) {
+    (void)grace_seconds;
+    return 0;
+  }
 };
 
 }  // namespace momentum::server

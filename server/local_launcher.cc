@@ -11,6 +11,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
@@ -42,17 +43,15 @@ uint64_t StartTime(pid_t pid) {
   return start;
 }
 
-// Processes whose working directory is `dir` and whose environment says
-// they are ranks of `job_id` (MOMENTUM_JOB_ID): the ranks started there,
-// pid file or not (a coordinator killed between a spawn and the pid file's
-// write leaves none), and what they started.
-std::vector<pid_t> RanksWorkingIn(const fs::path& dir,
-                                  const std::string& job_id) {
+// Processes whose working directory `where` accepts (an attempt's folder,
+// <work_dir>/<job_id>/attempt-<n>) and whose environment says they are
+// ranks of the job that folder is in (MOMENTUM_JOB_ID=<job_id>): the ranks
+// started there, pid file or not (a coordinator killed between a spawn and
+// the pid file's write leaves none), and what they started.
+std::vector<pid_t> RanksWorkingIn(
+    const std::function<bool(const fs::path&)>& where) {
   std::vector<pid_t> found;
   std::error_code ec;
-  const fs::path want = fs::canonical(dir, ec);
-  if (ec) return found;
-  const std::string marker = "MOMENTUM_JOB_ID=" + job_id;
   for (const auto& entry : fs::directory_iterator("/proc", ec)) {
     const std::string name = entry.path().filename().string();
     if (name.empty() ||
@@ -61,7 +60,9 @@ std::vector<pid_t> RanksWorkingIn(const fs::path& dir,
     }
     std::error_code link_ec;
     const fs::path cwd = fs::read_symlink(entry.path() / "cwd", link_ec);
-    if (link_ec || cwd != want) continue;
+    if (link_ec || !where(cwd)) continue;
+    const std::string marker =
+        "MOMENTUM_JOB_ID=" + cwd.parent_path().filename().string();
     std::ifstream in(entry.path() / "environ", std::ios::binary);
     std::string var;
     bool ours = false;
@@ -74,6 +75,48 @@ std::vector<pid_t> RanksWorkingIn(const fs::path& dir,
     if (ours) found.push_back(static_cast<pid_t>(std::stol(name)));
   }
   return found;
+}
+
+// SIGTERM to each of `alive` (pid, start time) not yet signalled, SIGKILL
+// to those left after `grace_seconds`; returns once all are gone. A pid
+// whose start time changed is another process and is left alone.
+void StopAndWait(const std::vector<std::pair<pid_t, uint64_t>>& alive,
+                 double grace_seconds) {
+  auto gone = [&] {
+    for (const auto& [pid, start] : alive) {
+      if (StartTime(pid) == start) return false;
+    }
+    return true;
+  };
+  const auto deadline =
+      std::chrono::steady_clock::now() +
+      std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+          std::chrono::duration<double>(grace_seconds));
+  while (!gone() && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  for (const auto& [pid, start] : alive) {
+    if (StartTime(pid) == start && ::kill(-pid, SIGKILL) != 0) {
+      ::kill(pid, SIGKILL);
+    }
+  }
+  // A killed orphan is reaped by init at once; a zombie still counts as
+  // present in /proc until then.
+  for (int i = 0; i < 100 && !gone(); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+}
+
+// Adds `pid` to `alive` and sends it SIGTERM (its process group when it
+// leads one), unless it is there already or gone.
+void Terminate(pid_t pid, std::vector<std::pair<pid_t, uint64_t>>* alive) {
+  for (const auto& a : *alive) {
+    if (a.first == pid) return;
+  }
+  const uint64_t start = StartTime(pid);
+  if (start == 0) return;
+  alive->emplace_back(pid, start);
+  if (::kill(-pid, SIGTERM) != 0) ::kill(pid, SIGTERM);
 }
 
 std::string PidFile(const fs::path& dir, int64_t rank) {
@@ -391,40 +434,29 @@ int LocalLauncher::StopLeftoverRanks(const std::string& attempt_dir,
     }
   }
   // Ranks without a pid file, found by where they run.
-  const fs::path dir(attempt_dir);
-  for (pid_t pid : RanksWorkingIn(dir, dir.parent_path().filename())) {
-    if (std::any_of(alive.begin(), alive.end(),
-                    [&](const auto& a) { return a.first == pid; })) {
-      continue;
-    }
-    const uint64_t start = StartTime(pid);
-    if (start == 0) continue;
-    alive.emplace_back(pid, start);
-    if (::kill(-pid, SIGTERM) != 0) ::kill(pid, SIGTERM);
-  }
-  auto gone = [&] {
-    for (const auto& [pid, start] : alive) {
-      if (StartTime(pid) == start) return false;
-    }
-    return true;
-  };
-  const auto deadline =
-      std::chrono::steady_clock::now() +
-      std::chrono::duration_cast<std::chrono::steady_clock::duration>(
-          std::chrono::duration<double>(grace_seconds));
-  while (!gone() && std::chrono::steady_clock::now() < deadline) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
-  }
-  for (const auto& [pid, start] : alive) {
-    if (StartTime(pid) == start && ::kill(-pid, SIGKILL) != 0) {
-      ::kill(pid, SIGKILL);
+  const fs::path dir = fs::canonical(attempt_dir, ec);
+  if (!ec) {
+    for (pid_t pid :
+         RanksWorkingIn([&](const fs::path& cwd) { return cwd == dir; })) {
+      Terminate(pid, &alive);
     }
   }
-  // A killed orphan is reaped by init at once; a zombie still counts as
-  // present in /proc until then.
-  for (int i = 0; i < 100 && !gone(); ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  StopAndWait(alive, grace_seconds);
+  return static_cast<int>(alive.size());
+}
+
+int LocalLauncher::StopEveryLeftover(double grace_seconds) {
+  std::error_code ec;
+  const fs::path root = fs::canonical(work_dir_, ec);
+  if (ec) return 0;
+  std::vector<std::pair<pid_t, uint64_t>> alive;
+  for (pid_t pid : RanksWorkingIn([&](const fs::path& cwd) {
+         return cwd.parent_path().parent_path() == root &&
+                cwd.filename().string().rfind("attempt-", 0) == 0;
+       })) {
+    Terminate(pid, &alive);
   }
+  StopAndWait(alive, grace_seconds);
   return static_cast<int>(alive.size());
 }
 

@@ -47,6 +47,11 @@ class LocalLauncher : public Launcher {
   // StopLeftoverRanks() on the attempt's folder.
   int StopLeftovers(const std::string& job_id, int64_t attempt,
                     double grace_seconds) override;
+  // Every rank still running in an attempt's folder under the work
+  // directory (found by its working directory and MOMENTUM_JOB_ID), of any
+  // job: what a coordinator killed before it could stop them left there
+  // (a cancelled job's ranks, say). Stopped as StopLeftoverRanks() does.
+  int StopEveryLeftover(double grace_seconds) override;
 
   // A rank's line longer than this comes back in pieces of this size.
   static constexpr size_t kMaxOutputLineBytes = 16 * 1024;

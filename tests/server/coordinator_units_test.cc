@@ -522,6 +522,47 @@ TEST(LocalLauncherTest, LeftoverWithoutPidFileIsFoundByWhereItRuns) {
   fs::remove_all(dir);
 }
 
+// Was: a job cancelled just before its coordinator died is no longer
+// unfinished, so the next coordinator never stopped its ranks. At start it
+// now stops every rank left in an attempt's folder, of any job.
+TEST(LocalLauncherTest, EveryLeftoverOfAnyJobIsStoppedAtStart) {
+  char pattern[] = "/tmp/momentum-leftover-XXXXXX";
+  const fs::path dir = ::mkdtemp(pattern);
+  struct NoEvents : LaunchEvents {
+    void OnRankOutput(const std::string&, int64_t, int64_t,
+                      const std::string&) override {}
+    void OnRankExited(const std::string&, int64_t, int64_t, int, int,
+                      const std::string&) override {}
+  } events;
+  LocalLauncher launcher("/bin/false", 1, {}, dir.string(), &events);
+  const auto spawn = [&](const fs::path& cwd) {
+    fs::create_directories(cwd);
+    SpawnOptions options;
+    options.argv = {"sleep", "300"};
+    options.env = {"PATH=/usr/bin:/bin", "MOMENTUM_JOB_ID=job-9"};
+    options.cwd = cwd.string();
+    options.new_process_group = true;
+    absl::StatusOr<pid_t> pid = Spawn(options);
+    EXPECT_TRUE(pid.ok()) << pid.status();
+    return pid.ok() ? *pid : -1;
+  };
+  const pid_t leftover = spawn(dir / "job-9" / "attempt-3");
+  const pid_t elsewhere = spawn(dir / "job-9");  // not an attempt's folder
+  ASSERT_GT(leftover, 0);
+  ASSERT_GT(elsewhere, 0);
+  int status = 0;
+  std::thread reaper([&] { ::waitpid(leftover, &status, 0); });
+  const int stopped = launcher.StopEveryLeftover(5);
+  EXPECT_EQ(stopped, 1);
+  if (stopped == 0) ::kill(leftover, SIGKILL);
+  reaper.join();
+  EXPECT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGTERM) << status;
+  EXPECT_EQ(::waitpid(elsewhere, &status, WNOHANG), 0);  // still runs
+  ::kill(elsewhere, SIGKILL);
+  ::waitpid(elsewhere, &status, 0);
+  fs::remove_all(dir);
+}
+
 TEST(ReportAddressTest, WildcardHostsBecomeTheHostname) {
   EXPECT_EQ(ReportAddress("127.0.0.1", 50051, "", "node-1"), "127.0.0.1:50051");
   EXPECT_EQ(ReportAddress("0.0.0.0", 50051, "", "node-1"), "node-1:50051");
