@@ -31,12 +31,12 @@ absl::StatusOr<fs::path> Resolved(const fs::path& path,
   constexpr int kMaxLinks = 40;  // Linux's MAXSYMLINKS
   const fs::path absolute = fs::absolute(path);
   const fs::path relative = absolute.relative_path();
-  std::deque<fs::path> todo(relative.begin(), relative.end());
+  std::deque<fs::path> pending(relative.begin(), relative.end());
   fs::path out = absolute.root_path();
   int links = 0;
-  while (!todo.empty()) {
-    const fs::path part = todo.front();
-    todo.pop_front();
+  while (!pending.empty()) {
+    const fs::path part = pending.front();
+    pending.pop_front();
     if (part.empty() || part == ".") continue;
     if (part == "..") {
       out = out.parent_path();
@@ -57,7 +57,7 @@ absl::StatusOr<fs::path> Resolved(const fs::path& path,
           ")"));
     }
     const fs::path rest = target.relative_path();
-    todo.insert(todo.begin(), rest.begin(), rest.end());
+    pending.insert(pending.begin(), rest.begin(), rest.end());
     if (target.is_absolute()) out = target.root_path();
   }
   return Clean(out);

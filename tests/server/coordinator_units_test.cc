@@ -7,6 +7,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <memory>
 #include <string>
 #include <thread>
@@ -485,6 +486,37 @@ TEST(RequestLimitsTest, AgentHelloIsBoundedNamingTheField) {
   EXPECT_TRUE(absl::StrContains(refused(bad), "AgentHello.gpus"));
 }
 
+// A stand-in rank: `sleep 300` in `cwd` (made first) with MOMENTUM_JOB_ID
+// `job`, leading a process group of its own as ranks do; -1 on failure.
+pid_t SpawnRankIn(const fs::path& cwd, const std::string& job) {
+  fs::create_directories(cwd);
+  SpawnOptions options;
+  options.argv = {"sleep", "300"};
+  options.env = {"PATH=/usr/bin:/bin", "MOMENTUM_JOB_ID=" + job};
+  options.cwd = cwd.string();
+  options.new_process_group = true;
+  absl::StatusOr<pid_t> pid = Spawn(options);
+  EXPECT_TRUE(pid.ok()) << pid.status();
+  return pid.ok() ? *pid : -1;
+}
+
+// Runs `stop` (which should stop `rank`, a child of this test, and say 1)
+// while reaping `rank` as init reaps an orphan; then checks that SIGTERM
+// ended it and that `spared` still runs, and kills `spared`.
+void ExpectStopsOnly(pid_t rank, pid_t spared,
+                     const std::function<int()>& stop) {
+  int status = 0;
+  std::thread reaper([&] { ::waitpid(rank, &status, 0); });
+  const int stopped = stop();
+  EXPECT_EQ(stopped, 1);
+  if (stopped == 0) ::kill(rank, SIGKILL);  // not found: the reaper waits
+  reaper.join();
+  EXPECT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGTERM) << status;
+  EXPECT_EQ(::waitpid(spared, &status, WNOHANG), 0);  // still runs
+  ::kill(spared, SIGKILL);
+  ::waitpid(spared, &status, 0);
+}
+
 // Was: a coordinator killed between spawning a rank and writing its pid
 // file left the rank running under the next one (service_chaos_test saw
 // two attempts of one job alive). The rank is found by where it runs.
@@ -492,33 +524,13 @@ TEST(LocalLauncherTest, LeftoverWithoutPidFileIsFoundByWhereItRuns) {
   char pattern[] = "/tmp/momentum-leftover-XXXXXX";
   const fs::path dir = ::mkdtemp(pattern);
   const fs::path attempt = dir / "job-7" / "attempt-2";
-  fs::create_directories(attempt);
-  const auto spawn = [&](const std::string& job) {
-    SpawnOptions options;
-    options.argv = {"sleep", "300"};
-    options.env = {"PATH=/usr/bin:/bin", "MOMENTUM_JOB_ID=" + job};
-    options.cwd = attempt.string();
-    options.new_process_group = true;
-    absl::StatusOr<pid_t> pid = Spawn(options);
-    EXPECT_TRUE(pid.ok()) << pid.status();
-    return pid.ok() ? *pid : -1;
-  };
-  const pid_t rank = spawn("job-7");
-  const pid_t stranger = spawn("job-8");  // same folder, another job's
+  const pid_t rank = SpawnRankIn(attempt, "job-7");
+  const pid_t stranger = SpawnRankIn(attempt, "job-8");  // another job's
   ASSERT_GT(rank, 0);
   ASSERT_GT(stranger, 0);
-  // The rank is this test's child: reaped here as soon as it ends, as init
-  // reaps an orphan.
-  int status = 0;
-  std::thread reaper([&] { ::waitpid(rank, &status, 0); });
-  const int stopped = LocalLauncher::StopLeftoverRanks(attempt.string(), 5);
-  EXPECT_EQ(stopped, 1);
-  if (stopped == 0) ::kill(rank, SIGKILL);  // not found: the reaper waits
-  reaper.join();
-  EXPECT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGTERM) << status;
-  EXPECT_EQ(::waitpid(stranger, &status, WNOHANG), 0);  // still runs
-  ::kill(stranger, SIGKILL);
-  ::waitpid(stranger, &status, 0);
+  ExpectStopsOnly(rank, stranger, [&] {
+    return LocalLauncher::StopLeftoverRanks(attempt.string(), 5);
+  });
   fs::remove_all(dir);
 }
 
@@ -535,31 +547,13 @@ TEST(LocalLauncherTest, EveryLeftoverOfAnyJobIsStoppedAtStart) {
                       const std::string&) override {}
   } events;
   LocalLauncher launcher("/bin/false", 1, {}, dir.string(), &events);
-  const auto spawn = [&](const fs::path& cwd) {
-    fs::create_directories(cwd);
-    SpawnOptions options;
-    options.argv = {"sleep", "300"};
-    options.env = {"PATH=/usr/bin:/bin", "MOMENTUM_JOB_ID=job-9"};
-    options.cwd = cwd.string();
-    options.new_process_group = true;
-    absl::StatusOr<pid_t> pid = Spawn(options);
-    EXPECT_TRUE(pid.ok()) << pid.status();
-    return pid.ok() ? *pid : -1;
-  };
-  const pid_t leftover = spawn(dir / "job-9" / "attempt-3");
-  const pid_t elsewhere = spawn(dir / "job-9");  // not an attempt's folder
+  const pid_t leftover = SpawnRankIn(dir / "job-9" / "attempt-3", "job-9");
+  // Not an attempt's folder: left alone.
+  const pid_t elsewhere = SpawnRankIn(dir / "job-9", "job-9");
   ASSERT_GT(leftover, 0);
   ASSERT_GT(elsewhere, 0);
-  int status = 0;
-  std::thread reaper([&] { ::waitpid(leftover, &status, 0); });
-  const int stopped = launcher.StopEveryLeftover(5);
-  EXPECT_EQ(stopped, 1);
-  if (stopped == 0) ::kill(leftover, SIGKILL);
-  reaper.join();
-  EXPECT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGTERM) << status;
-  EXPECT_EQ(::waitpid(elsewhere, &status, WNOHANG), 0);  // still runs
-  ::kill(elsewhere, SIGKILL);
-  ::waitpid(elsewhere, &status, 0);
+  ExpectStopsOnly(leftover, elsewhere,
+                  [&] { return launcher.StopEveryLeftover(5); });
   fs::remove_all(dir);
 }
 
