@@ -100,8 +100,11 @@ class ServerDefectsTest : public ::testing::Test {
                        "/release ]; do sleep 0.05; done");
   }
   // Lets the job's waiting ranks end; it succeeds.
+  // The job may still be starting on a loaded machine: it must reach RUNNING
+  // before the release, and SUCCEEDED after it.
   void ReleaseAndExpectSuccess(const std::string& id) {
-    EXPECT_EQ(client_->Get(id).state(), v1::JOB_STATE_RUNNING);
+    EXPECT_TRUE(client_->WaitForState(id, v1::JOB_STATE_RUNNING))
+        << v1::JobState_Name(client_->Get(id).state());
     std::ofstream(dir_ + "/release").put('\n');
     EXPECT_TRUE(client_->WaitForState(id, v1::JOB_STATE_SUCCEEDED));
   }
@@ -196,7 +199,7 @@ TEST_F(ServerDefectsTest, AgentCannotSpeakForRanksItNeverRan) {
   ASSERT_TRUE(StartServer(worker));
   const v1::Job job = client_->Submit(Spec());
   ASSERT_TRUE(Eventually([&] { return fs::exists(dir_ + "/started"); }));
-  ASSERT_EQ(client_->Get(job.id()).state(), v1::JOB_STATE_RUNNING);
+  ASSERT_TRUE(client_->WaitForState(job.id(), v1::JOB_STATE_RUNNING));
 
   auto internal = v1::InternalService::NewStub(client_->channel());
   grpc::ClientContext ctx;
