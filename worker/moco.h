@@ -103,11 +103,11 @@ class Moco {
   void SetProcessGroup(ProcessGroup* group) { group_ = group; }
   ProcessGroup* process_group() const { return group_; }
 
-  // Moves both encoders and the queue to `where.device` (channels_last on
-  // CUDA) and autocasts the encoders to bfloat16 from now on when
-  // `where.bf16`; the features leave the encoders as float32, so that the
-  // normalisation, logits, loss and queue stay float32. Call before making
-  // an optimiser of the parameters.
+  // Moves both encoders (their 4-d weights channels_last on every device)
+  // and the queue to `where.device` and autocasts the encoders to bfloat16 from
+  // now on when `where.bf16`; the features leave the encoders as float32, so
+  // that the normalisation, logits, loss and queue stay float32. Call before
+  // making an optimiser of the parameters.
   void To(const RankDevice& where);
   const RankDevice& where() const { return where_; }
 

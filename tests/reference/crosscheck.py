@@ -11,6 +11,12 @@ INIT   = {"config": {...}, "encoder_q": {name: tensor}, "encoder_k": {...},
           "steps": [{"query", "key", "perm" (empty when bn none), "lr"}, ...]}
 RESULT = {"loss": [float per step], "encoder_q": {...}, "encoder_k": {...},
           "queue": tensor, "queue_ptr": int}
+config.channels_last (default false): the trainer's convolution weights are
+channels_last; the reference's are made so too, so that both run the same
+kernels. (In different layouts the float32 results differ by rounding, and
+over a few steps some pre-activation within rounding of 0 lands on the other
+side of a ReLU in one of them: a gradient of the size of the largest one
+differs, and the comparison fails though neither is wrong.)
 
 Runs the steps with moco_ref.MocoRef from INIT's state and compares every loss,
 every parameter and buffer of both encoders, the queue and the pointer:
@@ -112,6 +118,7 @@ def build_from_init(init):
         "sgd_momentum": as_float(get(cfg, "sgd_momentum", "config"), "config.sgd_momentum"),
         "weight_decay": as_float(get(cfg, "weight_decay", "config"), "config.weight_decay"),
         "bn_groups": as_int(cfg.get("bn_groups", 0), "config.bn_groups"),
+        "channels_last": as_bool(cfg.get("channels_last", False), "config.channels_last"),
     }
     enc = {}
     for which in ("encoder_q", "encoder_k"):
@@ -119,6 +126,9 @@ def build_from_init(init):
                                        c["small_stem"], c["dim"], c["mlp"])
         sd = state_dict_of(get(init, which, "INIT"), f"INIT.{which}")
         load_strict(model, sd, f"INIT.{which}")
+        if c["channels_last"]:
+            # The trainer's layout: the same kernels, the same rounding.
+            model.to(memory_format=torch.channels_last)
         enc[which] = model
     queue = get(init, "queue", "INIT")
     if not isinstance(queue, torch.Tensor):

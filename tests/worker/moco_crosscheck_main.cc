@@ -140,6 +140,12 @@ int main(int argc, char** argv) {
   config.insert("weight_decay", weight_decay);
   config.insert("bn_groups", file_groups);
   config.insert("world_size", world);
+  // The layout the trainer runs its convolutions in: the reference runs the
+  // same, so that both round alike (a pre-activation within rounding of 0
+  // otherwise takes the other side of a ReLU in one of them).
+  config.insert("channels_last",
+                model->encoder_q()->parameters()[0].is_contiguous(
+                    at::MemoryFormat::ChannelsLast));
 
   c10::impl::GenericDict init(c10::StringType::get(), c10::AnyType::get());
   init.insert("config", config);
