@@ -11,7 +11,8 @@ INIT   = {"config": {...}, "encoder_q": {name: tensor}, "encoder_k": {...},
           "steps": [{"query", "key", "perm" (empty when bn none), "lr"}, ...]}
 RESULT = {"loss": [float per step], "encoder_q": {...}, "encoder_k": {...},
           "queue": tensor, "queue_ptr": int}
-config.channels_last (default false): the trainer's convolution weights are
+config.precision (default fp32): bf16 autocasts both encoders' forward passes
+(autocast_bf16). config.channels_last (default false): the trainer's convolution weights are
 channels_last; the reference's are made so too, so that both run the same
 kernels. (In different layouts the float32 results differ by rounding, and
 over a few steps some pre-activation within rounding of 0 lands on the other
@@ -102,6 +103,21 @@ def as_float_list(v, what):
 
 # ---------------------------------------------------------------- model construction
 
+def autocast_bf16(encoder):
+    """resources.precision bf16 as the trainer runs it: the encoder's forward
+    pass autocast to bfloat16 on the CPU, its output back in the input's
+    type (float32), so that the normalisation, logits, loss, queue and
+    optimiser stay float32. (Autocast leaves float64, the diagnostic run,
+    alone.)"""
+    forward = encoder.forward
+
+    def autocast_forward(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return forward(x).to(x.dtype)
+
+    encoder.forward = autocast_forward
+
+
 def build_from_init(init):
     init = as_dict(init, "INIT")
     cfg = as_dict(get(init, "config", "INIT"), "INIT.config")
@@ -119,7 +135,10 @@ def build_from_init(init):
         "weight_decay": as_float(get(cfg, "weight_decay", "config"), "config.weight_decay"),
         "bn_groups": as_int(cfg.get("bn_groups", 0), "config.bn_groups"),
         "channels_last": as_bool(cfg.get("channels_last", False), "config.channels_last"),
+        "precision": str(cfg.get("precision", "fp32")),
     }
+    if c["precision"] not in ("fp32", "bf16"):
+        raise InputError(f"config.precision must be fp32 or bf16, got {c['precision']!r}")
     enc = {}
     for which in ("encoder_q", "encoder_k"):
         model = moco_ref.build_encoder(c["arch"], c["width"], c["in_channels"],
@@ -129,6 +148,8 @@ def build_from_init(init):
         if c["channels_last"]:
             # The trainer's layout: the same kernels, the same rounding.
             model.to(memory_format=torch.channels_last)
+        if c["precision"] == "bf16":
+            autocast_bf16(model)
         enc[which] = model
     queue = get(init, "queue", "INIT")
     if not isinstance(queue, torch.Tensor):

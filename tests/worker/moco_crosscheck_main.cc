@@ -35,8 +35,10 @@ c10::Dict<std::string, at::Tensor> StateDict(const torch::nn::Module& m) {
   return d;
 }
 
-// The same model for the same seed: identical on every rank.
-std::unique_ptr<Moco> MakeModel(const MocoOptions& o, uint64_t seed) {
+// The same model for the same seed: identical on every rank; on the CPU,
+// its encoders autocast to bfloat16 with `bf16`.
+std::unique_ptr<Moco> MakeModel(const MocoOptions& o, uint64_t seed,
+                                bool bf16) {
   torch::manual_seed(seed);
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
   auto model = std::make_unique<Moco>(o, gen);
@@ -56,6 +58,9 @@ std::unique_ptr<Moco> MakeModel(const MocoOptions& o, uint64_t seed) {
     }
     k[i].second.copy_(q[i].second);
   }
+  momentum::worker::RankDevice where;
+  where.bf16 = bf16;
+  model->To(where);
   return model;
 }
 
@@ -112,6 +117,9 @@ int main(int argc, char** argv) {
   app.add_option("--world-size", world,
                  "ranks (threads with Gloo); --batch is then per rank")
       ->check(CLI::PositiveNumber);
+  std::string precision = "fp32";
+  app.add_option("--precision", precision, "resources.precision")
+      ->check(CLI::IsMember({"fp32", "bf16"}));
   app.add_option("--init", init_path)->required();
   app.add_option("--result", result_path)->required();
   CLI11_PARSE(app, argc, argv);
@@ -125,7 +133,7 @@ int main(int argc, char** argv) {
     o.shuffle_across_ranks = o.bn_groups > 0;
     if (o.bn_groups > 0) o.bn_groups = 1;
   }
-  std::unique_ptr<Moco> model = MakeModel(o, seed);
+  std::unique_ptr<Moco> model = MakeModel(o, seed, precision == "bf16");
   c10::impl::GenericDict config(c10::StringType::get(), c10::AnyType::get());
   config.insert("arch", o.encoder.arch);
   config.insert("width", o.encoder.width);
@@ -140,6 +148,7 @@ int main(int argc, char** argv) {
   config.insert("weight_decay", weight_decay);
   config.insert("bn_groups", file_groups);
   config.insert("world_size", world);
+  config.insert("precision", precision);
   // The layout the trainer runs its convolutions in: the reference runs the
   // same, so that both round alike (a pre-activation within rounding of 0
   // otherwise takes the other side of a ReLU in one of them).
@@ -214,7 +223,8 @@ int main(int argc, char** argv) {
 
   std::vector<std::unique_ptr<Moco>> models;
   models.push_back(std::move(model));
-  for (int64_t r = 1; r < world; ++r) models.push_back(MakeModel(o, seed));
+  for (int64_t r = 1; r < world; ++r)
+    models.push_back(MakeModel(o, seed, precision == "bf16"));
   // Lists share their storage when copied: one made per rank.
   std::vector<c10::impl::GenericList> losses;
   for (int64_t r = 0; r < world; ++r) {
