@@ -91,7 +91,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # bench/official_job.py; these names are this script's interface too
 # (tests/reference/official_moco_check.py uses them).
 from official_moco import (  # noqa: E402,F401
-    IMAGENET_MEAN, IMAGENET_STD, MoCo, GaussianBlur, TwoCropsTransform, build_model,
+    IMAGENET_MEAN, IMAGENET_STD, MoCo, GaussianBlur, TwoCropsTransform, accuracy, build_model,
     concat_all_gather, free_port, init_single_process_group, make_optimizer,
     moco_v2_augmentation, wrap_ddp)
 import official_moco  # noqa: E402
@@ -157,16 +157,6 @@ def synthetic_batches(args, device):
 
 
 # ---------------------------------------------------------------- the benchmark
-
-def accuracy(output, target, topk=(1,)):
-    """Top-k accuracies in percent (the official train loop's meter)."""
-    with torch.no_grad():
-        maxk = max(topk)
-        _, pred = output.topk(maxk, 1, True, True)
-        correct = pred.t().eq(target.view(1, -1).expand_as(pred.t()))
-        return [correct[:k].reshape(-1).float().sum(0) * (100.0 / target.shape[0])
-                for k in topk]
-
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],

@@ -201,6 +201,16 @@ def make_optimizer(model, lr, momentum=0.9, weight_decay=1e-4):
                            weight_decay=weight_decay)
 
 
+def accuracy(output, target, topk=(1,)):
+    """Top-k accuracies in percent (main_moco.py's train-loop meter)."""
+    with torch.no_grad():
+        maxk = max(topk)
+        _, pred = output.topk(maxk, 1, True, True)
+        correct = pred.t().eq(target.view(1, -1).expand_as(pred.t()))
+        return [correct[:k].reshape(-1).float().sum(0) * (100.0 / target.shape[0])
+                for k in topk]
+
+
 # ---------------------------------------------------------------- data
 
 class GaussianBlur:
