@@ -364,17 +364,19 @@ def _features(encoder, images, spec, batch_size):
     size = spec["data"]["image_size"]
     channels = spec["model"]["in_channels"]
     a = spec["data"]["augment"]
-    mean = torch.tensor(fold_statistics(a["mean"], FMNIST_MEAN, channels)).view(1, -1, 1, 1)
-    std = torch.tensor(fold_statistics(a["std"], FMNIST_STD, channels)).view(1, -1, 1, 1)
     dtype = next(encoder.parameters()).dtype
+    mean = torch.tensor(fold_statistics(a["mean"], FMNIST_MEAN, channels),
+                        dtype=dtype).view(1, -1, 1, 1)
+    std = torch.tensor(fold_statistics(a["std"], FMNIST_STD, channels),
+                       dtype=dtype).view(1, -1, 1, 1)
     out = []
     for start in range(0, len(images), batch_size):
         x = torch.from_numpy(np.array(images[start:start + batch_size]))  # a writable copy
-        x = x.unsqueeze(1).to(torch.float32) / 255.0
+        x = x.unsqueeze(1).to(dtype) / 255.0
         if x.shape[-1] != size or x.shape[-2] != size:  # Resize(size) + CenterCrop(size)
             T = official_moco.require_torchvision("official_job").transforms
             x = T.CenterCrop(size)(T.Resize(size, antialias=True)(x))
-        x = ((x.expand(-1, channels, -1, -1) - mean) / std).to(dtype)
+        x = (x.expand(-1, channels, -1, -1) - mean) / std
         out.append(F.normalize(encoder.features(x), dim=1))
     if not out:
         return torch.empty(0, encoder.feat_dim, dtype=dtype)
