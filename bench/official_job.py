@@ -696,6 +696,8 @@ def parse_args(argv=None):
     ap.add_argument("--official-meters", action=argparse.BooleanOptionalAction, default=True,
                     help="the official loop's loss.item() and top-1/5 every step (default on)")
     ap.add_argument("--json-out", help="also append the JSON lines to this file")
+    ap.add_argument("--print-spec", action="store_true",
+                    help="print the resolved spec (JSON, bounds as the run uses them) and exit")
     args = ap.parse_args(argv)
     try:
         spec = load_spec(args.config, args.set)
@@ -733,6 +735,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args, spec = parse_args(argv)
+    if args.print_spec:
+        print(json.dumps(spec, indent=2))
+        return 0
     official_moco.require_torchvision("official_job")
     if args.json_out and os.path.exists(args.json_out):
         os.remove(args.json_out)
