@@ -76,7 +76,10 @@ while [ $# -gt 0 ]; do
     *) echo "bench/job_bench.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
-case $mode in real|synthetic) ;; *) echo "bench/job_bench.sh: --mode real or synthetic" >&2; exit 2 ;; esac
+case $mode in
+  real|synthetic) ;;
+  *) echo "bench/job_bench.sh: --mode real or synthetic" >&2; exit 2 ;;
+esac
 if [ -n "$target" ] && [ "$mode" != real ]; then
   echo "bench/job_bench.sh: --time-to-accuracy trains on the real data (--mode real)" >&2; exit 2
 fi
@@ -160,16 +163,19 @@ PY
 
 run_ours() {  # the worker, real data
   "$worker" --nproc "$nproc" --config "$config" "${common[@]}" "${ours_run[@]}" \
-    ${ours_bn[@]+"${ours_bn[@]}"} --set output_dir="$out/ours" --set resources.threads="$threads" \
-    --set data.loader_threads="$workers" --set checkpoint.every_epochs=0 --set checkpoint.resume=false \
+    ${ours_bn[@]+"${ours_bn[@]}"} --set output_dir="$out/ours" \
+    --set resources.threads="$threads" --set data.loader_threads="$workers" \
+    --set checkpoint.every_epochs=0 --set checkpoint.resume=false \
     > "$out/ours.log" 2>&1 ||
-    { echo "bench/job_bench.sh: momentum-worker failed:"; tail -20 "$out/ours.log"; exit 1; } >&2
+    { echo "bench/job_bench.sh: momentum-worker failed:"
+      tail -20 "$out/ours.log"; exit 1; } >&2
 }
 run_official() {  # nproc
   "$python" bench/official_job.py --config "$config" "${common[@]}" "${official_run[@]}" \
     --mode "$mode" --nproc "$1" --threads "$threads" --workers "$workers" \
     --json-out "$out/official.jsonl" > "$out/official.log" 2>&1 ||
-    { echo "bench/job_bench.sh: official_job.py failed:"; tail -20 "$out/official.log"; exit 1; } >&2
+    { echo "bench/job_bench.sh: official_job.py failed:"
+      tail -20 "$out/official.log"; exit 1; } >&2
 }
 
 if [ "$mode" = synthetic ]; then

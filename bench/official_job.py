@@ -679,7 +679,8 @@ def parse_args(argv=None):
                     help="torch threads per rank (default resources.threads; 0: the cores "
                          "shared among the ranks, as momentum-worker)")
     ap.add_argument("--workers", type=int, default=1,
-                    help="DataLoader processes per rank (default 1, main_moco.py's -j per GPU)")
+                    help="DataLoader processes per rank (default 1, as the default "
+                         "data.loader_threads)")
     bound = ap.add_mutually_exclusive_group()
     bound.add_argument("--steps", type=int, help="timed steps after --warmup (a step bound)")
     bound.add_argument("--time-budget", type=float, metavar="S",
