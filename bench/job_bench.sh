@@ -14,13 +14,16 @@
 #
 #   bench/job_bench.sh [--mode real|synthetic] [--nproc N] [--threads T]
 #                      [--workers W] [--width W] [--steps S] [--warmup W]
-#                      [--config FILE] [--set FIELD=VALUE]... [--out DIR]
+#                      [--config FILE] [--set FIELD=VALUE]... [--repeats R]
+#                      [--out DIR]
 #   bench/job_bench.sh --time-to-accuracy TARGET --budget SECONDS
 #                      [--eval-every-epochs E] [...]
 #
 # Throughput (default, --mode real): both train warm-up + S steps (optim.steps,
 # the worker's schedule on both); the warm-up steps are left out. Prints
 # images/s (global), the step time per phase and the ratio ours / official.
+# --repeats R runs both R times, taking turns, and pools the timed steps (a
+# shared machine's load then falls on both; the per-run images/s are printed).
 # Phases: data, forward, backward, communication, optimizer (our
 # metrics.jsonl step_ms fields; official_job.py's other = its meters, the
 # learning rate, the loop). Attribution differs in two places, so the table
@@ -54,7 +57,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=real nproc=2 threads=1 workers=1 width=16 steps=40 warmup=10
-config=examples/fashion-mnist.yaml target="" budget=600 eval_every=1 out=""
+config=examples/fashion-mnist.yaml target="" budget=600 eval_every=1 out="" repeats=1
 sets=()
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
@@ -72,6 +75,7 @@ while [ $# -gt 0 ]; do
     --budget) budget=$2; shift 2 ;;
     --eval-every-epochs) eval_every=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
+    --repeats) repeats=$2; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) echo "bench/job_bench.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -83,6 +87,7 @@ esac
 if [ -n "$target" ] && [ "$mode" != real ]; then
   echo "bench/job_bench.sh: --time-to-accuracy trains on the real data (--mode real)" >&2; exit 2
 fi
+[ -n "$target" ] && repeats=1  # one long run each
 source scripts/setup.sh
 momentum_install_packages
 momentum_python_env
@@ -161,21 +166,21 @@ for b in bad:
 sys.exit(1 if bad else 0)
 PY
 
-run_ours() {  # the worker, real data
+run_ours() {  # repeat: the worker, real data
   "$worker" --nproc "$nproc" --config "$config" "${common[@]}" "${ours_run[@]}" \
-    ${ours_bn[@]+"${ours_bn[@]}"} --set output_dir="$out/ours" \
+    ${ours_bn[@]+"${ours_bn[@]}"} --set output_dir="$out/ours-$1" \
     --set resources.threads="$threads" --set data.loader_threads="$workers" \
     --set checkpoint.every_epochs=0 --set checkpoint.resume=false \
-    > "$out/ours.log" 2>&1 ||
+    > "$out/ours-$1.log" 2>&1 ||
     { echo "bench/job_bench.sh: momentum-worker failed:"
-      tail -20 "$out/ours.log"; exit 1; } >&2
+      tail -20 "$out/ours-$1.log"; exit 1; } >&2
 }
-run_official() {  # nproc
+run_official() {  # repeat nproc
   "$python" bench/official_job.py --config "$config" "${common[@]}" "${official_run[@]}" \
-    --mode "$mode" --nproc "$1" --threads "$threads" --workers "$workers" \
-    --json-out "$out/official.jsonl" > "$out/official.log" 2>&1 ||
+    --mode "$mode" --nproc "$2" --threads "$threads" --workers "$workers" \
+    --json-out "$out/official-$1.jsonl" > "$out/official-$1.log" 2>&1 ||
     { echo "bench/job_bench.sh: official_job.py failed:"
-      tail -20 "$out/official.log"; exit 1; } >&2
+      tail -20 "$out/official-$1.log"; exit 1; } >&2
 }
 
 if [ "$mode" = synthetic ]; then
@@ -193,40 +198,61 @@ print(" ".join(str(x) for x in [
     "--momentum", c["momentum"], "--lr", o["lr"] * o["batch_size"] / 256, "--bn-groups", 1]))
 PY
   )
-  "$trainer_bench" "${tb[@]}" --mode synthetic --threads "$threads" --steps "$steps" \
-    --warmup "$warmup" > "$out/ours-synthetic.json"
-  run_official 1
-else
-  run_ours
-  run_official "$nproc"
 fi
+# The two sides take turns, so that a change in the machine's load over the
+# run falls on both.
+for r in $(seq "$repeats"); do
+  if [ "$mode" = synthetic ]; then
+    "$trainer_bench" "${tb[@]}" --mode synthetic --threads "$threads" --steps "$steps" \
+      --warmup "$warmup" > "$out/ours-synthetic-$r.json"
+    run_official "$r" 1
+  else
+    run_ours "$r"
+    run_official "$r" "$nproc"
+  fi
+done
 
-"$python" - "$out" "$mode" "${target:-none}" "$nproc" "$threads" "$workers" <<'PY'
+"$python" - "$out" "$mode" "${target:-none}" "$nproc" "$threads" "$workers" "$repeats" <<'PY'
 import json, os, sys
-out, mode, target, nproc, threads, workers = sys.argv[1:7]
+out, mode, target, nproc, threads, workers, repeats = sys.argv[1:8]
+repeats = range(1, int(repeats) + 1)
 phases = ("data", "forward", "backward", "communication", "optimizer")
-official = [json.loads(l) for l in open(os.path.join(out, "official.jsonl"))]
-off = official[-1]
-assert off.get("event") == "summary", "official_job.py wrote no summary"
+
+
+def official_summary(r):
+    rows = [json.loads(l) for l in open(os.path.join(out, f"official-{r}.jsonl"))]
+    assert rows and rows[-1].get("event") == "summary", f"official_job.py run {r}: no summary"
+    return rows[-1]
+
+
+def ours_rows(r):
+    return [json.loads(l) for l in open(os.path.join(out, f"ours-{r}", "metrics.jsonl"))]
+
+
+def pool(parts):
+    """[(steps, images per step, images/s, step_ms)] -> (images/s, step-weighted ms)."""
+    steps = sum(k for k, _, _, _ in parts)
+    seconds = sum(k * b / ips for k, b, ips, _ in parts)
+    keys = set.intersection(*(set(ms) for _, _, _, ms in parts))
+    ms = {p: sum(k * m[p] for k, _, _, m in parts) / steps for p in keys}
+    return sum(k * b for k, b, _, _ in parts) / seconds, ms
+
 
 def row(name, ips, ms):
-    cells = [f"{ips:>9.1f}" if ips is not None else f"{'-':>9}"]
+    cells = [f"{ips:>9.1f}"]
     for p in phases + ("other",):
-        v = ms.get(p) if ms else None
-        cells.append(f"{v:>9.1f}" if v is not None else f"{'-':>9}")
-    bc = (ms["backward"] + ms["communication"]) if ms and "backward" in ms else None
+        cells.append(f"{ms[p]:>9.1f}" if p in ms else f"{'-':>9}")
+    bc = ms["backward"] + ms["communication"] if "backward" in ms else None
     cells.append(f"{bc:>9.1f}" if bc is not None else f"{'-':>9}")
-    tot = ms.get("total") if ms else None
-    cells.append(f"{tot:>9.1f}" if tot is not None else f"{'-':>9}")
+    cells.append(f"{ms['total']:>9.1f}")
     print(f"{name:<34}" + " ".join(cells))
 
-header = (f"{'':<34}{'img/s':>9} " + " ".join(f"{p[:9]:>9}" for p in phases + ("other",))
-          + f" {'bwd+comm':>9} {'step ms':>9}")
 
+offs = [official_summary(r) for r in repeats]
+off = offs[0]
 if target != "none":
     target = float(target)
-    rows = [json.loads(l) for l in open(os.path.join(out, "ours", "metrics.jsonl"))]
-    ours_knn = [(r["train_seconds"], r["knn_top1"]) for r in rows if "knn_top1" in r]
+    ours_knn = [(w["train_seconds"], w["knn_top1"]) for w in ours_rows(1) if "knn_top1" in w]
     off_knn = [(p["train_seconds"], p["knn_top1"]) for p in off["knn"]]
     print(f"kNN top-1 by training time (target {target:.2%}):")
     for name, curve in (("ours", ours_knn), ("official", off_knn)):
@@ -236,7 +262,7 @@ if target != "none":
     fmt = lambda t: f"{t:.1f} s" if t is not None else "not reached"
     print(f"seconds to {target:.2%}: ours {fmt(t_ours)}, official {fmt(t_off)}"
           + (f", official / ours = {t_off / t_ours:.2f}x" if t_ours and t_off else ""))
-    summary = json.load(open(os.path.join(out, "ours", "summary.json")))
+    summary = json.load(open(os.path.join(out, "ours-1", "summary.json")))
     print(f"final kNN top-1: ours {summary['knn_top1']:.2%} after {summary['epochs_completed']}"
           f" epochs; official {off['knn_top1']:.2%} after {off['epochs']:.2f} epochs")
     print(json.dumps({"target": target, "ours_seconds_to_target": t_ours,
@@ -244,36 +270,48 @@ if target != "none":
                       "official_knn": off_knn}))
     sys.exit(0)
 
+batch = off["global_batch"]
 if mode == "synthetic":
-    o = json.load(open(os.path.join(out, "ours-synthetic.json")))
-    ours = {"images_per_s": o["images_per_s"], "step_ms": {"total": o["step_ms"]}}
+    runs = [json.load(open(os.path.join(out, f"ours-synthetic-{r}.json"))) for r in repeats]
+    ours_parts = [(o["steps"], batch, o["images_per_s"], {"total": o["step_ms"]}) for o in runs]
+    ours_each = [o["images_per_s"] for o in runs]
     label = "ours (trainer_bench, 1 process)"
 else:
-    rows = [json.loads(l) for l in open(os.path.join(out, "ours", "metrics.jsonl"))]
-    every = [w for w in rows if "images_per_s" in w]
-    windows = every[1:]  # the first is the warm-up
-    n = [w["step"] - p["step"] for w, p in zip(windows, every)]  # steps per window
-    batch = off["global_batch"]
-    total_steps = sum(n)
-    secs = [k * batch / w["images_per_s"] for k, w in zip(n, windows)]
-    ms = {p: sum(k * w["step_ms"][p] for k, w in zip(n, windows)) / total_steps for p in phases}
-    ms["total"] = sum(ms.values())
-    ours = {"images_per_s": total_steps * batch / sum(secs), "step_ms": ms}
+    ours_parts, ours_each = [], []
+    for r in repeats:
+        every = [w for w in ours_rows(r) if "images_per_s" in w]
+        windows = every[1:]  # the first is the warm-up
+        parts = []
+        for w, before in zip(windows, every):
+            ms = dict(w["step_ms"])
+            ms["total"] = sum(ms[p] for p in phases)
+            parts.append((w["step"] - before["step"], batch, w["images_per_s"], ms))
+        ours_each.append(pool(parts)[0])
+        ours_parts += parts
     label = f"ours (momentum-worker, {nproc} ranks)"
-print(header)
-row(label, ours["images_per_s"], ours["step_ms"])
+ours_ips, ours_ms = pool(ours_parts)
+off_ips, off_ms = pool([(o["steps"], batch, o["images_per_s"], o["step_ms"]) for o in offs])
+print(f"{'':<34}{'img/s':>9} " + " ".join(f"{p[:9]:>9}" for p in phases + ("other",))
+      + f" {'bwd+comm':>9} {'step ms':>9}")
+row(label, ours_ips, ours_ms)
 row(f"official (official_job.py, {off['ranks']} rank{'s' if off['ranks'] > 1 else ''})",
-    off["images_per_s"], off["step_ms"])
-ratio = ours["images_per_s"] / off["images_per_s"]
-per_phase = {p: ours["step_ms"][p] / off["step_ms"][p]
-             for p in phases if p in ours["step_ms"] and off["step_ms"].get(p)}
+    off_ips, off_ms)
+ratio = ours_ips / off_ips
+per_phase = {p: ours_ms[p] / off_ms[p] for p in phases if p in ours_ms and off_ms.get(p)}
 print(f"ratio ours / official: images/s {ratio:.2f}x"
       + ("; step ms per phase " + ", ".join(f"{p} {r:.2f}" for p, r in per_phase.items())
          if per_phase else ""))
-print(f"({off['steps']} timed steps after {off['warmup']} warm-up, global batch "
-      f"{off['global_batch']}, {off['ranks']} x {threads} threads"
+if len(repeats) > 1:
+    print("images/s per repeat: ours " + " ".join(f"{v:.1f}" for v in ours_each)
+          + "; official " + " ".join(f"{o['images_per_s']:.1f}" for o in offs))
+print(f"({off['steps']} timed steps after {off['warmup']} warm-up, x {len(repeats)} runs in"
+      f" turn, global batch {batch}, {off['ranks']} x {threads} threads"
       + (f", {workers} loader workers per rank)" if mode == "real" else ")"))
-print(json.dumps({"mode": mode, "ours": ours, "official": {k: off[k] for k in (
-    "images_per_s", "step_ms", "ranks", "threads", "workers", "torch")},
-    "ratio_images_per_s": ratio}))
+print(json.dumps({"mode": mode, "repeats": len(repeats),
+                  "ours": {"images_per_s": ours_ips, "step_ms": ours_ms, "each": ours_each},
+                  "official": {"images_per_s": off_ips, "step_ms": off_ms,
+                               "each": [o["images_per_s"] for o in offs], "ranks": off["ranks"],
+                               "threads": off["threads"], "workers": off["workers"],
+                               "torch": off["torch"]},
+                  "ratio_images_per_s": ratio}))
 PY
