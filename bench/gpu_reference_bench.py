@@ -3,9 +3,9 @@
 
 The baseline our C++ trainer is compared with on the same machine: MoCo v2 as
 its users run it with the official code (facebookresearch/moco, builder.py and
-main_moco.py), rewritten here from its semantics:
+main_moco.py), rewritten from its semantics in bench/official_moco.py:
 
-  * MoCo module (class MoCo below, = builder.MoCo): torchvision's
+  * MoCo module (official_moco.MoCo, = builder.MoCo): torchvision's
     resnet50(num_classes=dim) as query and key encoder, v2's MLP head
     fc = Sequential(Linear(2048, 2048), ReLU, fc); the key encoder a copy with
     requires_grad False; per step, queries first, then (no grad) the momentum
@@ -79,194 +79,32 @@ import contextlib
 import json
 import os
 import random
-import socket
 import sys
 import time
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# The official code itself lives in bench/official_moco.py, shared with
+# bench/official_job.py; these names are this script's interface too
+# (tests/reference/official_moco_check.py uses them).
+from official_moco import (  # noqa: E402,F401
+    IMAGENET_MEAN, IMAGENET_STD, MoCo, GaussianBlur, TwoCropsTransform, accuracy, build_model,
+    concat_all_gather, free_port, init_single_process_group, make_optimizer,
+    moco_v2_augmentation, wrap_ddp)
+import official_moco  # noqa: E402
+
 PREFETCH_FACTOR = 2  # DataLoader's default: batches in flight per worker
 
 
 def require_torchvision():
     """Returns the torchvision module, or exits with a clear message."""
-    try:
-        import torchvision
-    except ImportError as e:
-        sys.exit(f"gpu_reference_bench: torchvision is required (the official MoCo code "
-                 f"uses its resnet50, transforms and ImageFolder) but cannot be imported: "
-                 f"{e}. Install the torchvision that matches torch {torch.__version__}.")
-    return torchvision
-
-
-# ---------------------------------------------------------------- the MoCo module
-
-@torch.no_grad()
-def concat_all_gather(tensor):
-    """all_gather of `tensor` from every rank, concatenated along dim 0 (no gradient)."""
-    gathered = [torch.ones_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, tensor, async_op=False)
-    return torch.cat(gathered, dim=0)
-
-
-class MoCo(nn.Module):
-    """MoCo with a query encoder, a momentum key encoder and a queue (builder.py).
-
-    base_encoder(num_classes=dim) makes one encoder (torchvision's resnet50 for
-    the official code); mlp=True replaces its fc by the v2 projection head.
-    Needs an initialised torch.distributed group (any size).
-    """
-
-    def __init__(self, base_encoder, dim=128, K=65536, m=0.999, T=0.2, mlp=True):
-        super().__init__()
-        self.K = K
-        self.m = m
-        self.T = T
-        self.encoder_q = base_encoder(num_classes=dim)
-        self.encoder_k = base_encoder(num_classes=dim)
-        if mlp:
-            feat = self.encoder_q.fc.weight.shape[1]
-            self.encoder_q.fc = nn.Sequential(nn.Linear(feat, feat), nn.ReLU(),
-                                              self.encoder_q.fc)
-            self.encoder_k.fc = nn.Sequential(nn.Linear(feat, feat), nn.ReLU(),
-                                              self.encoder_k.fc)
-        for param_q, param_k in zip(self.encoder_q.parameters(),
-                                    self.encoder_k.parameters()):
-            param_k.data.copy_(param_q.data)
-            param_k.requires_grad = False
-        self.register_buffer("queue", F.normalize(torch.randn(dim, K), dim=0))
-        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
-
-    @torch.no_grad()
-    def _momentum_update_key_encoder(self):
-        for param_q, param_k in zip(self.encoder_q.parameters(),
-                                    self.encoder_k.parameters()):
-            param_k.data = param_k.data * self.m + param_q.data * (1.0 - self.m)
-
-    @torch.no_grad()
-    def _dequeue_and_enqueue(self, keys):
-        keys = concat_all_gather(keys)
-        batch_size = keys.shape[0]
-        ptr = int(self.queue_ptr)  # a host synchronisation, as in the official code
-        assert self.K % batch_size == 0, "K must be a multiple of the global batch"
-        self.queue[:, ptr:ptr + batch_size] = keys.T
-        self.queue_ptr[0] = (ptr + batch_size) % self.K
-
-    @torch.no_grad()
-    def _batch_shuffle_ddp(self, x):
-        """Gathers the key batch, shuffles it with rank 0's permutation, returns this
-        rank's slice and the index that undoes the shuffle."""
-        batch_size_this = x.shape[0]
-        x_gather = concat_all_gather(x)
-        batch_size_all = x_gather.shape[0]
-        num_ranks = batch_size_all // batch_size_this
-        idx_shuffle = torch.randperm(batch_size_all).to(x.device)
-        dist.broadcast(idx_shuffle, src=0)
-        idx_unshuffle = torch.argsort(idx_shuffle)
-        idx_this = idx_shuffle.view(num_ranks, -1)[dist.get_rank()]
-        return x_gather[idx_this], idx_unshuffle
-
-    @torch.no_grad()
-    def _batch_unshuffle_ddp(self, x, idx_unshuffle):
-        batch_size_this = x.shape[0]
-        x_gather = concat_all_gather(x)
-        num_ranks = x_gather.shape[0] // batch_size_this
-        idx_this = idx_unshuffle.view(num_ranks, -1)[dist.get_rank()]
-        return x_gather[idx_this]
-
-    def forward(self, im_q, im_k):
-        """Returns (logits [N, 1+K], labels [N] of zeros); enqueues this step's keys."""
-        q = F.normalize(self.encoder_q(im_q), dim=1)
-        with torch.no_grad():
-            self._momentum_update_key_encoder()
-            im_k, idx_unshuffle = self._batch_shuffle_ddp(im_k)
-            k = F.normalize(self.encoder_k(im_k), dim=1)
-            k = self._batch_unshuffle_ddp(k, idx_unshuffle)
-        l_pos = torch.einsum("nc,nc->n", [q, k]).unsqueeze(-1)
-        l_neg = torch.einsum("nc,ck->nk", [q, self.queue.clone().detach()])
-        logits = torch.cat([l_pos, l_neg], dim=1) / self.T
-        labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
-        self._dequeue_and_enqueue(k)
-        return logits, labels
-
-
-# ---------------------------------------------------------------- process group
-
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_single_process_group(device_type):
-    """A torch.distributed group of one process (nccl on cuda, gloo on cpu)."""
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(free_port())
-    backend = "nccl" if device_type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend, init_method="env://", rank=0, world_size=1)
-    return backend
-
-
-def wrap_ddp(model, device, what="model"):
-    """DistributedDataParallel as main_moco.py does it: around the whole MoCo module
-    (what="model"), or around the query encoder alone (what="query")."""
-    ids = [device.index if device.index is not None else 0] if device.type == "cuda" else None
-    if what == "query":
-        model.encoder_q = nn.parallel.DistributedDataParallel(model.encoder_q, device_ids=ids)
-        return model
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
-
-
-def build_model(arch, dim, K, m, T, mlp=True):
-    models = require_torchvision().models
-    return MoCo(getattr(models, arch), dim=dim, K=K, m=m, T=T, mlp=mlp)
-
-
-def make_optimizer(model, lr):
-    return torch.optim.SGD(model.parameters(), lr, momentum=0.9, weight_decay=1e-4)
+    return official_moco.require_torchvision("gpu_reference_bench")
 
 
 # ---------------------------------------------------------------- data
-
-class GaussianBlur:
-    """PIL Gaussian blur with sigma drawn from [sigma_min, sigma_max] (the official
-    moco.loader.GaussianBlur)."""
-
-    def __init__(self, sigma=(0.1, 2.0)):
-        self.sigma = sigma
-
-    def __call__(self, img):
-        from PIL import ImageFilter
-        return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.sigma)))
-
-
-class TwoCropsTransform:
-    """Two independent augmentations of one image: [query view, key view]."""
-
-    def __init__(self, base_transform):
-        self.base_transform = base_transform
-
-    def __call__(self, x):
-        return [self.base_transform(x), self.base_transform(x)]
-
-
-def moco_v2_augmentation(image_size):
-    T = require_torchvision().transforms
-    return T.Compose([
-        T.RandomResizedCrop(image_size, scale=(0.2, 1.0)),
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        T.RandomGrayscale(p=0.2),
-        T.RandomApply([GaussianBlur([0.1, 2.0])], p=0.5),
-        T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        T.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
-    ])
-
 
 def real_batches(args, device, state):
     """Yields (im_q, im_k) on the device from an ImageFolder, epoch after epoch.
@@ -319,16 +157,6 @@ def synthetic_batches(args, device):
 
 
 # ---------------------------------------------------------------- the benchmark
-
-def accuracy(output, target, topk=(1,)):
-    """Top-k accuracies in percent (the official train loop's meter)."""
-    with torch.no_grad():
-        maxk = max(topk)
-        _, pred = output.topk(maxk, 1, True, True)
-        correct = pred.t().eq(target.view(1, -1).expand_as(pred.t()))
-        return [correct[:k].reshape(-1).float().sum(0) * (100.0 / target.shape[0])
-                for k in topk]
-
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
