@@ -15,7 +15,7 @@
 #   bench/job_bench.sh [--mode real|synthetic] [--nproc N] [--threads T]
 #                      [--workers W] [--width W] [--steps S] [--warmup W]
 #                      [--config FILE] [--set FIELD=VALUE]... [--repeats R]
-#                      [--out DIR]
+#                      [--precision fp32|bf16] [--out DIR]
 #   bench/job_bench.sh --time-to-accuracy TARGET --budget SECONDS
 #                      [--eval-every-epochs E] [...]
 #
@@ -48,6 +48,10 @@
 # epoch ends only, so both use the same cadence) and at the end; prints the
 # kNN curve of each and the first training time at which top-1 >= TARGET.
 #
+# --precision bf16: ours with resources.precision bf16 (convolutions and
+# matrix products autocast to bfloat16); the official side stays float32, as
+# the official code has no such option and its users run it so.
+#
 # --set FIELD=VALUE (repeatable) applies to both sides (e.g.
 # --set eval.max_train=10000 for a shorter kNN). Every output goes under
 # --out DIR (default a temporary folder, removed at the end).
@@ -57,7 +61,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=real nproc=2 threads=1 workers=1 width=16 steps=40 warmup=10
-config=examples/fashion-mnist.yaml target="" budget=600 eval_every=1 out="" repeats=1
+precision=fp32 config=examples/fashion-mnist.yaml target="" budget=600 eval_every=1 out="" repeats=1
 sets=()
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
@@ -76,10 +80,15 @@ while [ $# -gt 0 ]; do
     --eval-every-epochs) eval_every=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
     --repeats) repeats=$2; shift 2 ;;
+    --precision) precision=$2; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) echo "bench/job_bench.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
+case $precision in
+  fp32|bf16) ;;
+  *) echo "bench/job_bench.sh: --precision must be fp32 or bf16, got $precision" >&2; exit 2 ;;
+esac
 case $mode in
   real|synthetic) ;;
   *) echo "bench/job_bench.sh: --mode real or synthetic" >&2; exit 2 ;;
@@ -114,7 +123,7 @@ else
   shape="$nproc ranks, $threads threads and $workers loader workers per rank"
 fi
 echo "== torch $("$python" -c 'import torch; print(torch.__version__)'), spec $config," \
-  "mode ${target:+time-to-accuracy, }$mode, $shape"
+  "mode ${target:+time-to-accuracy, }$mode, $shape, ours in $precision, official in fp32"
 
 # The fields both sides read, the same on both (--set applies to both).
 common=(--set model.width="$width")
@@ -170,6 +179,7 @@ run_ours() {  # repeat: the worker, real data
   "$worker" --nproc "$nproc" --config "$config" "${common[@]}" "${ours_run[@]}" \
     ${ours_bn[@]+"${ours_bn[@]}"} --set output_dir="$out/ours-$1" \
     --set resources.threads="$threads" --set data.loader_threads="$workers" \
+    --set resources.precision="$precision" \
     --set checkpoint.every_epochs=0 --set checkpoint.resume=false \
     > "$out/ours-$1.log" 2>&1 ||
     { echo "bench/job_bench.sh: momentum-worker failed:"
@@ -204,6 +214,7 @@ fi
 for r in $(seq "$repeats"); do
   if [ "$mode" = synthetic ]; then
     "$trainer_bench" "${tb[@]}" --mode synthetic --threads "$threads" --steps "$steps" \
+      --precision "$precision" \
       --warmup "$warmup" > "$out/ours-synthetic-$r.json"
     run_official "$r" 1
   else
@@ -314,4 +325,15 @@ print(json.dumps({"mode": mode, "repeats": len(repeats),
                                "threads": off["threads"], "workers": off["workers"],
                                "torch": off["torch"]},
                   "ratio_images_per_s": ratio}))
+json.dump({"ours": ours_ips, "official": off_ips}, open(os.path.join(out, "rates.json"), "w"))
 PY
+# How near each side is to what these cores can compute (bench/roofline.py).
+if [ -z "$target" ]; then
+  [ "$mode" = synthetic ] && cores=$threads || cores=$((nproc * threads))
+  rate() { "$python" -c 'import json, sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' \
+    "$out/rates.json" "$1"; }
+  "$python" bench/roofline.py --spec-json "$out/official-spec.json" --cores "$cores" \
+    --images-per-s "$(rate ours)" --precision "$precision" --label ours | head -1
+  "$python" bench/roofline.py --spec-json "$out/official-spec.json" --cores "$cores" \
+    --images-per-s "$(rate official)" --precision fp32 --label official | head -1
+fi
