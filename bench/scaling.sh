@@ -5,7 +5,8 @@
 #      network namespace: the ranks talk over loopback
 #   C  1 rank,  2 threads, batch 2B
 #   D  as B, but each rank in its own network namespace ("two hosts")
-#   D' as D with a netem qdisc on the link (--netem, when tc has netem)
+#   D' as D with a tc qdisc on the link (--qdisc, by default netem), when
+#      tc and the qdisc are available
 # on Fashion-MNIST with the demo's model (examples/fashion-mnist.yaml), each
 # run by the real momentum-worker for a fixed number of steps. Reports
 #   scaling efficiency  = img/s(B) / (2 * img/s(A))      (target >= 0.9)
@@ -27,27 +28,29 @@
 # all-gathers and permutation broadcast of shuffled BN, the queue's gathers
 # and the gradient all-reduces then cross the kernel's network stack
 # (TCP over the veth pair) instead of loopback. For D' both ends of the
-# link get `tc qdisc ... netem NETEM` (default "delay 0.2ms rate 10gbit",
-# so 0.4 ms round trip) for D' and lose it again before the next D. Both
+# link get `tc qdisc add dev VETH root QDISC` (default "netem delay 0.2ms
+# rate 10gbit": 0.4 ms round trip, 10 Gbit/s each way; "tbf rate 1gbit
+# burst 64kb latency 1ms" where the kernel has no netem) and lose it again
+# before the next D. Both
 # namespaces (and with them the veth pair) are deleted on every exit,
 # failure and Ctrl-C included. D needs root and `ip netns`; without them it
-# is skipped with a note, and without tc's netem D' is.
+# is skipped with a note, and without tc or the qdisc D' is.
 #
 #   bench/scaling.sh [--batch B] [--steps N] [--repeats R] [--worker PATH]
-#                    [--netem "QDISC ARGS" | --netem none] [--no-hosts]
+#                    [--qdisc "KIND ARGS" | --qdisc none] [--no-hosts]
 # --worker runs that momentum-worker binary and skips the setup and build
 # (the ctest passes the build's worker); --no-hosts skips D and D'.
 # Run it on an otherwise idle machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-batch=128 steps=60 repeats=2 worker="" netem="delay 0.2ms rate 10gbit" hosts=1
+batch=128 steps=60 repeats=2 worker="" qdisc="netem delay 0.2ms rate 10gbit" hosts=1
 while [ $# -gt 0 ]; do
   case $1 in
     --batch) batch=$2; shift 2 ;;
     --steps) steps=$2; shift 2 ;;
     --repeats) repeats=$2; shift 2 ;;
     --worker) worker=$2; shift 2 ;;
-    --netem) netem=$2; shift 2 ;;
+    --qdisc) qdisc=$2; shift 2 ;;
     --no-hosts) hosts=0; shift ;;
     *) echo "bench/scaling.sh: unknown option $1" >&2; exit 2 ;;
   esac
@@ -111,22 +114,22 @@ hosts_up() {
     echo "${addr[1]} cannot reach ${addr[0]}: $err"; return 1
   fi
 }
-# Prints why not and returns 1 when netem cannot shape the link.
-netem_works() {
+# Prints why not and returns 1 when the qdisc cannot shape the link.
+qdisc_works() {
   local err
-  if [ "$netem" = none ]; then echo "--netem none"; return 1; fi
+  if [ "$qdisc" = none ]; then echo "--qdisc none"; return 1; fi
   if ! command -v tc >/dev/null; then echo "no tc"; return 1; fi
-  if ! err=$(set_netem add 2>&1); then
-    echo "tc qdisc add ... netem $netem failed: $err"; set_netem del; return 1
+  if ! err=$(set_qdisc add 2>&1); then
+    echo "tc qdisc add ... root $qdisc failed: $err"; set_qdisc del; return 1
   fi
-  set_netem del
+  set_qdisc del
 }
-set_netem() {  # add | del
+set_qdisc() {  # add | del
   local i
   for i in 0 1; do
     # shellcheck disable=SC2086 # the qdisc's arguments are words
     if [ "$1" = add ]; then
-      ip netns exec "${ns[i]}" tc qdisc add dev "${veth[i]}" root netem $netem || return 1
+      ip netns exec "${ns[i]}" tc qdisc add dev "${veth[i]}" root $qdisc || return 1
     else
       ip netns exec "${ns[i]}" tc qdisc del dev "${veth[i]}" root 2>/dev/null || true
     fi
@@ -141,11 +144,11 @@ elif ! skipped_d=$(hosts_up); then
 else
   skipped_d=""
   names+="D"
-  if skipped_dn=$(netem_works); then skipped_dn=""; names+="E"; fi
+  if skipped_dn=$(qdisc_works); then skipped_dn=""; names+="E"; fi
 fi
 [ -n "$skipped_d" ] && echo "bench/scaling.sh: D (two hosts) skipped: $skipped_d"
 [ -z "$skipped_d" ] && [ -n "$skipped_dn" ] &&
-  echo "bench/scaling.sh: D' (two hosts, netem) skipped: $skipped_dn"
+  echo "bench/scaling.sh: D' (two hosts, tc qdisc on the link) skipped: $skipped_dn"
 
 every=$((steps / 6)); [ "$every" -ge 1 ] || every=1
 spec=(--config examples/fashion-mnist.yaml)
@@ -201,14 +204,14 @@ for r in $(seq "$repeats"); do
   run C 1 2 $((2 * batch)) "$r"
   if [[ $names == *D* ]]; then run_hosts D "$r"; fi
   if [[ $names == *E* ]]; then
-    set_netem add
+    set_qdisc add
     run_hosts E "$r"
-    set_netem del
+    set_qdisc del
   fi
 done
-/usr/bin/python3 - "$out" "$repeats" "$batch" "$names" "$netem" "$skipped_d" "$skipped_dn" <<'PY'
+/usr/bin/python3 - "$out" "$repeats" "$batch" "$names" "$qdisc" "$skipped_d" "$skipped_dn" <<'PY'
 import json, os, sys
-out, repeats, batch, names, netem, skipped_d, skipped_dn = sys.argv[1:]
+out, repeats, batch, names, qdisc, skipped_d, skipped_dn = sys.argv[1:]
 repeats, batch = int(repeats), int(batch)
 DN = "D'"
 phases = ("data", "forward", "backward", "communication", "optimizer")
@@ -229,7 +232,7 @@ labels = {"A": f"1 rank x 1 thread, batch {batch}",
           "B": f"2 ranks x 1 thread, batch {batch} per rank",
           "C": f"1 rank x 2 threads, batch {2 * batch}",
           "D": "as B, one rank per netns (veth)",
-          "D'": f"as D, netem {netem}"}
+          "D'": f"as D, {qdisc.split()[0]} on the link"}
 print(f"{'run':<44} {'img/s':>8}  step ms: " + " ".join(f"{p:>13}" for p in phases))
 for name in res:
     r = res[name]
@@ -254,10 +257,10 @@ if "D" in res:
 else:
     print(f"D (two hosts) skipped: {skipped_d}")
 if "D'" in res:
-    print(f"with netem ({netem}) D' / D = {ratio(DN, 'D'):.3f}")
+    print(f"with {qdisc} D' / D = {ratio(DN, 'D'):.3f}")
     print(f"communication share of D' step = {100 * share(DN):.1f}%")
 elif "D" in res:
-    print(f"D' (netem) skipped: {skipped_dn}")
+    print(f"D' ({qdisc}) skipped: {skipped_dn}")
 skipped = {}
 if "D" not in res:
     skipped = {"D": skipped_d, DN: skipped_d}
@@ -268,9 +271,9 @@ print(json.dumps({
     "communication_share": share("B"),
     "two_hosts_vs_one_host": ratio("D", "B"),
     "communication_share_two_hosts": share("D") if "D" in res else None,
-    "netem": netem if "D'" in res else None,
-    "netem_vs_two_hosts": ratio("D'", "D"),
-    "communication_share_netem": share("D'") if "D'" in res else None,
+    "qdisc": qdisc if DN in res else None,
+    "qdisc_vs_two_hosts": ratio(DN, "D"),
+    "communication_share_qdisc": share(DN) if DN in res else None,
     "skipped": skipped,
     "runs": res}))
 PY

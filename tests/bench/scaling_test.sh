@@ -40,7 +40,7 @@ check_left() {  # PID
 
 mkdir -p "$work/tmp"
 TMPDIR=$work/tmp "$src/bench/scaling.sh" --worker "$worker" --batch 16 \
-  --steps 12 --repeats 1 --netem none > "$work/out.txt" 2>&1 &
+  --steps 12 --repeats 1 --qdisc none > "$work/out.txt" 2>&1 &
 bench_pid=$!
 status=0
 wait "$bench_pid" || status=$?
@@ -74,7 +74,7 @@ PY
 
 # Stopped while it trains: the trap still removes the namespaces.
 TMPDIR=$work/tmp "$src/bench/scaling.sh" --worker "$worker" --batch 16 \
-  --steps 12 --repeats 1 --netem none > "$work/stopped.txt" 2>&1 &
+  --steps 12 --repeats 1 --qdisc none > "$work/stopped.txt" 2>&1 &
 bench_pid=$!
 for _ in $(seq 100); do
   ip netns list | grep -q "^momentum-scaling-b-$bench_pid\b" && break
