@@ -31,10 +31,12 @@
 # link get `tc qdisc add dev VETH root QDISC` (default "netem delay 0.2ms
 # rate 10gbit": 0.4 ms round trip, 10 Gbit/s each way; "tbf rate 1gbit
 # burst 64kb latency 1ms" where the kernel has no netem) and lose it again
-# before the next D. Both
-# namespaces (and with them the veth pair) are deleted on every exit,
-# failure and Ctrl-C included. D needs root and `ip netns`; without them it
-# is skipped with a note, and without tc or the qdisc D' is.
+# before the next D. Both ranks still share this machine's cores and the
+# veth pair has no wire: D adds the network stack's cost, not a real NIC's
+# bandwidth or latency (D' models those). Both namespaces (and with them the
+# veth pair) are deleted on every exit, failure and Ctrl-C included. D needs
+# root and `ip netns`; without them it is skipped with a note, and without
+# tc or the qdisc D' is.
 #
 #   bench/scaling.sh [--batch B] [--steps N] [--repeats R] [--worker PATH]
 #                    [--qdisc "KIND ARGS" | --qdisc none] [--no-hosts]
