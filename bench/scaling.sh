@@ -160,7 +160,9 @@ common() {  # output_dir threads global_batch
     --set optim.steps="$steps" --set logging.every_steps="$every" \
     --set eval.every_epochs=0 --set eval.max_train=2000 \
     --set eval.max_test=500 --set checkpoint.every_epochs=0 \
-    --set moco.bn=shuffle
+    --set moco.bn=shuffle --set resources.timeout_s=60
+  # (A hung collective fails the run in a minute, and the trap still removes
+  # the namespaces, before a caller's own timeout could kill this script.)
 }
 run() {  # name nproc threads global_batch repeat
   local dir=$out/$1-$5 args
