@@ -32,7 +32,6 @@ usage: .venv/bin/python tests/reference/official_job_check.py
 
 import copy
 import math
-import multiprocessing
 import os
 import sys
 import traceback
@@ -49,7 +48,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "..", "bench"))
 import moco_ref  # noqa: E402
 import official_job  # noqa: E402
 import official_moco  # noqa: E402
-from official_moco_check import peek_randperm, rel_err  # noqa: E402
+from official_moco_check import peek_randperm, rel_err, run_ranks  # noqa: E402
 
 RTOL = 1e-10
 WORLD, BATCH, SIZE, STEPS = 2, 8, 16, 3
@@ -224,30 +223,7 @@ def _rank(rank, port, results):
 
 
 def check_two_ranks():
-    ctx = multiprocessing.get_context("spawn")
-    results = ctx.Queue()
-    port = official_moco.free_port()
-    procs = [ctx.Process(target=_rank, args=(r, port, results)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    failures, seen = [], set()
-    for _ in range(WORLD):
-        try:
-            rank, fails = results.get(timeout=120)
-        except Exception:  # noqa: BLE001
-            failures.append("[2 ranks] no result within 120 s")
-            break
-        seen.add(rank)
-        failures += fails
-    for p in procs:
-        p.join(timeout=30)
-        if p.is_alive():
-            p.terminate()
-            p.join()
-    if len(seen) != WORLD:
-        failures.append(f"[2 ranks] results from ranks {sorted(seen)} only; exit codes "
-                        f"{[p.exitcode for p in procs]}")
-    return failures
+    return run_ranks(_rank, (official_moco.free_port(),), WORLD, 120)
 
 
 def main():

@@ -217,21 +217,21 @@ def _two_rank_worker(rank, world, port, seed, results):
     results.put((rank, failures))
 
 
-def check_two_ranks(seed=2):
-    world = 2
+def run_ranks(target, args, world, timeout):
+    """Runs target(rank, *args, results) in `world` spawned processes, each of
+    which puts (rank, [failure, ...]) on `results`; returns all failures, and
+    one for every rank that reported nothing within `timeout` seconds."""
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
-    port = official.free_port()
-    procs = [ctx.Process(target=_two_rank_worker, args=(r, world, port, seed, results))
-             for r in range(world)]
+    procs = [ctx.Process(target=target, args=(r, *args, results)) for r in range(world)]
     for p in procs:
         p.start()
     failures, seen = [], set()
     for _ in range(world):
         try:
-            rank, fails = results.get(timeout=300)
+            rank, fails = results.get(timeout=timeout)
         except Exception:  # noqa: BLE001
-            failures.append("[2 ranks] no result within 300 s")
+            failures.append(f"[{world} ranks] no result within {timeout} s")
             break
         seen.add(rank)
         failures += fails
@@ -241,9 +241,14 @@ def check_two_ranks(seed=2):
             p.terminate()
             p.join()
     if len(seen) != world:
-        failures.append(f"[2 ranks] results from ranks {sorted(seen)} only; exit codes "
+        failures.append(f"[{world} ranks] results from ranks {sorted(seen)} only; exit codes "
                         f"{[p.exitcode for p in procs]}")
     return failures
+
+
+def check_two_ranks(seed=2):
+    world = 2
+    return run_ranks(_two_rank_worker, (world, official.free_port(), seed), world, 300)
 
 
 def main():
