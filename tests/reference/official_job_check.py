@@ -48,7 +48,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "..", "bench"))
 import moco_ref  # noqa: E402
 import official_job  # noqa: E402
 import official_moco  # noqa: E402
-from official_moco_check import peek_randperm, rel_err, run_ranks  # noqa: E402
+from official_moco_check import peek_randperm, rel_err, report, run_ranks  # noqa: E402
 
 RTOL = 1e-10
 WORLD, BATCH, SIZE, STEPS = 2, 8, 16, 3
@@ -234,12 +234,7 @@ def main():
                         ("two ranks (gloo): steps and kNN", check_two_ranks())):
         print(f"{name}: {'ok' if not fails else f'{len(fails)} mismatches'}")
         failures += fails
-    for f in failures[:40]:
-        print("  " + f)
-    if len(failures) > 40:
-        print(f"  ... and {len(failures) - 40} more")
-    print("PASS" if not failures else "FAIL")
-    return 0 if not failures else 1
+    return report(failures)
 
 
 if __name__ == "__main__":

@@ -246,6 +246,16 @@ def run_ranks(target, args, world, timeout):
     return failures
 
 
+def report(failures):
+    """Prints the first 40 failures and PASS or FAIL; the exit status."""
+    for f in failures[:40]:
+        print("  " + f)
+    if len(failures) > 40:
+        print(f"  ... and {len(failures) - 40} more")
+    print("PASS" if not failures else "FAIL")
+    return 0 if not failures else 1
+
+
 def check_two_ranks(seed=2):
     world = 2
     return run_ranks(_two_rank_worker, (world, official.free_port(), seed), world, 300)
@@ -267,12 +277,7 @@ def main():
     fails = check_two_ranks()
     print(f"two ranks (gloo): {'ok' if not fails else f'{len(fails)} mismatches'}")
     failures += fails
-    for f in failures[:40]:
-        print("  " + f)
-    if len(failures) > 40:
-        print(f"  ... and {len(failures) - 40} more")
-    print("PASS" if not failures else "FAIL")
-    return 0 if not failures else 1
+    return report(failures)
 
 
 if __name__ == "__main__":
