@@ -48,7 +48,8 @@ sys.path.insert(0, os.path.join(HERE, "..", "..", "bench"))
 import moco_ref  # noqa: E402
 import official_job  # noqa: E402
 import official_moco  # noqa: E402
-from official_moco_check import peek_randperm, rel_err, report, run_ranks  # noqa: E402
+import official_moco_check  # noqa: E402
+from official_moco_check import peek_randperm, report, run_ranks  # noqa: E402
 
 RTOL = 1e-10
 WORLD, BATCH, SIZE, STEPS = 2, 8, 16, 3
@@ -63,15 +64,7 @@ OVERRIDES = [
 
 
 def check_close(what, a, b, failures):
-    if a.shape != b.shape:
-        failures.append(f"{what}: shape {tuple(a.shape)} != {tuple(b.shape)}")
-    elif not a.is_floating_point():
-        if not torch.equal(a, b):
-            failures.append(f"{what}: {a.tolist()} != {b.tolist()}")
-    else:
-        err = rel_err(a, b)
-        if not err <= RTOL:
-            failures.append(f"{what}: relative error {err:.3e} > {RTOL:g}")
+    official_moco_check.check_close(what, a, b, failures, rtol=RTOL)
 
 
 def spec():

@@ -60,7 +60,7 @@ def rel_err(a, b):
     return (a - b).abs().max().item() / max(b.abs().max().item(), 1e-12)
 
 
-def check_close(what, a, b, failures):
+def check_close(what, a, b, failures, rtol=RTOL):
     if a.shape != b.shape:
         failures.append(f"{what}: shape {tuple(a.shape)} != {tuple(b.shape)}")
     elif not a.is_floating_point():
@@ -68,8 +68,8 @@ def check_close(what, a, b, failures):
             failures.append(f"{what}: {a.tolist()} != {b.tolist()}")
     else:
         err = rel_err(a, b)
-        if not err <= RTOL:
-            failures.append(f"{what}: relative error {err:.3e} > {RTOL:g}")
+        if not err <= rtol:
+            failures.append(f"{what}: relative error {err:.3e} > {rtol:g}")
 
 
 def unwrap(module):
