@@ -49,7 +49,7 @@ import moco_ref  # noqa: E402
 import official_job  # noqa: E402
 import official_moco  # noqa: E402
 import official_moco_check  # noqa: E402
-from official_moco_check import peek_randperm, report, run_ranks  # noqa: E402
+from official_moco_check import join_gloo, peek_randperm, report, run_ranks  # noqa: E402
 
 RTOL = 1e-10
 WORLD, BATCH, SIZE, STEPS = 2, 8, 16, 3
@@ -142,10 +142,7 @@ def direct_knn(encoder, train, test, s):
 def _rank(rank, port, results):
     failures = []
     try:
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = str(port)
-        dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=WORLD)
-        torch.set_num_threads(1)
+        join_gloo(rank, WORLD, port)
         s = spec()
         optim = s["optim"]
         torch.manual_seed(3)

@@ -159,13 +159,19 @@ def check_one_rank(wrap, seed=1):
 
 # ---------------------------------------------------------------- two ranks
 
+def join_gloo(rank, world, port):
+    """Makes this spawned process rank `rank` of a Gloo group on 127.0.0.1,
+    with one intra-op thread."""
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+
+
 def _two_rank_worker(rank, world, port, seed, results):
     failures = []
     try:
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = str(port)
-        dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world)
-        torch.set_num_threads(1)
+        join_gloo(rank, world, port)
         moco = build(seed)  # same seed on every rank; DDP broadcasts rank 0's state anyway
         ref = moco_ref.MocoRef(copy.deepcopy(moco.encoder_q), copy.deepcopy(moco.encoder_k),
                                dim=DIM, K=K, m=M, T=T, queue=moco.queue.clone(), queue_ptr=0,
