@@ -50,6 +50,8 @@ int main(int argc, char** argv) {
   app.add_option("--in-channels", o.encoder.in_channels);
   app.add_flag("--small-stem,!--no-small-stem", o.encoder.small_stem);
   app.add_flag("--mlp,!--no-mlp", o.encoder.mlp);
+  app.add_flag("--fused-bn,!--no-fused-bn", o.encoder.fuse_batch_norm,
+               "BatchNorm, add and ReLU as one node (bit for bit the same)");
   app.add_option("--image-size", image_size);
   app.add_option("--batch", batch);
   app.add_option("--queue", o.queue_size);
@@ -214,6 +216,7 @@ int main(int argc, char** argv) {
                    {"data_wait_ms", 1000 * wait_seconds / steps},
                    {"threads", threads},
                    {"concurrent_key", o.concurrent_key},
+                   {"fused_bn", o.encoder.fuse_batch_norm},
                    {"batch", batch},
                    {"width", o.encoder.width},
                    {"arch", o.encoder.arch},

@@ -6,6 +6,8 @@
 
 #include <stdexcept>
 
+#include "worker/fused_batch_norm.h"
+
 namespace momentum::worker {
 namespace {
 
@@ -23,8 +25,9 @@ nn::Conv2d Conv(int64_t in, int64_t out, int64_t kernel, int64_t stride,
 // stride on the 3x3 conv as in torchvision v1.5).
 class BlockImpl : public nn::Module {
  public:
-  BlockImpl(bool bottleneck, int64_t in, int64_t planes, int64_t stride)
-      : bottleneck_(bottleneck) {
+  BlockImpl(bool bottleneck, int64_t in, int64_t planes, int64_t stride,
+            bool fuse)
+      : bottleneck_(bottleneck), fuse_(fuse) {
     const int64_t expansion = bottleneck ? 4 : 1;
     if (bottleneck) {
       conv1_ = register_module("conv1", Conv(in, planes, 1, 1, 0));
@@ -48,19 +51,18 @@ class BlockImpl : public nn::Module {
   }
 
   at::Tensor forward(const at::Tensor& x) {
-    at::Tensor out = bn1_(conv1_(x)).relu_();
+    at::Tensor out = BatchNormAddReLU(*bn1_, conv1_(x), {}, fuse_);
+    const at::Tensor identity = downsample_ ? downsample_->forward(x) : x;
     if (bottleneck_) {
-      out = bn2_(conv2_(out)).relu_();
-      out = bn3_(conv3_(out));
-    } else {
-      out = bn2_(conv2_(out));
+      out = BatchNormAddReLU(*bn2_, conv2_(out), {}, fuse_);
+      return BatchNormAddReLU(*bn3_, conv3_(out), identity, fuse_);
     }
-    at::Tensor identity = downsample_ ? downsample_->forward(x) : x;
-    return out.add_(identity).relu_();
+    return BatchNormAddReLU(*bn2_, conv2_(out), identity, fuse_);
   }
 
  private:
   bool bottleneck_;
+  bool fuse_;
   nn::Conv2d conv1_{nullptr}, conv2_{nullptr}, conv3_{nullptr};
   nn::BatchNorm2d bn1_{nullptr}, bn2_{nullptr}, bn3_{nullptr};
   nn::Sequential downsample_{nullptr};
@@ -116,7 +118,8 @@ ResNetImpl::ResNetImpl(const ResNetOptions& options) : options_(options) {
   auto make_layer = [&](int64_t planes, int64_t count, int64_t stride) {
     nn::Sequential layer;
     for (int64_t i = 0; i < count; ++i) {
-      layer->push_back(Block(bottleneck, in, planes, i == 0 ? stride : 1));
+      layer->push_back(Block(bottleneck, in, planes, i == 0 ? stride : 1,
+                             options.fuse_batch_norm));
       in = planes * expansion;
     }
     return layer;
@@ -147,7 +150,11 @@ ResNetImpl::ResNetImpl(const ResNetOptions& options) : options_(options) {
 }
 
 at::Tensor ResNetImpl::features(const at::Tensor& x) {
-  at::Tensor h = bn1_(conv1_(x)).relu_();
+  at::Tensor h = conv1_(x);
+  if (options_.channels_last) {
+    h = h.contiguous(at::MemoryFormat::ChannelsLast);
+  }
+  h = BatchNormAddReLU(*bn1_, h, {}, options_.fuse_batch_norm);
   if (!options_.small_stem) {
     h = at::max_pool2d(h, {3, 3}, {2, 2}, {1, 1});
   }

@@ -32,10 +32,16 @@ struct ResNetOptions {
   bool small_stem = false;
   int64_t out_dim = 128;  // output of fc
   bool mlp = false;       // fc = Linear-ReLU-Linear (MoCo v2)
-  // Layout: NCHW. Channels-last (NHWC) ran a training step 1.4x faster here,
-  // but Debian's LibTorch 1.13 computed its float32 gradients up to 12% away
-  // from float64 on small feature maps (NCHW: 3e-6), so it is not used.
-  // Neither figure has been measured again on torch 2.11.
+  // BatchNorm, residual add and ReLU as one node (fused_batch_norm.h), equal
+  // bit for bit to the three ATen ops; false runs the ATen ops, for
+  // side-by-side benchmarks.
+  bool fuse_batch_norm = true;
+  // Activations in NHWC (channels_last) from the stem on. Moco sets it and
+  // makes the weights and inputs channels_last too (moco.cc). The stem's
+  // convolution alone does not keep the layout for a 1-channel input, whose
+  // NCHW and NHWC are the same memory: its output would come out NCHW and
+  // the stem's BatchNorm and layer1's first block would run NCHW.
+  bool channels_last = false;
 };
 
 ResNetOptions ResNetOptionsFromSpec(const ModelSpec& model,
