@@ -40,8 +40,10 @@ MocoOptions MocoOptionsFromSpec(const JobSpec& spec, int64_t world_size) {
 
 Moco::Moco(const MocoOptions& options, at::Generator generator)
     : options_(options), queue_slot_steps_(options.queue_size, 0) {
-  encoder_q_ = ResNet(options.encoder);
-  encoder_k_ = ResNet(options.encoder);
+  // The layout the weights get below, kept from the stem on.
+  options_.encoder.channels_last = true;
+  encoder_q_ = ResNet(options_.encoder);
+  encoder_k_ = ResNet(options_.encoder);
   {
     at::NoGradGuard no_grad;
     auto q_state = StateOf(*encoder_q_);

@@ -305,6 +305,36 @@ def check_config(name, cfg, steps, rtol, perturb, tmp, seed):
     return init_path, res_path
 
 
+def check_float64_arbiter(init_path, res_path):
+    """conditioning_note lets the float64 run decide only when the float32
+    reference is itself far from it and RESULT is within rtol of it."""
+    print("float64 arbiter:")
+    init = torch.load(init_path)
+    ref32 = crosscheck.run_reference(torch.load(init_path))
+    real_run = crosscheck.run_reference
+
+    def scaled(result, name, factor):
+        r = copy.deepcopy(result)
+        r["encoder_q"][name] = r["encoder_q"][name] * factor
+        return r
+
+    name = next(iter(ref32["encoder_q"]))
+    # A float64 run that the float32 reference misses by 1e-3 in one tensor:
+    # an ill-conditioned INIT.
+    ref64 = scaled(ref32, name, 1.001)
+    try:
+        crosscheck.run_reference = lambda i, dtype=torch.float32: copy.deepcopy(ref64)
+        _, ok = crosscheck.conditioning_note(init, ref64, ref32, 1e-4)
+        check(ok, "a RESULT equal to the float64 run passes when the float32 reference is ill-conditioned")
+        _, ok = crosscheck.conditioning_note(init, scaled(ref64, name, 1.001), ref32, 1e-4)
+        check(not ok, "a RESULT 1e-3 from the float64 run still fails")
+        crosscheck.run_reference = lambda i, dtype=torch.float32: copy.deepcopy(ref32)
+        _, ok = crosscheck.conditioning_note(init, scaled(ref32, name, 1.001), ref32, 1e-4)
+        check(not ok, "a well-conditioned INIT leaves the float32 comparison in force")
+    finally:
+        crosscheck.run_reference = real_run
+
+
 def run_cli(args):
     p = subprocess.run([sys.executable, os.path.join(HERE, "crosscheck.py")] + args,
                        capture_output=True, text=True)
@@ -343,6 +373,7 @@ def main():
         for i, (name, (cfg, steps, rtol, perturb)) in enumerate(CONFIGS.items()):
             paths[name] = check_config(name, cfg, steps, rtol, perturb, tmp, 1000 + i)
         check_cli(tmp, *paths["v2"])
+        check_float64_arbiter(*paths["v2"])
     dt = time.time() - t0
     if failures:
         print(f"selftest FAILED ({len(failures)} failure(s), {dt:.1f} s):")
