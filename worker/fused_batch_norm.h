@@ -2,20 +2,20 @@
 //   y = relu(batch_norm(x) + residual)
 // as one autograd node: every BatchNorm of a ResNet but the downsample's.
 //
-// On the CPU in float32 channels_last (the trainer's layout and the demo
-// model's precision) the forward makes one pass over the output where
-// ATen makes three (normalize, add, ReLU), and the backward reads the ReLU's
-// mask inside BatchNorm's two passes instead of writing the masked gradient
-// first. The ops are memory-bound there: each of those passes costs as much
-// as it reads and writes.
+// On the CPU in channels_last, float32 or bfloat16 (what autocast gives
+// BatchNorm; its parameters and statistics stay float32), the forward makes
+// one pass over the output where ATen makes three (normalize, add, ReLU),
+// and the backward reads the ReLU's mask inside BatchNorm's two passes
+// instead of writing the masked gradient first. The ops are memory-bound
+// there: each of those passes costs as much as it reads and writes.
 //
 // The results are equal bit for bit to at::batch_norm, add_ and relu_ and
-// their own backward, on any number of threads: the same float sums in the
-// same order over the same at::parallel_for chunks, the same fused
-// multiply-adds, the same double arithmetic for the statistics
-// (fused_batch_norm_test checks every output and gradient with equal()).
-// Elsewhere (a GPU, bf16 under autocast, NCHW, evaluation mode, a module
-// without running statistics) it runs exactly those ATen ops.
+// their own backward, on any number of threads: the same partial sums in the
+// same order over the same at::parallel_for chunks, the same roundings
+// (fused_batch_norm_test checks every output, gradient and running
+// statistic with at::equal, in both types, on 1, 2 and 3 threads).
+// Elsewhere (a GPU, NCHW, other types, evaluation mode, a module without
+// running statistics) it runs exactly those ATen ops.
 //
 // Usage, in a module's forward:
 //   at::Tensor out = BatchNormAddReLU(*bn1_, conv1_(x));

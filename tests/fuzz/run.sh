@@ -76,7 +76,9 @@ case $target in
     extra_libs=("$build/worker/libmomentum_trainer.a"
                 "$build/worker/libmomentum_log.a"
                 -L"$torch/lib" -Wl,-rpath,"$torch/lib" -ltorch -ltorch_cpu -lc10
-                -lfmt -pthread)
+                -lfmt -pthread
+                # The trainer's fused BatchNorm is OpenMP, on LibTorch's runtime.
+                -l:libgomp.so.1)
     # A trainer built with CUDA refers to LibTorch's CUDA libraries too.
     if [[ -f $torch/lib/libtorch_cuda.so ]]; then
       extra_libs+=(-ltorch_cuda -lc10_cuda)

@@ -83,12 +83,16 @@ struct Shape {
   int64_t n, c, hw;
 };
 
-class FusedBatchNormTest : public ::testing::TestWithParam<int> {
+// Threads, and the element type: float, or bfloat16 as autocast gives
+// BatchNorm (its parameters and statistics stay float).
+class FusedBatchNormTest
+    : public ::testing::TestWithParam<std::tuple<int, at::ScalarType>> {
  protected:
   void SetUp() override {
     threads_ = at::get_num_threads();
-    at::set_num_threads(GetParam());
+    at::set_num_threads(std::get<0>(GetParam()));
   }
+  at::ScalarType type() const { return std::get<1>(GetParam()); }
   void TearDown() override { at::set_num_threads(threads_); }
   int threads_ = 1;
 };
@@ -103,12 +107,15 @@ TEST_P(FusedBatchNormTest, EqualsAtenBitForBit) {
       SCOPED_TRACE(testing::Message() << s.n << "x" << s.c << "x" << s.hw
                                       << " residual " << with_residual);
       torch::manual_seed(s.c + with_residual);
-      at::Tensor x = ChannelsLast(torch::randn({s.n, s.c, s.hw, s.hw}) * 3 + 1);
+      at::Tensor x = ChannelsLast(
+          (torch::randn({s.n, s.c, s.hw, s.hw}) * 3 + 1).to(type()));
       at::Tensor residual;
       if (with_residual) {
-        residual = ChannelsLast(torch::randn({s.n, s.c, s.hw, s.hw}));
+        residual =
+            ChannelsLast(torch::randn({s.n, s.c, s.hw, s.hw}).to(type()));
       }
-      at::Tensor grad = ChannelsLast(torch::randn({s.n, s.c, s.hw, s.hw}));
+      at::Tensor grad =
+          ChannelsLast(torch::randn({s.n, s.c, s.hw, s.hw}).to(type()));
       nn::BatchNorm2d probe(s.c);
       ASSERT_TRUE(FusedBatchNormApplies(*probe, x, residual));
       ExpectBitEqual(RunOnce(true, x, residual, grad, 3),
@@ -121,15 +128,19 @@ TEST_P(FusedBatchNormTest, EqualsAtenBitForBit) {
 // view, not a channels_last tensor.
 TEST_P(FusedBatchNormTest, EqualsAtenForAnExpandedGradient) {
   torch::manual_seed(3);
-  at::Tensor x = ChannelsLast(torch::randn({16, 32, 4, 4}) * 2 - 0.5);
-  at::Tensor residual = ChannelsLast(torch::randn({16, 32, 4, 4}));
-  at::Tensor grad = (torch::randn({16, 32, 1, 1}) / 16).expand({16, 32, 4, 4});
+  at::Tensor x =
+      ChannelsLast((torch::randn({16, 32, 4, 4}) * 2 - 0.5).to(type()));
+  at::Tensor residual = ChannelsLast(torch::randn({16, 32, 4, 4}).to(type()));
+  at::Tensor grad =
+      (torch::randn({16, 32, 1, 1}) / 16).to(type()).expand({16, 32, 4, 4});
   ExpectBitEqual(RunOnce(true, x, residual, grad, 1),
                  RunOnce(false, x, residual, grad, 1));
 }
 
-INSTANTIATE_TEST_SUITE_P(Threads, FusedBatchNormTest,
-                         ::testing::Values(1, 2, 3));
+INSTANTIATE_TEST_SUITE_P(ThreadsAndTypes, FusedBatchNormTest,
+                         ::testing::Combine(::testing::Values(1, 2, 3),
+                                            ::testing::Values(at::kFloat,
+                                                              at::kBFloat16)));
 
 // Where the fused path does not apply, the ATen ops run: the same results,
 // and the module in evaluation mode uses its running statistics.
@@ -138,12 +149,12 @@ TEST(FusedBatchNormFallbackTest, OtherLayoutsPrecisionsAndModesRunAten) {
   nn::BatchNorm2d bn(8);
   at::Tensor nchw = torch::randn({4, 8, 6, 6});
   EXPECT_FALSE(FusedBatchNormApplies(*bn, nchw, at::Tensor()));
-  EXPECT_FALSE(FusedBatchNormApplies(*bn, ChannelsLast(nchw).to(at::kBFloat16),
-                                     at::Tensor()));
   EXPECT_FALSE(FusedBatchNormApplies(*bn, ChannelsLast(nchw.to(at::kDouble)),
                                      at::Tensor()));
-  // A residual of another layout.
+  // A residual of another layout, or of another type.
   EXPECT_FALSE(FusedBatchNormApplies(*bn, ChannelsLast(nchw), nchw));
+  EXPECT_FALSE(FusedBatchNormApplies(*bn, ChannelsLast(nchw),
+                                     ChannelsLast(nchw).to(at::kBFloat16)));
   at::Tensor grad = torch::randn({4, 8, 6, 6});
   ExpectBitEqual(RunOnce(true, nchw, nchw * 0.5, grad, 2),
                  RunOnce(false, nchw, nchw * 0.5, grad, 2));
