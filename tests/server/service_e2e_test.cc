@@ -829,9 +829,12 @@ TEST_F(ServiceTest, SlowRankIsReportedAsAStraggler) {
   auto reader = server_->stub().WatchJob(&ctx, watch);
   v1::WatchJobEvent event;
   std::string notice;
+  // On a loaded machine (CI runs two tests at once) rank 0 may be slower
+  // than rank 1 for a window before the throttling shows, and be named
+  // first; the slowed rank must be named within the deadline.
   while (notice.empty() && reader->Read(&event)) {
-    if (event.has_notice() && event.notice().kind() == "straggler") {
-      EXPECT_EQ(event.notice().rank(), 1);
+    if (event.has_notice() && event.notice().kind() == "straggler" &&
+        event.notice().rank() == 1) {
       notice = event.notice().message();
     }
   }
