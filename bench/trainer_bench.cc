@@ -52,6 +52,9 @@ int main(int argc, char** argv) {
   app.add_flag("--mlp,!--no-mlp", o.encoder.mlp);
   app.add_flag("--fused-bn,!--no-fused-bn", o.encoder.fuse_batch_norm,
                "BatchNorm, add and ReLU as one node (bit for bit the same)");
+  app.add_flag("--direct-conv,!--no-direct-conv", o.encoder.direct_conv,
+               "the blocks' 3x3 convolutions of stride 1 on the direct kernel "
+               "(bit for bit the same)");
   app.add_option("--image-size", image_size);
   app.add_option("--batch", batch);
   app.add_option("--queue", o.queue_size);
@@ -217,6 +220,7 @@ int main(int argc, char** argv) {
                    {"threads", threads},
                    {"concurrent_key", o.concurrent_key},
                    {"fused_bn", o.encoder.fuse_batch_norm},
+                   {"direct_conv", o.encoder.direct_conv},
                    {"batch", batch},
                    {"width", o.encoder.width},
                    {"arch", o.encoder.arch},

@@ -6,6 +6,7 @@
 
 #include <stdexcept>
 
+#include "worker/direct_conv.h"
 #include "worker/fused_batch_norm.h"
 
 namespace momentum::worker {
@@ -26,8 +27,8 @@ nn::Conv2d Conv(int64_t in, int64_t out, int64_t kernel, int64_t stride,
 class BlockImpl : public nn::Module {
  public:
   BlockImpl(bool bottleneck, int64_t in, int64_t planes, int64_t stride,
-            bool fuse)
-      : bottleneck_(bottleneck), fuse_(fuse) {
+            bool fuse, bool direct)
+      : bottleneck_(bottleneck), fuse_(fuse), direct_(direct) {
     const int64_t expansion = bottleneck ? 4 : 1;
     if (bottleneck) {
       conv1_ = register_module("conv1", Conv(in, planes, 1, 1, 0));
@@ -51,18 +52,21 @@ class BlockImpl : public nn::Module {
   }
 
   at::Tensor forward(const at::Tensor& x) {
-    at::Tensor out = BatchNormAddReLU(*bn1_, conv1_(x), {}, fuse_);
+    at::Tensor out =
+        BatchNormAddReLU(*bn1_, Conv3x3(*conv1_, x, direct_), {}, fuse_);
     const at::Tensor identity = downsample_ ? downsample_->forward(x) : x;
     if (bottleneck_) {
-      out = BatchNormAddReLU(*bn2_, conv2_(out), {}, fuse_);
+      out = BatchNormAddReLU(*bn2_, Conv3x3(*conv2_, out, direct_), {}, fuse_);
       return BatchNormAddReLU(*bn3_, conv3_(out), identity, fuse_);
     }
-    return BatchNormAddReLU(*bn2_, conv2_(out), identity, fuse_);
+    return BatchNormAddReLU(*bn2_, Conv3x3(*conv2_, out, direct_), identity,
+                            fuse_);
   }
 
  private:
   bool bottleneck_;
   bool fuse_;
+  bool direct_;
   nn::Conv2d conv1_{nullptr}, conv2_{nullptr}, conv3_{nullptr};
   nn::BatchNorm2d bn1_{nullptr}, bn2_{nullptr}, bn3_{nullptr};
   nn::Sequential downsample_{nullptr};
@@ -119,7 +123,7 @@ ResNetImpl::ResNetImpl(const ResNetOptions& options) : options_(options) {
     nn::Sequential layer;
     for (int64_t i = 0; i < count; ++i) {
       layer->push_back(Block(bottleneck, in, planes, i == 0 ? stride : 1,
-                             options.fuse_batch_norm));
+                             options.fuse_batch_norm, options.direct_conv));
       in = planes * expansion;
     }
     return layer;

@@ -1,0 +1,52 @@
+// A 3x3 convolution of stride 1 and padding 1 (every 3x3 convolution of a
+// ResNet's blocks but the first of a stage), computed directly on the CPU in
+// NHWC float32 with AVX-512, for the narrow layers where oneDNN's kernels
+// leave the most of the core unused: 16 and 32 input channels, and 64 up to
+// 14x14 pixels.
+//
+// Each output pixel's 16 output channels are one AVX-512 register; a block
+// of up to 14 pixels of one row keeps 14 of them while the 3x3 taps and the
+// input channels go by, each input value broadcast from memory into the
+// multiply-add. Padding costs nothing: taps that fall outside the image are
+// skipped, as oneDNN skips them.
+//
+// The sums run in oneDNN's order (taps row by row, then input channels, one
+// fused multiply-add each into the pixel's accumulator), so the outputs are
+// equal bit for bit to at::conv2d's, on any number of threads (a pixel's sum
+// never depends on how rows are split). The gradient of the input is the same
+// kernel on the output's gradient with the weights turned 180 degrees and
+// their channels swapped, again equal bit for bit to ATen's; the gradient of
+// the weights is ATen's own (direct_conv_test checks all three with
+// at::equal, 1 to 3 threads, with odd sizes and edges). The exception is a
+// batch of one image, for which oneDNN picks kernels that sum in another
+// order: there the two differ by rounding (a training step has more).
+//
+// Measured on one core (AMD EPYC, AVX-512, batch 128, in one process, ATen
+// first): 16 channels at 28x28 forward 4.9 -> 4.0 ms, input gradient 4.7 ->
+// 4.2 ms; 32 at 14x14 4.4 -> 3.9 ms; 64 at 7x7 3.7 -> 3.4 ms.
+//
+// Elsewhere (a GPU, NCHW, bfloat16 or autocast, other strides, paddings,
+// channel counts or sizes, groups, a bias, a CPU without AVX-512) it runs
+// conv->forward(x), ATen's convolution.
+//
+// Usage, in a module's forward:
+//   at::Tensor out = Conv3x3(*conv2_, x);
+#ifndef MOMENTUM_WORKER_DIRECT_CONV_H_
+#define MOMENTUM_WORKER_DIRECT_CONV_H_
+
+#include <ATen/core/Tensor.h>
+#include <torch/nn/modules/conv.h>
+
+namespace momentum::worker {
+
+// conv->forward(x), through the direct kernel where it applies. `direct`
+// false runs ATen's convolution always (for side-by-side benchmarks).
+at::Tensor Conv3x3(torch::nn::Conv2dImpl& conv, const at::Tensor& x,
+                   bool direct = true);
+
+// Whether Conv3x3 takes the direct kernel for this module and input.
+bool DirectConvApplies(const torch::nn::Conv2dImpl& conv, const at::Tensor& x);
+
+}  // namespace momentum::worker
+
+#endif  // MOMENTUM_WORKER_DIRECT_CONV_H_
