@@ -135,6 +135,7 @@ constexpr Field kFields[] = {
     MOMENTUM_SPEC_FIELD(resources.backend),
     MOMENTUM_SPEC_FIELD(resources.device),
     MOMENTUM_SPEC_FIELD(resources.precision),
+    MOMENTUM_SPEC_FIELD(resources.cpu_affinity),
     MOMENTUM_SPEC_FIELD(resources.timeout_s),
     MOMENTUM_SPEC_FIELD(scheduling.priority),
     MOMENTUM_SPEC_FIELD(scheduling.max_restarts),
@@ -804,6 +805,8 @@ void CheckFields(const JobSpec& spec, RuleChecker& check) {
   check.OneOf("resources.backend", resources.backend, {"auto", "gloo", "nccl"});
   check.OneOf("resources.device", resources.device, {"auto", "cpu", "cuda"});
   check.OneOf("resources.precision", resources.precision, {"fp32", "bf16"});
+  check.OneOf("resources.cpu_affinity", resources.cpu_affinity,
+              {"auto", "none"});
   check.Greater("resources.timeout_s", resources.timeout_s, 0,
                 kMaxRankTimeoutS);
 

@@ -139,7 +139,11 @@ struct ResourcesSpec {
   // bf16: autocast of convolutions and matrix products to bfloat16;
   // normalisation, logits, loss, queue and optimiser stay float32.
   std::string precision = "fp32";  // fp32 | bf16
-  double timeout_s = 300;          // collective and store timeout
+  // auto: the ranks on one machine split its CPUs (this process's affinity
+  // mask) and each binds its threads to its share (CPU training with more
+  // than one local rank); none: the scheduler places them.
+  std::string cpu_affinity = "auto";  // auto | none
+  double timeout_s = 300;             // collective and store timeout
 };
 
 // How the coordinator schedules the job (ignored by a worker run alone).

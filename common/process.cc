@@ -130,6 +130,7 @@ std::vector<std::string> RankEnvironment(
       "RANK",        "LOCAL_RANK",  "WORLD_SIZE", "LOCAL_WORLD_SIZE",
       "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK", "ROLE_RANK"};
   if (place.cuda_visible_devices) drop.push_back("CUDA_VISIBLE_DEVICES");
+  if (place.cpus) drop.push_back("MOMENTUM_CPUS");
   std::vector<std::string> env = extra;
   for (std::string& var : EnvironmentWithout(drop)) {
     if (place.inherit_all || RankMayInherit(var.substr(0, var.find('=')))) {
@@ -145,6 +146,7 @@ std::vector<std::string> RankEnvironment(
   if (place.cuda_visible_devices) {
     env.push_back("CUDA_VISIBLE_DEVICES=" + *place.cuda_visible_devices);
   }
+  if (place.cpus) env.push_back("MOMENTUM_CPUS=" + *place.cpus);
   return env;
 }
 

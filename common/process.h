@@ -53,6 +53,9 @@ struct RankPlace {
   // CUDA_VISIBLE_DEVICES for the rank: its one GPU, or "" to hide every
   // GPU; unset (nullopt) leaves the inherited value alone.
   std::optional<std::string> cuda_visible_devices;
+  // MOMENTUM_CPUS for the rank: the CPUs it binds its threads to
+  // (worker/cpu_affinity.h); unset (nullopt) passes none.
+  std::optional<std::string> cpus;
   // Which of this process's variables the rank inherits: all of them (a
   // user's own `momentum-worker --nproc`), or only kRankAllowList (ranks
   // the coordinator or an agent starts: none of their secrets).

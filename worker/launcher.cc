@@ -22,6 +22,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/string_view.h"
 #include "common/process.h"
+#include "worker/cpu_affinity.h"
 
 namespace momentum::worker {
 namespace {
@@ -90,6 +91,13 @@ const char* SignalName(int sig) { return sig == SIGINT ? "SIGINT" : "SIGTERM"; }
 std::vector<std::string> RankEnvironment(const LaunchOptions& options,
                                          int64_t port, int64_t rank) {
   momentum::RankPlace place;
+  if (options.split_cpus && options.nproc > 1) {
+    const absl::StatusOr<std::vector<int>> allowed = AllowedCpus();
+    const std::vector<int> share = allowed.ok()
+                                       ? CpuShare(*allowed, rank, options.nproc)
+                                       : std::vector<int>();
+    if (!share.empty()) place.cpus = CpuListString(share);
+  }
   place.rank = rank;
   place.local_rank = rank;
   place.world_size = options.nproc;

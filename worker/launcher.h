@@ -39,6 +39,11 @@ struct LaunchOptions {
   // After SIGTERM, how long a rank has to exit before it gets SIGKILL. The
   // worker writes a checkpoint when it is told to stop, hence seconds.
   std::chrono::milliseconds grace{10000};
+  // Splits the CPUs this process may run on among the ranks (contiguous
+  // shares in rank order, worker/cpu_affinity.h) and hands each its share
+  // in MOMENTUM_CPUS, which it binds its threads to (resources.cpu_affinity
+  // auto). Nothing is handed out with one rank or fewer CPUs than ranks.
+  bool split_cpus = false;
 };
 
 struct LaunchResult {

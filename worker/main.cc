@@ -106,6 +106,8 @@ int main(int argc, char** argv) {
     mw::LaunchOptions launch;
     launch.argv = RankCommand(argc, argv);
     launch.nproc = nproc > 0 ? nproc : spec->resources.nproc;
+    // This launcher owns the machine: it splits the CPUs among its ranks.
+    launch.split_cpus = spec->resources.cpu_affinity == "auto";
     auto result = mw::LaunchLocal(launch);
     if (!result.ok()) {
       std::cerr << "momentum-worker: " << result.status().message() << "\n";

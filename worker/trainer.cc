@@ -11,6 +11,7 @@
 #include <thread>
 
 #include "common/status_macros.h"
+#include "worker/cpu_affinity.h"
 #include "worker/device_augment.h"
 #include "worker/export.h"
 #include "worker/fault_guard.h"
@@ -75,6 +76,54 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(
   return trainer;
 }
 
+absl::Status Trainer::PlaceOnCpus(int64_t local_ranks) {
+  MOMENTUM_ASSIGN_OR_RETURN(const std::vector<int> allowed, AllowedCpus());
+  const int64_t threads = spec_.resources.threads;
+  const char* handed = std::getenv("MOMENTUM_CPUS");
+  std::vector<int> cpus = allowed;
+  std::string why_not;
+  if (spec_.resources.cpu_affinity == "none") {
+    why_not = "resources.cpu_affinity is none";
+  } else if (!where_.device.is_cpu()) {
+    why_not = "the rank trains on " + where_.device.str();
+  } else if (handed == nullptr || *handed == '\0') {
+    why_not =
+        local_ranks < 2 ? std::string("one rank on this machine")
+        : static_cast<int64_t>(allowed.size()) < local_ranks
+            ? absl::StrCat(allowed.size(), " CPUs for ", local_ranks, " ranks")
+            : std::string(
+                  "its launcher handed it no CPUs "
+                  "(MOMENTUM_CPUS)");
+  } else {
+    MOMENTUM_ASSIGN_OR_RETURN(const std::vector<int> share,
+                              ParseCpuList(handed, "MOMENTUM_CPUS"));
+    if (threads > static_cast<int64_t>(share.size())) {
+      why_not = absl::StrCat("resources.threads ", threads, " > its ",
+                             share.size(), " CPUs");
+    } else {
+      MOMENTUM_RETURN_IF_ERROR(BindProcess(share));
+      MOMENTUM_ASSIGN_OR_RETURN(cpus, AllowedCpus());  // what holds now
+    }
+  }
+  // Default: the CPUs this rank runs on; unbound, the ones it may run on
+  // shared with the other ranks on the machine.
+  const int64_t unbound_share =
+      static_cast<int64_t>(allowed.size()) / local_ranks;
+  threads_ = threads > 0
+                 ? threads
+                 : std::max<int64_t>(1, why_not.empty()
+                                            ? static_cast<int64_t>(cpus.size())
+                                            : unbound_share);
+  if (why_not.empty()) {
+    LogInfo("rank %d: bound to CPUs %s of %s, %d intra-op threads", dist_.rank,
+            CpuListString(cpus), CpuListString(allowed), threads_);
+  } else {
+    LogInfo("rank %d: CPUs %s, not bound (%s), %d intra-op threads", dist_.rank,
+            CpuListString(allowed), why_not, threads_);
+  }
+  return absl::OkStatus();
+}
+
 absl::Status Trainer::Init() {
   spec_yaml_ = JobSpecToYaml(spec_);
   const int64_t world = dist_.world_size;
@@ -84,10 +133,7 @@ absl::Status Trainer::Init() {
   if (const char* v = std::getenv("LOCAL_WORLD_SIZE")) {
     local_ranks = std::max<int64_t>(1, std::atoll(v));
   }
-  threads_ = spec_.resources.threads > 0
-                 ? spec_.resources.threads
-                 : std::max<int64_t>(
-                       1, std::thread::hardware_concurrency() / local_ranks);
+  MOMENTUM_RETURN_IF_ERROR(PlaceOnCpus(local_ranks));
   // All threads go to LibTorch's intra-op pool. Running the key encoder on a
   // thread of its own beside the query encoder (MocoOptions::concurrent_key)
   // measured slower here: 649 against 1010 images/s with two threads
@@ -486,8 +532,8 @@ void Trainer::Advance(const StepDone& step, RunState* run, RunLog* log) {
                model_->QueueStaleness());
 }
 
-absl::StatusOr<bool> Trainer::EndWindow(const RunState& run,
-                                          FaultGuard* guard, RunLog* log) {
+absl::StatusOr<bool> Trainer::EndWindow(const RunState& run, FaultGuard* guard,
+                                        RunLog* log) {
   MOMENTUM_ASSIGN_OR_RETURN(const bool rolled_back, guard->Settle());
   if (rolled_back) return true;
   MOMENTUM_ASSIGN_OR_RETURN(const FaultGuard::Window window,

@@ -130,6 +130,10 @@ class Trainer {
   // Makes every rank hold rank 0's model (no-op with one rank).
   absl::Status BroadcastModel();
   absl::Status Init();
+  // Binds this rank to its share of the machine's CPUs (resources.
+  // cpu_affinity, cpu_affinity.h) and sets threads_; logs which CPUs it
+  // runs on, or why it is not bound.
+  absl::Status PlaceOnCpus(int64_t local_ranks);
   double CommSeconds() const;
 
   // The parts of Run(), in the order of a run; all run on the thread that

@@ -693,7 +693,7 @@ TEST(JobSpecTest, DocsListEveryField) {
   if (!docs.ok()) GTEST_SKIP() << docs.status();
   std::vector<std::string> paths;
   CollectPaths(YAML::Load(JobSpecToYaml(JobSpec())), "", &paths);
-  EXPECT_EQ(paths.size(), 77u);
+  EXPECT_EQ(paths.size(), 78u);
   for (const std::string& path : paths) {
     EXPECT_THAT(*docs, HasSubstr("`" + path + "`"));
   }

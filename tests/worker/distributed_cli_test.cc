@@ -2,6 +2,7 @@
 // that rendezvous over a TCPStore on loopback and train with Gloo.
 #include <fcntl.h>
 #include <gtest/gtest.h>
+#include <sched.h>
 #include <signal.h>
 #include <spawn.h>
 #include <sys/wait.h>
@@ -11,7 +12,9 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <nlohmann/json.hpp>
+#include <set>
 #include <sstream>
 #include <thread>
 
@@ -172,6 +175,7 @@ TEST_F(DistributedCliTest, CollapseIsJudgedAlikeOnEveryRank) {
 }
 
 using momentum::testing::ChildrenOf;
+using momentum::testing::StopAndReap;
 
 // Starts `momentum-worker --nproc 2` on the job with its output in `log`.
 pid_t SpawnLauncher(const std::string& config, const std::string& log,
@@ -203,11 +207,11 @@ int WaitUntil(pid_t pid, std::chrono::steady_clock::time_point deadline) {
 class DistributedFaultTest : public DistributedCliTest {
  protected:
   // Starts a long group run and waits until it trains (a checkpoint exists).
-  void StartTraining() {
+  void StartTraining(std::vector<std::string> extra = {}) {
     log_ = dir_ + "/fault.log";
-    launcher_ = SpawnLauncher(
-        dir_ + "/job.yaml", log_,
-        {"--set", "optim.epochs=1000", "--set", "resources.timeout_s=5"});
+    extra.insert(extra.begin(), {"--set", "optim.epochs=1000", "--set",
+                                 "resources.timeout_s=5"});
+    launcher_ = SpawnLauncher(dir_ + "/job.yaml", log_, extra);
     ASSERT_GT(launcher_, 0);
     deadline_ = std::chrono::steady_clock::now() + std::chrono::seconds(90);
     while (!fs::exists(dir_ + "/out/checkpoints") ||
@@ -302,6 +306,124 @@ TEST_F(DistributedFaultTest, HungRankTimesOutTheGroup) {
   EXPECT_NE(output.find("rank 0"), std::string::npos) << output;
   EXPECT_NE(output.find("(rank 0 of 2)"), std::string::npos) << output;
   EXPECT_TRUE(ChildrenOf(launcher_).empty());
+}
+
+// The Cpus_allowed_list of a /proc status file, as the kernel writes it
+// ("0-1", "0,2").
+std::string CpusAllowedList(const fs::path& status_file) {
+  std::ifstream status(status_file);
+  for (std::string line; std::getline(status, line);) {
+    if (line.rfind("Cpus_allowed_list:", 0) == 0) {
+      return line.substr(line.find_first_not_of(" \t", 18));
+    }
+  }
+  return "";
+}
+
+// The Cpus_allowed_list of every thread of each rank of `launcher`, by
+// LOCAL_RANK.
+std::map<int, std::set<std::string>> RankCpuLists(pid_t launcher) {
+  std::map<int, std::set<std::string>> out;
+  for (pid_t pid : ChildrenOf(launcher)) {
+    const std::string proc = "/proc/" + std::to_string(pid);
+    std::ifstream env(proc + "/environ");
+    int local_rank = -1;
+    for (std::string var; std::getline(env, var, '\0');) {
+      if (var.rfind("LOCAL_RANK=", 0) == 0)
+        local_rank = std::stoi(var.substr(11));
+    }
+    std::error_code ec;
+    for (const auto& task : fs::directory_iterator(proc + "/task", ec)) {
+      out[local_rank].insert(CpusAllowedList(task.path() / "status"));
+    }
+  }
+  return out;
+}
+
+// This process, and what it starts, on `cpus` until the end of the scope.
+class CpusScope {
+ public:
+  explicit CpusScope(const std::vector<int>& cpus) {
+    sched_getaffinity(0, sizeof(saved_), &saved_);
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    for (int cpu : cpus) CPU_SET(cpu, &set);
+    ok_ = sched_setaffinity(0, sizeof(set), &set) == 0;
+  }
+  ~CpusScope() { sched_setaffinity(0, sizeof(saved_), &saved_); }
+  bool ok() const { return ok_; }
+  // This thread's list.
+  static std::string Own() {
+    return CpusAllowedList("/proc/thread-self/status");
+  }
+
+ private:
+  cpu_set_t saved_;
+  bool ok_ = false;
+};
+
+std::vector<int> TwoCpus() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  sched_getaffinity(0, sizeof(set), &set);
+  std::vector<int> cpus;
+  for (int cpu = 0; cpu < CPU_SETSIZE && cpus.size() < 2; ++cpu) {
+    if (CPU_ISSET(cpu, &set)) cpus.push_back(cpu);
+  }
+  return cpus;
+}
+
+// resources.cpu_affinity auto: on two CPUs, each of two ranks runs every
+// thread (intra-op, loader, Gloo, store) on its own CPU, rank 0 on the
+// first; none, or one CPU for the two: every thread may run on all of them.
+TEST_F(DistributedFaultTest, RanksSplitTheCpusTheyMayRunOn) {
+  const std::vector<int> two = TwoCpus();
+  if (two.size() < 2) GTEST_SKIP() << "needs two CPUs";
+  {
+    CpusScope scope(two);
+    ASSERT_TRUE(scope.ok());
+    StartTraining();
+    const auto lists = RankCpuLists(launcher_);
+    StopAndReap(launcher_);
+    EXPECT_EQ(lists, (std::map<int, std::set<std::string>>{
+                         {0, {std::to_string(two[0])}},
+                         {1, {std::to_string(two[1])}}}))
+        << ReadFile(log_);
+    const std::string expected_line = "rank 0: bound to CPUs " +
+                                      std::to_string(two[0]) + " of " +
+                                      CpusScope::Own() + ", 1 intra-op threads";
+    EXPECT_NE(ReadFile(log_).find(expected_line), std::string::npos)
+        << expected_line << "\n"
+        << ReadFile(log_);
+  }
+  {
+    CpusScope scope(two);
+    fs::remove_all(dir_ + "/out");
+    StartTraining({"--set", "resources.cpu_affinity=none"});
+    const auto lists = RankCpuLists(launcher_);
+    StopAndReap(launcher_);
+    const std::string both = CpusScope::Own();
+    EXPECT_EQ(lists,
+              (std::map<int, std::set<std::string>>{{0, {both}}, {1, {both}}}))
+        << ReadFile(log_);
+    EXPECT_NE(ReadFile(log_).find("not bound (resources.cpu_affinity is none)"),
+              std::string::npos)
+        << ReadFile(log_);
+  }
+  {
+    CpusScope scope({two[0]});
+    fs::remove_all(dir_ + "/out");
+    StartTraining();
+    const auto lists = RankCpuLists(launcher_);
+    StopAndReap(launcher_);
+    const std::string one = std::to_string(two[0]);
+    EXPECT_EQ(lists,
+              (std::map<int, std::set<std::string>>{{0, {one}}, {1, {one}}}))
+        << ReadFile(log_);
+    EXPECT_NE(ReadFile(log_).find("not bound (1 CPUs for 2 ranks)"),
+              std::string::npos)
+        << ReadFile(log_);
+  }
 }
 
 TEST_F(DistributedCliTest, BatchNotDivisibleByRanksIsRejected) {
