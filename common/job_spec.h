@@ -129,7 +129,7 @@ struct LoggingSpec {
 };
 
 struct ResourcesSpec {
-  int64_t threads = 0;  // intra-op threads; 0: all cores
+  int64_t threads = 0;  // intra-op threads; 0: the rank's CPUs
   int64_t nproc = 1;    // ranks (distributed training, later)
   // auto: NCCL on CUDA, Gloo on the CPU.
   std::string backend = "auto";  // auto | gloo | nccl
