@@ -101,7 +101,14 @@ absl::Status Trainer::PlaceOnCpus(int64_t local_ranks) {
       why_not = absl::StrCat("resources.threads ", threads, " > its ",
                              share.size(), " CPUs");
     } else {
-      MOMENTUM_RETURN_IF_ERROR(BindProcess(share));
+      const absl::Status bound = BindProcess(share);
+      if (!bound.ok()) {
+        return absl::Status(
+            bound.code(),
+            absl::StrCat("binding the rank to MOMENTUM_CPUS=", handed,
+                         " (it may run on CPUs ", CpuListString(allowed),
+                         "): ", bound.message()));
+      }
       MOMENTUM_ASSIGN_OR_RETURN(cpus, AllowedCpus());  // what holds now
     }
   }

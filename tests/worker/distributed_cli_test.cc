@@ -426,6 +426,24 @@ TEST_F(DistributedFaultTest, RanksSplitTheCpusTheyMayRunOn) {
   }
 }
 
+// A rank binds to the CPUs its launcher hands it in MOMENTUM_CPUS; a list
+// it cannot parse, or CPUs it may not run on, fail it as bad input (exit 2)
+// naming the variable.
+TEST_F(DistributedCliTest, BadMomentumCpusFailsTheRankNamingIt) {
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"0-", "MOMENTUM_CPUS must be CPU numbers and ranges like 0-3,8"},
+      {"8000", "binding the rank to MOMENTUM_CPUS=8000 (it may run on CPUs "},
+  };
+  for (const auto& [value, message] : cases) {
+    setenv("MOMENTUM_CPUS", value.c_str(), 1);
+    WorkerRun run = RunWorker("--config " + dir_ + "/job.yaml", dir_);
+    unsetenv("MOMENTUM_CPUS");
+    EXPECT_EQ(run.exit_code, 2) << run.output;  // bad input
+    EXPECT_NE(run.output.find(message), std::string::npos) << value << "\n"
+                                                           << run.output;
+  }
+}
+
 TEST_F(DistributedCliTest, BatchNotDivisibleByRanksIsRejected) {
   WorkerRun run = RunWorker("--nproc 3 --config " + dir_ + "/job.yaml", dir_);
   EXPECT_NE(run.exit_code, 0) << run.output;
