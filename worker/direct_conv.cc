@@ -6,8 +6,8 @@
 #include <ATen/ops/empty.h>
 #include <torch/csrc/autograd/custom_function.h>
 
-#include <array>
 #include <variant>
+#include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -126,8 +126,8 @@ at::Tensor Convolve(const at::Tensor& x, const at::Tensor& packed,
       at::empty({n, out_channels, H, W},
                 x.options().memory_format(at::MemoryFormat::ChannelsLast));
   const int64_t blocks = (W + kMaxBlock - 1) / kMaxBlock;
-  std::array<BlockFn, 2 * kMaxBlock> fns{};
-  std::array<int64_t, 2 * kMaxBlock> starts{};
+  std::vector<BlockFn> fns(blocks);
+  std::vector<int64_t> starts(blocks);
   int64_t x0 = 0;
   for (int64_t b = 0; b < blocks; ++b) {
     const int size = static_cast<int>(W / blocks + (b < W % blocks ? 1 : 0));

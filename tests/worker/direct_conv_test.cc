@@ -151,6 +151,8 @@ INSTANTIATE_TEST_SUITE_P(
             Shape{3, 16, 32, 5, 9}, Shape{2, 64, 16, 3, 29},
             Shape{2, 32, 64, 15, 30}, Shape{3, 16, 16, 1, 1},
             Shape{2, 16, 16, 2, 1},
+            // A row of 29 blocks (400 = 23 x 14 + 6 x 13).
+            Shape{2, 16, 16, 2, 400},
             // One image.
             Shape{1, 32, 16, 1, 15, /*onednn_order=*/false},
             Shape{1, 16, 16, 28, 28, /*onednn_order=*/false})));
