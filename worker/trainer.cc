@@ -8,7 +8,6 @@
 #include <filesystem>
 #include <limits>
 #include <nlohmann/json.hpp>
-#include <thread>
 
 #include "common/status_macros.h"
 #include "worker/cpu_affinity.h"

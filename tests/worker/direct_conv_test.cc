@@ -48,6 +48,11 @@ nn::Conv2d MakeConv(int64_t in, int64_t out) {
   return conv;
 }
 
+// Random [n, c, h, w] in channels_last, as the trainer's activations.
+at::Tensor RandomNhwc(int64_t n, int64_t c, int64_t h, int64_t w) {
+  return at::randn({n, c, h, w}).contiguous(at::MemoryFormat::ChannelsLast);
+}
+
 struct Result {
   at::Tensor out, dx, dweight;
 };
@@ -76,10 +81,8 @@ class DirectConvTest : public ::testing::TestWithParam<std::tuple<int, Shape>> {
 TEST_P(DirectConvTest, EqualsAtenBitForBit) {
   const Shape s = std::get<1>(GetParam());
   torch::manual_seed(11);
-  const at::Tensor x = at::randn({s.n, s.in, s.h, s.w})
-                           .contiguous(at::MemoryFormat::ChannelsLast);
-  const at::Tensor grad = at::randn({s.n, s.out, s.h, s.w})
-                              .contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor x = RandomNhwc(s.n, s.in, s.h, s.w);
+  const at::Tensor grad = RandomNhwc(s.n, s.out, s.h, s.w);
   nn::Conv2d probe = MakeConv(s.in, s.out);
   EXPECT_EQ(DirectConvApplies(*probe, x), CpuHasAvx512()) << Name(s);
 
@@ -122,10 +125,8 @@ TEST_P(DirectConvTest, EqualsAtenBitForBit) {
 TEST_P(DirectConvTest, WeightGradientAloneAndNoGrad) {
   const Shape s = std::get<1>(GetParam());
   torch::manual_seed(12);
-  const at::Tensor x = at::randn({s.n, s.in, s.h, s.w})
-                           .contiguous(at::MemoryFormat::ChannelsLast);
-  const at::Tensor grad = at::randn({s.n, s.out, s.h, s.w})
-                              .contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor x = RandomNhwc(s.n, s.in, s.h, s.w);
+  const at::Tensor grad = RandomNhwc(s.n, s.out, s.h, s.w);
   nn::Conv2d a = MakeConv(s.in, s.out), b = MakeConv(s.in, s.out);
   Conv3x3(*a, x).backward(grad);
   b->forward(x).backward(grad);
