@@ -106,6 +106,10 @@ BlockFn PickBlock(int b, bool left, bool right) {
 
 BlockFn Pick(int64_t channels, int b, bool left, bool right) {
   switch (channels) {
+    case 1:
+      return PickBlock<1>(b, left, right);
+    case 3:
+      return PickBlock<3>(b, left, right);
     case 16:
       return PickBlock<16>(b, left, right);
     case 32:
@@ -168,6 +172,10 @@ bool CpuHasAvx512() { return false; }
 #endif  // MOMENTUM_DIRECT_CONV
 
 bool DirectChannels(int64_t c) { return c == 16 || c == 32 || c == 64; }
+
+// A stem's input: one (grey) or three (RGB) channels, the data itself, with
+// no gradient to compute (the kernel's outputs are 16 channels at a time).
+bool StemChannels(int64_t c) { return c == 1 || c == 3; }
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
@@ -241,8 +249,9 @@ bool DirectConvApplies(const torch::nn::Conv2dImpl& conv, const at::Tensor& x) {
   // 14x14 (16.2 -> 15.6); at 64 and 28x28 oneDNN is faster (64.7 -> 65.8).
   const int64_t channels = x.size(1);
   const bool faster = channels <= 32 || x.size(2) * x.size(3) <= 14 * 14;
-  return DirectChannels(channels) && DirectChannels(w.size(0)) && faster &&
-         CpuHasAvx512();
+  const bool in_ok = DirectChannels(channels) ||
+                     (StemChannels(channels) && !x.requires_grad());
+  return in_ok && DirectChannels(w.size(0)) && faster && CpuHasAvx512();
 }
 
 at::Tensor Conv3x3(torch::nn::Conv2dImpl& conv, const at::Tensor& x,

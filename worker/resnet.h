@@ -36,9 +36,10 @@ struct ResNetOptions {
   // bit for bit to the three ATen ops; false runs the ATen ops, for
   // side-by-side benchmarks.
   bool fuse_batch_norm = true;
-  // The blocks' 3x3 convolutions of stride 1 through direct_conv.h where it
-  // applies (CPU, NHWC float32, 16 to 64 channels), equal bit for bit to
-  // ATen's; false runs ATen's, for side-by-side benchmarks.
+  // The blocks' 3x3 convolutions of stride 1, and the small stem's, through
+  // direct_conv.h where it applies (CPU, NHWC float32, 16 to 64 channels, or
+  // 1 or 3 channels of data), equal bit for bit to ATen's; false runs
+  // ATen's, for side-by-side benchmarks.
   bool direct_conv = true;
   // Activations in NHWC (channels_last) from the stem on. Moco sets it and
   // makes the weights and inputs channels_last too (moco.cc). The stem's
