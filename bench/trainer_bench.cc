@@ -54,7 +54,8 @@ int main(int argc, char** argv) {
                "BatchNorm, add and ReLU as one node (bit for bit the same)");
   app.add_flag("--direct-conv,!--no-direct-conv", o.encoder.direct_conv,
                "the blocks' 3x3 convolutions of stride 1 on the direct kernel "
-               "(bit for bit the same)");
+               "(outputs bit for bit the same, weight gradients to "
+               "rounding)");
   app.add_option("--image-size", image_size);
   app.add_option("--batch", batch);
   app.add_option("--queue", o.queue_size);

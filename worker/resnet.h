@@ -38,7 +38,8 @@ struct ResNetOptions {
   bool fuse_batch_norm = true;
   // The blocks' 3x3 convolutions of stride 1, and the small stem's, through
   // direct_conv.h where it applies (CPU, NHWC float32, 16 to 64 channels, or
-  // 1 or 3 channels of data), equal bit for bit to ATen's; false runs
+  // 1 or 3 channels of data): outputs and input gradients equal bit for bit
+  // to ATen's, weight gradients to rounding (16 to 128 channels); false runs
   // ATen's, for side-by-side benchmarks.
   bool direct_conv = true;
   // Activations in NHWC (channels_last) from the stem on. Moco sets it and
