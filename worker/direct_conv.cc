@@ -162,15 +162,15 @@ at::Tensor Convolve(const at::Tensor& x, const at::Tensor& packed,
 }
 
 // The weight gradient for one tap (ky, kx), input channels c0 .. c0+CB-1
-// and output channels oc0 .. oc0+16*OCB-1, over one image:
+// and output channels oc0 .. oc0+16*OCB-1, over `images` consecutive images:
 // acc[ci][o] += x[y+ky-1][xx+kx-1][c0+ci] * g[y][xx][oc0+16*o..] over the
 // output pixels whose input pixel is inside the image (padding skipped).
 template <int CB, int OCB>
 MOMENTUM_AVX512 void WeightTile(const float* __restrict__ x,
                                 const float* __restrict__ g,
-                                float* __restrict__ total, int64_t H, int64_t W,
-                                int64_t C, int64_t OC, int ky, int kx,
-                                int64_t c0, int64_t oc0) {
+                                float* __restrict__ total, int64_t images,
+                                int64_t H, int64_t W, int64_t C, int64_t OC,
+                                int ky, int kx, int64_t c0, int64_t oc0) {
   __m512 acc[CB][OCB];
 #pragma GCC unroll 16
   for (int ci = 0; ci < CB; ++ci) {
@@ -179,9 +179,11 @@ MOMENTUM_AVX512 void WeightTile(const float* __restrict__ x,
   }
   const int64_t y_lo = ky == 0 ? 1 : 0, y_hi = ky == 2 ? H - 1 : H;
   const int64_t x_lo = kx == 0 ? 1 : 0, x_hi = kx == 2 ? W - 1 : W;
-  for (int64_t y = y_lo; y < y_hi; ++y) {
-    const float* gp = g + (y * W + x_lo) * OC + oc0;
-    const float* xp = x + ((y + ky - 1) * W + x_lo + kx - 1) * C + c0;
+  for (int64_t r = 0; r < images * H; ++r) {
+    const int64_t y = r % H;
+    if (y < y_lo || y >= y_hi) continue;
+    const float* gp = g + (r * W + x_lo) * OC + oc0;
+    const float* xp = x + ((r + ky - 1) * W + x_lo + kx - 1) * C + c0;
     for (int64_t xx = x_lo; xx < x_hi; ++xx, gp += OC, xp += C) {
       __m512 gv[OCB];
 #pragma GCC unroll 4
@@ -196,7 +198,7 @@ MOMENTUM_AVX512 void WeightTile(const float* __restrict__ x,
       }
     }
   }
-  // One image's sums join the running total (the sum over images).
+  // These images' sums join the running total.
 #pragma GCC unroll 16
   for (int ci = 0; ci < CB; ++ci) {
 #pragma GCC unroll 4
@@ -208,13 +210,15 @@ MOMENTUM_AVX512 void WeightTile(const float* __restrict__ x,
 }
 
 using TileFn = void (*)(const float*, const float*, float*, int64_t, int64_t,
-                        int64_t, int64_t, int, int, int64_t, int64_t);
+                        int64_t, int64_t, int64_t, int, int, int64_t, int64_t);
 
 // The weight gradient [OC, C, 3, 3] (channels_last) of the stride-1,
 // padding-1 3x3 convolution of x [N][H][W][C] whose output's gradient is g
 // [N][H][W][OC]. Work items are (tap, input channel block, output channel
-// block), split over threads; each sums its images in order, one image's
-// pixels first, so the result is the same on any number of threads.
+// block), split over threads; each sums groups of images in order, one
+// group's pixels first, so the result is the same on any number of threads.
+// A group is one image, or as many as make 128 pixels (small images: the
+// registers' sums are flushed to memory once per group).
 at::Tensor WeightGrad(const at::Tensor& x, const at::Tensor& g) {
   const int64_t n = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3),
                 OC = g.size(1);
@@ -231,9 +235,11 @@ at::Tensor WeightGrad(const at::Tensor& x, const at::Tensor& g) {
   const float* xd = x.data_ptr<float>();
   const float* gd = g.data_ptr<float>();
   float* td = total.data_ptr<float>();
+  const int64_t group = std::max<int64_t>(1, (128 + H * W - 1) / (H * W));
   at::parallel_for(
       0, 9 * c_blocks * oc_blocks, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t image = 0; image < n; ++image) {
+        for (int64_t image = 0; image < n; image += group) {
+          const int64_t images = std::min(group, n - image);
           const float* xi = xd + image * H * W * C;
           const float* gi = gd + image * H * W * OC;
           for (int64_t item = begin; item < end; ++item) {
@@ -241,7 +247,7 @@ at::Tensor WeightGrad(const at::Tensor& x, const at::Tensor& g) {
             const int64_t cblock = item / oc_blocks % c_blocks;
             const int64_t ocblock = item % oc_blocks;
             const int64_t c0 = cblock * cb, oc0 = ocblock * 16 * ocb;
-            tile(xi, gi, td + (tap * C + c0) * OC + oc0, H, W, C, OC,
+            tile(xi, gi, td + (tap * C + c0) * OC + oc0, images, H, W, C, OC,
                  static_cast<int>(tap / 3), static_cast<int>(tap % 3), c0, oc0);
           }
         }

@@ -27,8 +27,9 @@
 // channels in and out at any size (also where the output and the input's
 // gradient stay oneDNN's, which is faster there: 128 channels, 64 at 28x28):
 // per tap, 16 sums in registers (16 input x 16 output channels, 8 x 32 or
-// 4 x 64) over one image's pixels, padding skipped, then added to the
-// total in image order, the same on any number of threads. oneDNN blocks
+// 4 x 64) over one image's pixels (small images: as many as make 128
+// pixels), padding skipped, then added to the total in image order, the same
+// on any number of threads. oneDNN blocks
 // its sums otherwise, so the two differ by rounding; against float64 ours
 // was the closer (16 channels at 28x28: 4.7e-7 of the largest element,
 // oneDNN 1.8e-6). A stem's weight gradient (1 or 3 input channels) is
