@@ -9,6 +9,8 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <algorithm>
+#include <array>
+#include <tuple>
 #include <variant>
 #include <vector>
 
@@ -120,7 +122,8 @@ BlockFn Pick(int64_t channels, int b, bool left, bool right) {
     case 64:
       return PickBlock<64>(b, left, right);
     default:
-      return PickBlock<128>(b, left, right);
+      TORCH_CHECK(false, "the direct convolution has no kernel for ", channels,
+                  " input channels");
   }
 }
 
@@ -284,6 +287,17 @@ bool WeightGradChannels(int64_t c) { return DirectChannels(c) || c == 128; }
 // no gradient to compute (the kernel's outputs are 16 channels at a time).
 bool StemChannels(int64_t c) { return c == 1 || c == 3; }
 
+// ATen's gradients of the stride-1, padding-1 convolution, those in `mask`
+// (input, weight, bias).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> AtenBackward(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
+    std::array<bool, 3> mask) {
+  return at::convolution_backward(
+      grad, x, weight, std::nullopt, /*stride=*/{1, 1}, /*padding=*/{1, 1},
+      /*dilation=*/{1, 1}, /*transposed=*/false, /*output_padding=*/{0, 0},
+      /*groups=*/1, mask);
+}
+
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
@@ -318,10 +332,7 @@ class DirectConvFunction
         grad_outputs[0].contiguous(at::MemoryFormat::ChannelsLast);
     at::Tensor grad_x, grad_weight;
     if (ctx->needs_input_grad(0) && !ctx->saved_data["direct_data"].toBool()) {
-      grad_x = std::get<0>(at::convolution_backward(
-          grad, x, weight, std::nullopt, /*stride=*/{1, 1}, /*padding=*/{1, 1},
-          /*dilation=*/{1, 1}, /*transposed=*/false, /*output_padding=*/{0, 0},
-          /*groups=*/1, {true, false, false}));
+      grad_x = std::get<0>(AtenBackward(grad, x, weight, {true, false, false}));
     } else if (ctx->needs_input_grad(0)) {
       // The input's gradient is the convolution of the output's gradient
       // with the weights turned 180 degrees, input and output channels
@@ -334,10 +345,8 @@ class DirectConvFunction
       grad_weight = WeightGrad(x, grad);
     } else if (ctx->needs_input_grad(1)) {
       // A stem's: 1 or 3 input channels, a small sum ATen does well.
-      grad_weight = std::get<1>(at::convolution_backward(
-          grad, x, weight, std::nullopt, /*stride=*/{1, 1}, /*padding=*/{1, 1},
-          /*dilation=*/{1, 1}, /*transposed=*/false, /*output_padding=*/{0, 0},
-          /*groups=*/1, {false, true, false}));
+      grad_weight =
+          std::get<1>(AtenBackward(grad, x, weight, {false, true, false}));
     }
     return {grad_x, grad_weight, at::Tensor()};
   }
@@ -346,10 +355,6 @@ class DirectConvFunction
 bool IsOneOne(const torch::ExpandingArray<2>& a, int64_t v) {
   return (*a)[0] == v && (*a)[1] == v;
 }
-
-}  // namespace
-
-namespace {
 
 // A 3x3 convolution of stride 1 and padding 1 without bias or groups, on a
 // CPU with AVX-512, of NHWC float32 input (not under autocast, where ATen's
