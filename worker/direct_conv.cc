@@ -14,6 +14,8 @@
 #include <variant>
 #include <vector>
 
+#include "worker/winograd.h"
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define MOMENTUM_DIRECT_CONV 1
@@ -301,21 +303,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> AtenBackward(
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+// Which kernels a convolution takes: the direct kernels for all three
+// passes; ATen's output and input gradient with the direct weight gradient
+// (where oneDNN is faster); or Winograd's for all three.
+enum class Path : int64_t { kDirect, kAtenData, kWinograd };
+
 class DirectConvFunction
     : public torch::autograd::Function<DirectConvFunction> {
  public:
-  // `direct_data`: the output and the input's gradient through Convolve;
-  // false leaves them to ATen (where oneDNN is faster) and takes only the
-  // weight gradient here.
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x,
-                            const at::Tensor& weight, bool direct_data) {
+                            const at::Tensor& weight, int64_t path) {
     ctx->save_for_backward({x, weight});
-    ctx->saved_data["direct_data"] = direct_data;
-    if (!direct_data) {
-      return at::convolution(x, weight, std::nullopt, /*stride=*/{1, 1},
-                             /*padding=*/{1, 1}, /*dilation=*/{1, 1},
-                             /*transposed=*/false, /*output_padding=*/{0, 0},
-                             /*groups=*/1);
+    ctx->saved_data["path"] = path;
+    switch (static_cast<Path>(path)) {
+      case Path::kAtenData:
+        return at::convolution(x, weight, std::nullopt, /*stride=*/{1, 1},
+                               /*padding=*/{1, 1}, /*dilation=*/{1, 1},
+                               /*transposed=*/false, /*output_padding=*/{0, 0},
+                               /*groups=*/1);
+      case Path::kWinograd:
+        return WinogradForward(x, weight);
+      case Path::kDirect:
+        break;
     }
     // [OC, C, ky, kx] -> [ky][kx][C][OC]: a tap's weights for one input
     // channel are one row of output channels.
@@ -328,20 +337,32 @@ class DirectConvFunction
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor& x = saved[0];
     const at::Tensor& weight = saved[1];
+    const auto path = static_cast<Path>(ctx->saved_data["path"].toInt());
     const at::Tensor grad =
         grad_outputs[0].contiguous(at::MemoryFormat::ChannelsLast);
     at::Tensor grad_x, grad_weight;
-    if (ctx->needs_input_grad(0) && !ctx->saved_data["direct_data"].toBool()) {
-      grad_x = std::get<0>(AtenBackward(grad, x, weight, {true, false, false}));
-    } else if (ctx->needs_input_grad(0)) {
-      // The input's gradient is the convolution of the output's gradient
-      // with the weights turned 180 degrees, input and output channels
-      // swapped: [ky][kx][OC][C] of w[oc][c][2-ky][2-kx].
-      grad_x =
-          Convolve(grad, weight.flip({2, 3}).permute({2, 3, 0, 1}).contiguous(),
-                   x.size(1));
+    if (ctx->needs_input_grad(0)) {
+      switch (path) {
+        case Path::kAtenData:
+          grad_x =
+              std::get<0>(AtenBackward(grad, x, weight, {true, false, false}));
+          break;
+        case Path::kWinograd:
+          grad_x = WinogradInputGrad(grad, weight);
+          break;
+        case Path::kDirect:
+          // The input's gradient is the convolution of the output's
+          // gradient with the weights turned 180 degrees, input and output
+          // channels swapped: [ky][kx][OC][C] of w[oc][c][2-ky][2-kx].
+          grad_x = Convolve(
+              grad, weight.flip({2, 3}).permute({2, 3, 0, 1}).contiguous(),
+              x.size(1));
+          break;
+      }
     }
-    if (ctx->needs_input_grad(1) && WeightGradChannels(x.size(1))) {
+    if (ctx->needs_input_grad(1) && path == Path::kWinograd) {
+      grad_weight = WinogradWeightGrad(x, grad);
+    } else if (ctx->needs_input_grad(1) && WeightGradChannels(x.size(1))) {
       grad_weight = WeightGrad(x, grad);
     } else if (ctx->needs_input_grad(1)) {
       // A stem's: 1 or 3 input channels, a small sum ATen does well.
@@ -381,8 +402,16 @@ bool Eligible(const torch::nn::Conv2dImpl& conv, const at::Tensor& x) {
 
 }  // namespace
 
+bool WinogradApplies(const torch::nn::Conv2dImpl& conv, const at::Tensor& x) {
+  // 64 channels or more in and out (where the GEMMs run near the core's
+  // peak), even sizes (an odd size's last tiles are half outside).
+  const int64_t channels = x.size(1), out = conv.weight.size(0);
+  return Eligible(conv, x) && channels >= 64 && channels % 16 == 0 &&
+         out >= 64 && out % 16 == 0 && x.size(2) % 2 == 0 && x.size(3) % 2 == 0;
+}
+
 bool DirectConvApplies(const torch::nn::Conv2dImpl& conv, const at::Tensor& x) {
-  if (!Eligible(conv, x)) return false;
+  if (!Eligible(conv, x) || WinogradApplies(conv, x)) return false;
   // Where it is the faster of the two on the cores measured (AMD EPYC,
   // AVX-512, one thread, ATen first, ms): 16 and 32 input channels at every
   // size (16 at 28x28: 4.8 -> 4.0, 32 at 28x28: 18.1 -> 17.0), 64 up to
@@ -396,19 +425,26 @@ bool DirectConvApplies(const torch::nn::Conv2dImpl& conv, const at::Tensor& x) {
 
 bool DirectWeightGradApplies(const torch::nn::Conv2dImpl& conv,
                              const at::Tensor& x) {
-  return Eligible(conv, x) && WeightGradChannels(x.size(1)) &&
+  return Eligible(conv, x) && !WinogradApplies(conv, x) &&
+         WeightGradChannels(x.size(1)) &&
          WeightGradChannels(conv.weight.size(0));
 }
 
 at::Tensor Conv3x3(torch::nn::Conv2dImpl& conv, const at::Tensor& x,
                    bool direct) {
   if (!direct) return conv.forward(x);
+  if (WinogradApplies(conv, x)) {
+    return DirectConvFunction::apply(x, conv.weight,
+                                     static_cast<int64_t>(Path::kWinograd));
+  }
   if (DirectConvApplies(conv, x)) {
-    return DirectConvFunction::apply(x, conv.weight, /*direct_data=*/true);
+    return DirectConvFunction::apply(x, conv.weight,
+                                     static_cast<int64_t>(Path::kDirect));
   }
   if (DirectWeightGradApplies(conv, x) && conv.weight.requires_grad() &&
       at::GradMode::is_enabled()) {
-    return DirectConvFunction::apply(x, conv.weight, /*direct_data=*/false);
+    return DirectConvFunction::apply(x, conv.weight,
+                                     static_cast<int64_t>(Path::kAtenData));
   }
   return conv.forward(x);
 }

@@ -44,6 +44,10 @@
 // 4.0, 128 at 4x4 6.4-7.7 -> 5.0-7.1, 128 at 7x7 17.7-19.0 -> 13.9-15.7, 64
 // at 28x28 71.2-74.5 -> 65.3-68.1.
 //
+// Layers of 64 channels or more in and out at even sizes take Winograd's
+// F(2x2, 3x3) instead, for all three passes (winograd.h): 4/9 of the
+// multiply-adds, which no direct kernel can match there.
+//
 // Elsewhere (a GPU, NCHW, bfloat16 or autocast, other strides, paddings,
 // channel counts or sizes, groups, a bias, a CPU without AVX-512) it runs
 // conv->forward(x), ATen's convolution.
@@ -63,14 +67,19 @@ namespace momentum::worker {
 at::Tensor Conv3x3(torch::nn::Conv2dImpl& conv, const at::Tensor& x,
                    bool direct = true);
 
+// Whether Conv3x3 takes Winograd's F(2x2, 3x3) for this module and input
+// (the output and both gradients; winograd.h): 64 channels or more in and
+// out, multiples of 16, even sizes. It comes before the direct kernels.
+bool WinogradApplies(const torch::nn::Conv2dImpl& conv, const at::Tensor& x);
+
 // Whether Conv3x3 takes the direct kernel for this module and input (the
 // output and both gradients).
 bool DirectConvApplies(const torch::nn::Conv2dImpl& conv, const at::Tensor& x);
 
 // Whether Conv3x3 takes the direct kernel's weight gradient for this module
 // and input (true wherever DirectConvApplies is, but for a stem; also for
-// 128 channels and for 64 at larger sizes, whose output and input gradient
-// stay ATen's).
+// 128 channels and for 64 at larger sizes where Winograd's does not apply,
+// whose output and input gradient stay ATen's).
 bool DirectWeightGradApplies(const torch::nn::Conv2dImpl& conv,
                              const at::Tensor& x);
 

@@ -9,18 +9,16 @@
 #include <tuple>
 #include <vector>
 
+#include "tests/worker/conv_test_util.h"
+
 namespace momentum::worker {
 namespace {
 
 namespace nn = torch::nn;
 
-bool CpuHasAvx512() {
-#if defined(__x86_64__) && defined(__GNUC__)
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
-#else
-  return false;
-#endif
-}
+using conv_testing::CpuHasAvx512;
+using conv_testing::RandomNhwc;
+using conv_testing::RelativeError;
 
 struct Shape {
   int64_t n, in, out, h, w;
@@ -37,9 +35,7 @@ struct Shape {
 };
 
 std::string Name(const Shape& s) {
-  return std::to_string(s.n) + "x" + std::to_string(s.in) + "->" +
-         std::to_string(s.out) + "@" + std::to_string(s.h) + "x" +
-         std::to_string(s.w);
+  return conv_testing::ShapeName(s.n, s.in, s.out, s.h, s.w);
 }
 
 nn::Conv2d MakeConv(int64_t in, int64_t out) {
@@ -51,28 +47,17 @@ nn::Conv2d MakeConv(int64_t in, int64_t out) {
   return conv;
 }
 
-// Random [n, c, h, w] in channels_last, as the trainer's activations.
-at::Tensor RandomNhwc(int64_t n, int64_t c, int64_t h, int64_t w) {
-  return at::randn({n, c, h, w}).contiguous(at::MemoryFormat::ChannelsLast);
-}
-
 struct Result {
   at::Tensor out, dx, dweight;
 };
 
-// The weight gradient summed in float64, and how far `dweight` is from it,
-// relative to its largest element.
+// The weight gradient summed in float64.
 at::Tensor WeightGrad64(const at::Tensor& x, const at::Tensor& grad,
                         const at::Tensor& weight) {
   return std::get<1>(at::convolution_backward(
       grad.to(at::kDouble), x.to(at::kDouble), weight.to(at::kDouble),
       std::nullopt, {1, 1}, {1, 1}, {1, 1}, false, {0, 0}, 1,
       {false, true, false}));
-}
-double RelativeError(const at::Tensor& dweight, const at::Tensor& exact) {
-  return ((dweight.to(at::kDouble) - exact).abs().max() /
-          exact.abs().max().clamp_min(1e-30))
-      .item<double>();
 }
 
 // The direct weight gradient sums each image's pixels, then the images in
@@ -236,7 +221,8 @@ TEST(DirectWeightGradTest, AtenDataDirectWeights) {
   const int threads = at::get_num_threads();
   for (const int t : {1, 2}) {
     at::set_num_threads(t);
-    for (const Shape& s : {Shape{4, 128, 128, 4, 4}, Shape{2, 64, 64, 28, 28},
+    // Odd sizes: even ones of 64 channels or more take Winograd's.
+    for (const Shape& s : {Shape{4, 128, 128, 5, 5}, Shape{2, 64, 64, 27, 28},
                            Shape{3, 64, 128, 5, 7}, Shape{2, 128, 16, 3, 2}}) {
       torch::manual_seed(14);
       const at::Tensor x = RandomNhwc(s.n, s.in, s.h, s.w);
