@@ -16,7 +16,9 @@ product and on two large channels_last 3x3 convolutions (128 channels at
 14 x 14, 64 at 7 x 7, batch 64 and 128: oneDNN's kernels at their best), and
 prints the GFLOP/s per core the rate R means and its share of that peak. A
 share near 1 means no implementation of the same arithmetic can be much
-faster on these cores.
+faster on these cores. The count is the direct sums': our worker computes
+the wide 3x3 layers by Winograd's F(2x2, 3x3) (worker/winograd.h), which
+takes 4/9 of their multiply-adds, so its share can pass 1.
 """
 
 import argparse

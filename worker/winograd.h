@@ -18,22 +18,24 @@
 // V[p]^T (A dy A^T)[p]) G, the transpose of each step.
 //
 // The results differ from oneDNN's direct sums by rounding, and are the
-// closer of the two to float64 (a quarter to a third of oneDNN's largest
-// error, relative to the largest element: 64 channels at 28x28, forward
-// 3.7e-7 against 1.1e-6, input gradient 4.1e-7 against 1.2e-6, weight
-// gradient 8.1e-7 against 2.3e-6; 512 at 4x4: 4.5e-7 against 2.5e-6).
+// closer of the two to float64 (a third of oneDNN's largest error or less,
+// relative to the largest element: 64 channels at 28x28, forward 3.9e-7
+// against 1.2e-6, input gradient 3.7e-7 against 1.2e-6, weight gradient
+// 6.3e-7 against 1.8e-6; 512 at 4x4, forward 5.0e-7 against 2.8e-6).
 // F(2x2, 3x3) only: the larger tiles, F(4x4, 3x3), save more multiplications
-// but their transforms' constants (up to 5 and 1/24) make errors grow about
-// tenfold.
+// but their transforms carry constants from 5 down to 1/24, which round worse
+// (not tried here).
 //
 // x and the output's gradient: [N, C, H, W], channels_last (NHWC), float32;
 // weight [K, C, 3, 3]; C and K multiples of 16. Odd sizes work (the last
 // tile row and column hang over the edge and are partly thrown away) but
 // waste up to a quarter of the work: direct_conv.cc takes this path for even
-// sizes and 64 or more channels, where it is the fastest (one core of an AMD
-// EPYC, batch 128, ms, oneDNN -> ours: 64 channels at 28x28 forward 63 ->
-// 49, 128 at 14x14 61 -> 42, 512 at 4x4 73 -> 65, weight gradient 128 at
-// 14x14 66 -> 45, 512 at 4x4 104-125 -> 62-85).
+// sizes and 64 or more channels, where it is the fastest. One core of an AMD
+// EPYC (AVX-512), batch 128, in one process, oneDNN -> ours, ms: 64
+// channels at 28x28 forward 63 -> 51, input gradient 64 -> 52, weight
+// gradient 73 -> 65; 128 at 14x14 62 -> 44, 62 -> 44, 66 -> 44; 512 at 4x4
+// 76 -> 56, 71 -> 54, 103 -> 62. At 7x7 (256 channels) it was no faster:
+// 56 -> 59 forward.
 #ifndef MOMENTUM_WORKER_WINOGRAD_H_
 #define MOMENTUM_WORKER_WINOGRAD_H_
 
