@@ -282,19 +282,58 @@ at::Tensor Convolve(const at::Tensor& x, const at::Tensor& U) {
   return y;
 }
 
+// The kernels' preconditions: an NHWC float32 CPU tensor of `channels`
+// (a multiple of 16) channels; `what` names it in the error.
+void CheckActivation(const at::Tensor& t, int64_t channels, const char* what) {
+  TORCH_CHECK(t.defined() && t.device().is_cpu() &&
+                  t.scalar_type() == at::kFloat && t.dim() == 4 &&
+                  t.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "Winograd convolution: ", what,
+              " must be a 4-d channels_last float32 CPU tensor");
+  TORCH_CHECK(t.size(1) == channels, "Winograd convolution: ", what, " has ",
+              t.size(1), " channels; the weights need ", channels);
+  TORCH_CHECK(channels % 16 == 0, "Winograd convolution: ", what, " has ",
+              channels, " channels, not a multiple of 16");
+}
+
+void CheckWeight(const at::Tensor& w) {
+  TORCH_CHECK(w.defined() && w.device().is_cpu() &&
+                  w.scalar_type() == at::kFloat && w.dim() == 4 &&
+                  w.size(2) == 3 && w.size(3) == 3,
+              "Winograd convolution: the weights must be [K, C, 3, 3] float32 "
+              "on the CPU");
+}
+
 }  // namespace
 
 at::Tensor WinogradForward(const at::Tensor& x, const at::Tensor& weight) {
+  CheckWeight(weight);
+  CheckActivation(x, weight.size(1), "the input");
+  TORCH_CHECK(weight.size(0) % 16 == 0,
+              "Winograd convolution: ", weight.size(0),
+              " output channels, not a multiple of 16");
   return Convolve(x, TransformWeights(weight));
 }
 
 at::Tensor WinogradInputGrad(const at::Tensor& grad, const at::Tensor& weight) {
+  CheckWeight(weight);
+  CheckActivation(grad, weight.size(0), "the output's gradient");
+  TORCH_CHECK(weight.size(1) % 16 == 0,
+              "Winograd convolution: ", weight.size(1),
+              " input channels, not a multiple of 16");
   // The convolution of the output's gradient with the weights turned 180
   // degrees, input and output channels swapped.
   return Convolve(grad, TransformWeights(weight.flip({2, 3}).transpose(0, 1)));
 }
 
 at::Tensor WinogradWeightGrad(const at::Tensor& x, const at::Tensor& grad) {
+  CheckActivation(x, x.size(1), "the input");
+  CheckActivation(grad, grad.size(1), "the output's gradient");
+  TORCH_CHECK(x.size(0) == grad.size(0) && x.size(2) == grad.size(2) &&
+                  x.size(3) == grad.size(3),
+              "Winograd convolution: the input ", x.sizes(),
+              " and the output's gradient ", grad.sizes(),
+              " differ in batch or size");
   const Geometry g(x);
   const int64_t C = x.size(1), K = grad.size(1);
   const int64_t tb = ChunkTiles(C, K, g.tiles);

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <functional>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -130,6 +131,44 @@ TEST(WinogradConvTest, Conv3x3TakesItForWideEvenLayers) {
     // And not the same bits as oneDNN's: it did run.
     EXPECT_FALSE(at::equal(out.detach(), conv->forward(x0))) << Name(s);
   }
+}
+
+// Called directly with what the kernels cannot take: a clear error, no
+// out-of-bounds reads.
+TEST(WinogradConvTest, RejectsWhatItCannotTake) {
+  if (!CpuHasAvx512()) GTEST_SKIP() << "no AVX-512 on this CPU";
+  const at::Tensor w = at::randn({64, 64, 3, 3});
+  const auto message = [](const std::function<void()>& f) {
+    try {
+      f();
+    } catch (const c10::Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  EXPECT_NE(message([&] {
+              WinogradForward(at::randn({2, 64, 4, 4}), w);
+            }).find("channels_last"),
+            std::string::npos);
+  EXPECT_NE(message([&] {
+              WinogradForward(RandomNhwc(2, 48, 4, 4), w);
+            }).find("48 channels; the weights need 64"),
+            std::string::npos);
+  EXPECT_NE(
+      message([&] {
+        WinogradForward(RandomNhwc(2, 24, 4, 4), at::randn({64, 24, 3, 3}));
+      }).find("multiple of 16"),
+      std::string::npos);
+  EXPECT_NE(
+      message([&] {
+        WinogradInputGrad(RandomNhwc(2, 72, 4, 4), at::randn({72, 64, 3, 3}));
+      }).find("72"),
+      std::string::npos);
+  EXPECT_NE(message([&] {
+              WinogradWeightGrad(RandomNhwc(2, 64, 4, 4),
+                                 RandomNhwc(2, 64, 4, 6));
+            }).find("differ in batch or size"),
+            std::string::npos);
 }
 
 TEST(WinogradConvTest, NotForNarrowOddOrUnevenChannels) {
