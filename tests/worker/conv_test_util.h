@@ -3,9 +3,12 @@
 #ifndef MOMENTUM_TESTS_WORKER_CONV_TEST_UTIL_H_
 #define MOMENTUM_TESTS_WORKER_CONV_TEST_UTIL_H_
 
+#include <ATen/Parallel.h>
+#include <gtest/gtest.h>
 #include <torch/torch.h>
 
 #include <string>
+#include <tuple>
 
 namespace momentum::worker::conv_testing {
 
@@ -37,6 +40,20 @@ inline double RelativeError(const at::Tensor& a, const at::Tensor& exact) {
           exact.abs().max().clamp_min(1e-30))
       .item<double>();
 }
+
+// A test over (intra-op threads, shape): runs on that many threads and
+// restores the count after.
+template <class Shape>
+class ThreadsAndShape
+    : public ::testing::TestWithParam<std::tuple<int, Shape>> {
+ protected:
+  void SetUp() override { at::set_num_threads(std::get<0>(this->GetParam())); }
+  void TearDown() override { at::set_num_threads(threads_); }
+  Shape shape() const { return std::get<1>(this->GetParam()); }
+
+ private:
+  const int threads_ = at::get_num_threads();
+};
 
 }  // namespace momentum::worker::conv_testing
 

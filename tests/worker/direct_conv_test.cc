@@ -78,18 +78,10 @@ Result RunOnce(bool direct, const Shape& s, const at::Tensor& x0,
           conv->weight.grad()};
 }
 
-class DirectConvTest : public ::testing::TestWithParam<std::tuple<int, Shape>> {
- protected:
-  void SetUp() override {
-    threads_ = at::get_num_threads();
-    at::set_num_threads(std::get<0>(GetParam()));
-  }
-  void TearDown() override { at::set_num_threads(threads_); }
-  int threads_ = 1;
-};
+using DirectConvTest = conv_testing::ThreadsAndShape<Shape>;
 
 TEST_P(DirectConvTest, EqualsAtenAndFloat64) {
-  const Shape s = std::get<1>(GetParam());
+  const Shape s = shape();
   torch::manual_seed(11);
   const at::Tensor x = RandomNhwc(s.n, s.in, s.h, s.w);
   const at::Tensor grad = RandomNhwc(s.n, s.out, s.h, s.w);
@@ -149,7 +141,7 @@ TEST_P(DirectConvTest, EqualsAtenAndFloat64) {
 // No gradient for the input (the first layer of a frozen stem), and none at
 // all (the key encoder).
 TEST_P(DirectConvTest, WeightGradientAloneAndNoGrad) {
-  const Shape s = std::get<1>(GetParam());
+  const Shape s = shape();
   torch::manual_seed(12);
   const at::Tensor x = RandomNhwc(s.n, s.in, s.h, s.w);
   const at::Tensor grad = RandomNhwc(s.n, s.out, s.h, s.w);

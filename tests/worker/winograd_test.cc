@@ -51,21 +51,18 @@ Exact Float64(const at::Tensor& x, const at::Tensor& weight,
   return {out, dx, dw};
 }
 
-class WinogradTest : public ::testing::TestWithParam<std::tuple<int, Shape>> {
+class WinogradTest : public conv_testing::ThreadsAndShape<Shape> {
  protected:
   void SetUp() override {
     if (!CpuHasAvx512()) GTEST_SKIP() << "no AVX-512 on this CPU";
-    threads_ = at::get_num_threads();
-    at::set_num_threads(std::get<0>(GetParam()));
+    ThreadsAndShape::SetUp();
   }
-  void TearDown() override { at::set_num_threads(threads_); }
-  int threads_ = 1;
 };
 
 // The three passes called directly, on even and odd sizes, against the
 // float64 sums; and the same bits on any number of threads.
 TEST_P(WinogradTest, EqualsFloat64) {
-  const Shape s = std::get<1>(GetParam());
+  const Shape s = shape();
   torch::manual_seed(21);
   const at::Tensor x = RandomNhwc(s.n, s.in, s.h, s.w);
   const at::Tensor grad = RandomNhwc(s.n, s.out, s.h, s.w);
