@@ -3,6 +3,8 @@
 #ifndef MOMENTUM_TESTS_WORKER_THREAD_RANKS_H_
 #define MOMENTUM_TESTS_WORKER_THREAD_RANKS_H_
 
+#include <stdlib.h>
+
 #include <chrono>
 #include <functional>
 #include <mutex>
@@ -17,9 +19,18 @@ namespace momentum::worker::testing {
 
 // Calls body(rank, group) on one thread per rank and joins them. Returns the
 // first error of a rank that could not join the group (its body is skipped).
+//
+// Turns off c10d's flight recorder for the process: in torch 2.11 its
+// record() adds a new group to a std::map before taking its lock, so the
+// first collectives of two groups of one process, started at once from two
+// threads, can corrupt the map (a segfault in _Rb_tree_insert_and_rebalance
+// under ProcessGroupGloo::enqueue, seen in moco_dist_test and
+// grad_averager_test). A worker process holds one group, so it never races.
+// The recorder reads the variable when it is first used, before any group.
 inline absl::Status RunRanks(
     int64_t world, std::chrono::milliseconds timeout,
     const std::function<void(int64_t, ProcessGroup&)>& body) {
+  setenv("TORCH_FR_BUFFER_SIZE", "0", /*overwrite=*/1);
   c10d::TCPStoreOptions server_options;
   server_options.port = 0;
   server_options.isServer = true;
