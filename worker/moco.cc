@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <future>
 
+#include "worker/grad_averager.h"
 #include "worker/process_group.h"
 
 namespace momentum::worker {
@@ -75,6 +76,20 @@ Moco::Moco(const MocoOptions& options, at::Generator generator)
   encoder_k_->train();
 }
 
+Moco::~Moco() = default;
+
+void Moco::SetProcessGroup(ProcessGroup* group) {
+  group_ = group;
+  ResetAverager();
+}
+
+void Moco::ResetAverager() {
+  averager_.reset();  // its hooks go first
+  if (group_ != nullptr && group_->world_size() > 1) {
+    averager_ = std::make_unique<GradientAverager>(group_, params_q_);
+  }
+}
+
 void Moco::To(const RankDevice& where) {
   where_ = where;
   // Tensor::to keeps the channels_last layout the constructor gave them.
@@ -83,6 +98,7 @@ void Moco::To(const RankDevice& where) {
   queue_ = queue_.to(where.device);
   params_q_ = encoder_q_->parameters();
   params_k_ = encoder_k_->parameters();
+  ResetAverager();
 }
 
 at::Tensor Moco::Encode(ResNet& encoder, const at::Tensor& x) {
@@ -164,12 +180,7 @@ at::Tensor Moco::EncodeKeysAcrossRanks(const at::Tensor& x_k,
 }
 
 absl::Status Moco::AverageGradients() {
-  if (group_ == nullptr || group_->world_size() == 1) return absl::OkStatus();
-  std::vector<at::Tensor> grads;
-  for (const at::Tensor& p : params_q_) {
-    if (p.grad().defined()) grads.push_back(p.grad());
-  }
-  return group_->AllReduceMean(grads);
+  return averager_ == nullptr ? absl::OkStatus() : averager_->Finish();
 }
 
 at::Tensor Moco::EncodeQueries(const at::Tensor& x_q) {

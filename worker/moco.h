@@ -27,6 +27,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -36,6 +37,7 @@
 
 namespace momentum::worker {
 
+class GradientAverager;
 class ProcessGroup;
 
 struct MocoOptions {
@@ -78,6 +80,9 @@ class Moco {
   // first), copies it into the key encoder and draws the queue from
   // `generator`.
   Moco(const MocoOptions& options, at::Generator generator);
+  ~Moco();
+  Moco(const Moco&) = delete;
+  Moco& operator=(const Moco&) = delete;
 
   struct Output {
     at::Tensor loss;    // scalar, with grad to the query encoder
@@ -99,8 +104,9 @@ class Moco {
   // Makes this model one rank of `group` (not owned; may be null for one
   // process). With more than one rank, EncodeKeys() shuffles BatchNorm across
   // the ranks, Forward() returns the group's keys for Enqueue(), and
-  // AverageGradients() averages the query encoder's gradients.
-  void SetProcessGroup(ProcessGroup* group) { group_ = group; }
+  // AverageGradients() averages the query encoder's gradients, whose
+  // buckets start during the backward pass (worker/grad_averager.h).
+  void SetProcessGroup(ProcessGroup* group);
   ProcessGroup* process_group() const { return group_; }
 
   // Moves both encoders (their 4-d weights channels_last on every device)
@@ -127,7 +133,9 @@ class Moco {
   at::Tensor EncodeKeysAcrossRanks(const at::Tensor& x_k,
                                    const at::Tensor& perm);
   // Averages the query encoder's gradients over the ranks, in buckets
-  // (no-op with one rank). Collective.
+  // (no-op with one rank); call once after each backward pass, whose hooks
+  // started the buckets of the gradients it completed (grad_averager.h).
+  // Collective.
   absl::Status AverageGradients();
   // Normalised queries, with grad.
   at::Tensor EncodeQueries(const at::Tensor& x_q);
@@ -176,9 +184,13 @@ class Moco {
   std::vector<int64_t> queue_slot_steps_;  // K entries
   std::vector<at::Tensor> params_q_, params_k_;
   ProcessGroup* group_ = nullptr;
+  // With more than one rank: the query encoder's gradients' hooks.
+  std::unique_ptr<GradientAverager> averager_;
   RankDevice where_;
   // `tensor` on where_.device (itself when it is there, or undefined).
   at::Tensor OnModelDevice(const at::Tensor& tensor) const;
+  // A fresh averager of params_q_ over group_ (none with one rank).
+  void ResetAverager();
   // encoder->forward(x) under the autocast of where_, as float32.
   at::Tensor Encode(ResNet& encoder, const at::Tensor& x);
 };

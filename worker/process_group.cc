@@ -347,17 +347,38 @@ absl::StatusOr<std::unique_ptr<ProcessGroup>> ProcessGroup::Join(
       new ProcessGroup(options, std::move(impl)));
 }
 
+PendingAllReduce::PendingAllReduce() = default;
+PendingAllReduce::PendingAllReduce(PendingAllReduce&&) noexcept = default;
+PendingAllReduce& PendingAllReduce::operator=(PendingAllReduce&&) noexcept =
+    default;
+PendingAllReduce::~PendingAllReduce() = default;
+
+absl::Status ProcessGroup::CheckUsable(absl::string_view op) const {
+  if (broken_.ok()) return absl::OkStatus();
+  return absl::FailedPreconditionError(
+      absl::StrCat(RankContext(op, rank_, world_size_),
+                   ": the process group failed earlier and cannot be used: ",
+                   broken_.message()));
+}
+
 template <typename StartFn>
-absl::Status ProcessGroup::RunCollective(absl::string_view op, StartFn start) {
-  const std::string context = RankContext(op, rank_, world_size_);
-  if (!broken_.ok()) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        context, ": the process group failed earlier and cannot be used: ",
-        broken_.message()));
+absl::StatusOr<c10::intrusive_ptr<c10d::Work>> ProcessGroup::StartCollective(
+    absl::string_view op, StartFn start) {
+  MOMENTUM_RETURN_IF_ERROR(CheckUsable(op));
+  try {
+    return start();
+  } catch (...) {
+    broken_ = StatusFromException(std::current_exception(),
+                                  RankContext(op, rank_, world_size_));
+    return broken_;
   }
+}
+
+absl::Status ProcessGroup::WaitCollective(
+    absl::string_view op, const c10::intrusive_ptr<c10d::Work>& work) {
+  MOMENTUM_RETURN_IF_ERROR(CheckUsable(op));
   const auto begin = std::chrono::steady_clock::now();
   try {
-    c10::intrusive_ptr<c10d::Work> work = start();
     if (impl_->device.is_cuda()) {
       // NCCL: the current stream waits for the collective, the host does
       // not (a wait with a timeout would block the host until the device is
@@ -370,13 +391,21 @@ absl::Status ProcessGroup::RunCollective(absl::string_view op, StartFn start) {
       work->wait(2 * timeout_);
     }
   } catch (...) {
-    broken_ = StatusFromException(std::current_exception(), context);
+    broken_ = StatusFromException(std::current_exception(),
+                                  RankContext(op, rank_, world_size_));
     return broken_;
   }
   collective_seconds_ +=
       std::chrono::duration<double>(std::chrono::steady_clock::now() - begin)
           .count();
   return absl::OkStatus();
+}
+
+template <typename StartFn>
+absl::Status ProcessGroup::RunCollective(absl::string_view op, StartFn start) {
+  MOMENTUM_ASSIGN_OR_RETURN(c10::intrusive_ptr<c10d::Work> work,
+                            StartCollective(op, start));
+  return WaitCollective(op, work);
 }
 
 absl::StatusOr<at::Tensor> ProcessGroup::AllGather(const at::Tensor& local) {
@@ -480,26 +509,54 @@ absl::Status ProcessGroup::AllReduceBucket(std::vector<at::Tensor>& tensors,
     for (size_t i = begin; i < end; ++i) {
       pieces.push_back(tensors[i].reshape(-1));
     }
-    flat = OnBackendDevice(at::cat(pieces));
+    flat = at::cat(pieces);
   }
-  // Divided before the sum, as DistributedDataParallel does: with three or
-  // more ranks the rounding then matches PyTorch's bit for bit.
-  flat.div_(world_size_);
-  std::vector<at::Tensor> buffers{flat};
-  c10d::AllreduceOptions opts;
-  opts.reduceOp = c10d::ReduceOp::SUM;
-  opts.timeout = timeout_;
-  MOMENTUM_RETURN_IF_ERROR(RunCollective("AllReduceMean", [&] {
-    return impl_->backend->allreduce(buffers, opts);
-  }));
+  MOMENTUM_ASSIGN_OR_RETURN(PendingAllReduce pending, StartAllReduceMean(flat));
+  MOMENTUM_RETURN_IF_ERROR(Wait(pending));
   if (!in_place) {
     int64_t offset = 0;
     for (size_t i = begin; i < end; ++i) {
       const int64_t n = tensors[i].numel();
-      tensors[i].copy_(flat.narrow(0, offset, n).view(tensors[i].sizes()));
+      tensors[i].copy_(
+          pending.buffer().narrow(0, offset, n).view(tensors[i].sizes()));
       offset += n;
     }
   }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<PendingAllReduce> ProcessGroup::StartAllReduceMean(
+    at::Tensor flat) {
+  if (!flat.defined() || !at::isFloatingType(flat.scalar_type()) ||
+      !flat.is_contiguous()) {
+    return absl::InvalidArgumentError(
+        "StartAllReduceMean needs a contiguous floating-point tensor");
+  }
+  PendingAllReduce pending;
+  if (is_local()) {
+    pending.buffer_ = std::move(flat);
+    return pending;
+  }
+  at::NoGradGuard no_grad;
+  pending.buffer_ = OnBackendDevice(flat);
+  // Divided before the sum, as DistributedDataParallel does: with three or
+  // more ranks the rounding then matches PyTorch's bit for bit.
+  pending.buffer_.div_(world_size_);
+  std::vector<at::Tensor> buffers{pending.buffer_};
+  c10d::AllreduceOptions opts;
+  opts.reduceOp = c10d::ReduceOp::SUM;
+  opts.timeout = timeout_;
+  MOMENTUM_ASSIGN_OR_RETURN(pending.work_,
+                            StartCollective("AllReduceMean", [&] {
+                              return impl_->backend->allreduce(buffers, opts);
+                            }));
+  return pending;
+}
+
+absl::Status ProcessGroup::Wait(PendingAllReduce& pending) {
+  if (pending.work_ == nullptr) return absl::OkStatus();
+  MOMENTUM_RETURN_IF_ERROR(WaitCollective("AllReduceMean", pending.work_));
+  pending.work_.reset();
   return absl::OkStatus();
 }
 

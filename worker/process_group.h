@@ -31,6 +31,7 @@
 
 namespace c10d {
 class Store;
+class Work;
 }  // namespace c10d
 
 namespace momentum::worker {
@@ -70,6 +71,28 @@ struct DistOptions {
 // variable and its rule when one is malformed, e.g.
 //   RANK must be an integer in [0, WORLD_SIZE), got "x"
 absl::StatusOr<DistOptions> DistOptionsFromEnv();
+
+class ProcessGroup;
+
+// A mean all-reduce started by ProcessGroup::StartAllReduceMean and not yet
+// waited for. Movable; destroying one unwaited leaves the collective running
+// on the backend's threads (which keep its buffer alive).
+class PendingAllReduce {
+ public:
+  PendingAllReduce();
+  PendingAllReduce(PendingAllReduce&&) noexcept;
+  PendingAllReduce& operator=(PendingAllReduce&&) noexcept;
+  ~PendingAllReduce();
+
+  // The buffer that holds the mean once ProcessGroup::Wait() returns OK: the
+  // tensor given to StartAllReduceMean, or its copy on the backend's device.
+  const at::Tensor& buffer() const { return buffer_; }
+
+ private:
+  friend class ProcessGroup;
+  at::Tensor buffer_;
+  c10::intrusive_ptr<c10d::Work> work_;
+};
 
 // One rank's handle on the process group of a job. Thread-compatible: one
 // thread calls it. Lifecycle: Create() joins the group (blocking until every
@@ -123,11 +146,25 @@ class ProcessGroup {
   absl::Status AllReduceMean(std::vector<at::Tensor>& tensors,
                              int64_t bucket_bytes = kDefaultBucketBytes);
 
+  // Starts the mean all-reduce of one dense tensor and returns at once; the
+  // backend's threads run it while the caller goes on (the gradients of a
+  // backward pass, worker/grad_averager.h). `flat` (contiguous) is divided by
+  // the rank count in place first, as AllReduceMean does; the result is in
+  // pending.buffer() after Wait(). Collectives are matched in the order they
+  // start, so every rank must start them in the same order. With one rank,
+  // returns at once and the buffer is `flat`.
+  absl::StatusOr<PendingAllReduce> StartAllReduceMean(at::Tensor flat);
+  // Blocks until `pending` is done on this rank, with the errors and the
+  // timeout of the blocking collectives; the time spent here counts in
+  // collective_seconds(). A pending collective of one rank is done.
+  absl::Status Wait(PendingAllReduce& pending);
+
   // Returns once every rank has called Barrier().
   absl::Status Barrier();
 
   // Wall seconds this rank has spent inside collectives so far, waiting for
-  // slower ranks included: the communication share of a training step.
+  // slower ranks included: the communication share of a training step (of
+  // a started all-reduce, the time spent in Wait()).
   double collective_seconds() const { return collective_seconds_; }
 
  private:
@@ -141,6 +178,15 @@ class ProcessGroup {
                                size_t end);
   template <typename StartFn>
   absl::Status RunCollective(absl::string_view op, StartFn start);
+  // FAILED_PRECONDITION naming `op` once the group is broken.
+  absl::Status CheckUsable(absl::string_view op) const;
+  // The two halves of RunCollective: the work `start` returned, or the error
+  // that broke the group; and the wait for it.
+  template <typename StartFn>
+  absl::StatusOr<c10::intrusive_ptr<c10d::Work>> StartCollective(
+      absl::string_view op, StartFn start);
+  absl::Status WaitCollective(absl::string_view op,
+                              const c10::intrusive_ptr<c10d::Work>& work);
 
   // `tensor` on the backend's device: itself, or a copy there.
   at::Tensor OnBackendDevice(const at::Tensor& tensor) const;
