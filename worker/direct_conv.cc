@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <array>
+#include <optional>
 #include <tuple>
 #include <variant>
 #include <vector>
@@ -400,32 +401,48 @@ bool Eligible(const torch::nn::Conv2dImpl& conv, const at::Tensor& x) {
   return !at::autocast::is_autocast_enabled(at::kCPU) && CpuHasAvx512();
 }
 
-}  // namespace
-
-bool WinogradApplies(const torch::nn::Conv2dImpl& conv, const at::Tensor& x) {
-  // 64 channels or more in and out (where the GEMMs run near the core's
-  // peak), even sizes (an odd size's last tiles are half outside).
+// Which of our kernels Conv3x3 runs for this module and input, or nullopt
+// for ATen's convolution. kAtenData: only the weight gradient is ours (when
+// the weights need one).
+std::optional<Path> PickPath(const torch::nn::Conv2dImpl& conv,
+                             const at::Tensor& x) {
+  if (!Eligible(conv, x)) return std::nullopt;
   const int64_t channels = x.size(1), out = conv.weight.size(0);
-  return Eligible(conv, x) && channels >= 64 && channels % 16 == 0 &&
-         out >= 64 && out % 16 == 0 && x.size(2) % 2 == 0 && x.size(3) % 2 == 0;
-}
-
-bool DirectConvApplies(const torch::nn::Conv2dImpl& conv, const at::Tensor& x) {
-  if (!Eligible(conv, x) || WinogradApplies(conv, x)) return false;
-  // Where it is the faster of the two on the cores measured (AMD EPYC,
-  // AVX-512, one thread, ATen first, ms): 16 and 32 input channels at every
-  // size (16 at 28x28: 4.8 -> 4.0, 32 at 28x28: 18.1 -> 17.0), 64 up to
-  // 14x14 (16.2 -> 15.6); at 64 and 28x28 oneDNN is faster (64.7 -> 65.8).
-  const int64_t channels = x.size(1);
+  // Winograd: 64 channels or more in and out (where the GEMMs run near the
+  // core's peak), even sizes (an odd size's last tiles are half outside).
+  if (channels >= 64 && channels % 16 == 0 && out >= 64 && out % 16 == 0 &&
+      x.size(2) % 2 == 0 && x.size(3) % 2 == 0) {
+    return Path::kWinograd;
+  }
+  // The direct kernel where it is the faster of the two on the cores
+  // measured (AMD EPYC, AVX-512, one thread, ATen first, ms): 16 and 32
+  // input channels at every size (16 at 28x28: 4.8 -> 4.0, 32 at 28x28:
+  // 18.1 -> 17.0), 64 up to 14x14 (16.2 -> 15.6); at 64 and 28x28 oneDNN is
+  // faster (64.7 -> 65.8).
   const bool faster = channels <= 32 || x.size(2) * x.size(3) <= 14 * 14;
   const bool in_ok = DirectChannels(channels) ||
                      (StemChannels(channels) && !x.requires_grad());
-  return in_ok && DirectChannels(conv.weight.size(0)) && faster;
+  if (in_ok && DirectChannels(out) && faster) return Path::kDirect;
+  if (WeightGradChannels(channels) && WeightGradChannels(out)) {
+    return Path::kAtenData;
+  }
+  return std::nullopt;
+}
+
+}  // namespace
+
+bool WinogradApplies(const torch::nn::Conv2dImpl& conv, const at::Tensor& x) {
+  return PickPath(conv, x) == Path::kWinograd;
+}
+
+bool DirectConvApplies(const torch::nn::Conv2dImpl& conv, const at::Tensor& x) {
+  return PickPath(conv, x) == Path::kDirect;
 }
 
 bool DirectWeightGradApplies(const torch::nn::Conv2dImpl& conv,
                              const at::Tensor& x) {
-  return Eligible(conv, x) && !WinogradApplies(conv, x) &&
+  const std::optional<Path> path = PickPath(conv, x);
+  return (path == Path::kDirect || path == Path::kAtenData) &&
          WeightGradChannels(x.size(1)) &&
          WeightGradChannels(conv.weight.size(0));
 }
@@ -433,18 +450,14 @@ bool DirectWeightGradApplies(const torch::nn::Conv2dImpl& conv,
 at::Tensor Conv3x3(torch::nn::Conv2dImpl& conv, const at::Tensor& x,
                    bool direct) {
   if (!direct) return conv.forward(x);
-  if (WinogradApplies(conv, x)) {
-    return DirectConvFunction::apply(x, conv.weight,
-                                     static_cast<int64_t>(Path::kWinograd));
+  const std::optional<Path> path = PickPath(conv, x);
+  if (path == Path::kAtenData &&
+      (!conv.weight.requires_grad() || !at::GradMode::is_enabled())) {
+    return conv.forward(x);  // nothing of ours would run
   }
-  if (DirectConvApplies(conv, x)) {
+  if (path.has_value()) {
     return DirectConvFunction::apply(x, conv.weight,
-                                     static_cast<int64_t>(Path::kDirect));
-  }
-  if (DirectWeightGradApplies(conv, x) && conv.weight.requires_grad() &&
-      at::GradMode::is_enabled()) {
-    return DirectConvFunction::apply(x, conv.weight,
-                                     static_cast<int64_t>(Path::kAtenData));
+                                     static_cast<int64_t>(*path));
   }
   return conv.forward(x);
 }
