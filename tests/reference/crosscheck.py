@@ -212,6 +212,19 @@ def parse_steps(init, cfg):
     return out
 
 
+def to_dtype(ref, cfg, dtype):
+    """Moves a reference built by build_from_init to `dtype` (its encoders,
+    queue and a fresh optimiser of the moved parameters); float32 stays."""
+    if dtype == torch.float32:
+        return
+    ref.encoder_q.to(dtype)
+    ref.encoder_k.to(dtype)
+    ref.queue = ref.queue.to(dtype)
+    ref.optimizer = torch.optim.SGD(ref.encoder_q.parameters(), lr=0.0,
+                                    momentum=cfg["sgd_momentum"],
+                                    weight_decay=cfg["weight_decay"])
+
+
 def run_reference(init, dtype=torch.float32):
     """Runs INIT's steps through MocoRef; returns a RESULT-shaped dict.
 
@@ -219,13 +232,7 @@ def run_reference(init, dtype=torch.float32):
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     ref, cfg = build_from_init(init)
-    if dtype != torch.float32:
-        ref.encoder_q.to(dtype)
-        ref.encoder_k.to(dtype)
-        ref.queue = ref.queue.to(dtype)
-        ref.optimizer = torch.optim.SGD(ref.encoder_q.parameters(), lr=0.0,
-                                        momentum=cfg["sgd_momentum"],
-                                        weight_decay=cfg["weight_decay"])
+    to_dtype(ref, cfg, dtype)
     losses = []
     for s in parse_steps(init, cfg):
         losses.append(ref.step(s["query"].to(dtype), s["key"].to(dtype), s["perm"],
@@ -345,7 +352,7 @@ def format_report(ok, rows, problems, rtol, show=15):
     return "\n".join(lines)
 
 
-def conditioning_note(init, result, reference, rtol):
+def conditioning_note(init, result, reference, rtol, ref64=None):
     """After a mismatch: how far is the float32 reference itself from float64?
 
     MoCo steps are not smooth (ReLU kinks, max-pool ties): one activation that
@@ -356,8 +363,10 @@ def conditioning_note(init, result, reference, rtol):
     Returns (text, result_matches_float64): the second is True when the float32
     reference is ill-conditioned (not within rtol/10 of float64) and RESULT is
     within rtol of the float64 run in every tensor. Then RESULT is the closer of
-    the two to the exact step, and the float64 run decides."""
-    ref64 = run_reference(init, torch.float64)
+    the two to the exact step, and the float64 run decides. `ref64`: the
+    float64 run when the caller has made it (crosscheck_dist.py's ranks)."""
+    if ref64 is None:
+        ref64 = run_reference(init, torch.float64)
     _, rows32, _ = compare(reference, ref64, rtol)
     w32 = max(rows32, key=lambda r: r.rel)
     ill_conditioned = w32.rel > rtol / 10
