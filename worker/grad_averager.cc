@@ -13,21 +13,6 @@
 #include "common/status_macros.h"
 
 namespace momentum::worker {
-namespace {
-
-// `tensor`'s elements in the order they lie in memory, as a 1-d view when
-// its layout allows (contiguous or channels_last, as gradients are), else a
-// copy. Every rank lays out a parameter's gradient alike, so the buckets'
-// elements line up across the ranks.
-at::Tensor FlatInMemoryOrder(const at::Tensor& tensor) {
-  if (tensor.is_non_overlapping_and_dense()) {
-    return tensor.as_strided({tensor.numel()}, {1}, tensor.storage_offset());
-  }
-  return tensor.reshape(-1);
-}
-
-}  // namespace
-
 class GradientAverager::ReadyHook
     : public torch::autograd::PostAccumulateGradHook {
  public:
@@ -107,44 +92,18 @@ void GradientAverager::StartReadyBuckets() {
 
 absl::Status GradientAverager::StartBucket(Bucket& bucket) {
   at::NoGradGuard no_grad;
-  at::Tensor flat;
-  const at::Tensor& first = params_[bucket.params[0]].grad();
-  if (bucket.params.size() == 1 && first.defined() &&
-      first.is_non_overlapping_and_dense()) {
-    flat = FlatInMemoryOrder(first);  // summed in place
-  } else {
-    std::vector<at::Tensor> pieces;
-    for (size_t k : bucket.params) {
-      const at::Tensor& grad = params_[k].grad();
-      pieces.push_back(grad.defined() ? FlatInMemoryOrder(grad)
-                                      : at::zeros({params_[k].numel()},
-                                                  params_[k].options()));
-    }
-    flat = at::cat(pieces);
-  }
-  MOMENTUM_ASSIGN_OR_RETURN(PendingAllReduce pending,
-                            group_->StartAllReduceMean(std::move(flat)));
-  bucket.pending = std::move(pending);
-  return absl::OkStatus();
-}
-
-void GradientAverager::CopyBack(const Bucket& bucket) const {
-  at::NoGradGuard no_grad;
-  const at::Tensor& buffer = bucket.pending->buffer();
-  int64_t offset = 0;
+  bucket.packed.clear();
   for (size_t k : bucket.params) {
     const at::Tensor& grad = params_[k].grad();
-    at::Tensor mean = buffer.narrow(0, offset, params_[k].numel());
-    offset += params_[k].numel();
-    if (!grad.defined()) continue;
-    if (!grad.is_non_overlapping_and_dense()) {
-      grad.copy_(mean.view(grad.sizes()));  // flattened in logical order
-      continue;
-    }
-    at::Tensor target = FlatInMemoryOrder(grad);
-    // A lone gradient summed in place is its own buffer.
-    if (target.data_ptr() != mean.data_ptr()) target.copy_(mean);
+    bucket.packed.push_back(
+        grad.defined() ? grad
+                       : at::zeros({params_[k].numel()}, params_[k].options()));
   }
+  MOMENTUM_ASSIGN_OR_RETURN(
+      PendingAllReduce pending,
+      group_->StartAllReduceMean(PackBucket(bucket.packed)));
+  bucket.pending = std::move(pending);
+  return absl::OkStatus();
 }
 
 absl::Status GradientAverager::Finish() {
@@ -159,12 +118,16 @@ absl::Status GradientAverager::Finish() {
     if (!bucket.pending.has_value()) continue;
     if (status.ok()) {
       status = group_->Wait(*bucket.pending);
-      if (status.ok()) CopyBack(bucket);
+      if (status.ok()) {
+        at::NoGradGuard no_grad;
+        UnpackBucket(bucket.pending->buffer(), bucket.packed);
+      }
     }
   }
   for (Bucket& bucket : buckets_) {
     bucket.ready = 0;
     bucket.pending.reset();
+    bucket.packed.clear();
   }
   ready_.assign(params_.size(), false);
   next_ = 0;

@@ -87,6 +87,8 @@ class GradientAverager {
     std::vector<size_t> params;  // indices into params_
     size_t ready = 0;            // how many have their gradient
     std::optional<PendingAllReduce> pending;
+    // What was packed: the gradients, zeros for those never accumulated.
+    std::vector<at::Tensor> packed;
   };
 
   // The hook of params_[index]: its gradient is complete.
@@ -94,8 +96,6 @@ class GradientAverager {
   // Starts buckets from next_ on while they are complete.
   void StartReadyBuckets();
   absl::Status StartBucket(Bucket& bucket);
-  // Writes a finished bucket's means into its parameters' gradients.
-  void CopyBack(const Bucket& bucket) const;
 
   ProcessGroup* group_;
   std::vector<at::Tensor> params_;

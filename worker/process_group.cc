@@ -497,31 +497,13 @@ absl::Status ProcessGroup::AllReduceMean(std::vector<at::Tensor>& tensors,
 
 absl::Status ProcessGroup::AllReduceBucket(std::vector<at::Tensor>& tensors,
                                            size_t begin, size_t end) {
-  // A lone dense tensor is reduced in place; otherwise the bucket is copied
-  // into one flat buffer and back.
-  const bool in_place = end - begin == 1 && tensors[begin].is_contiguous() &&
-                        tensors[begin].device() == impl_->device;
-  at::Tensor flat;
-  if (in_place) {
-    flat = tensors[begin];
-  } else {
-    std::vector<at::Tensor> pieces;
-    for (size_t i = begin; i < end; ++i) {
-      pieces.push_back(tensors[i].reshape(-1));
-    }
-    flat = at::cat(pieces);
-  }
-  MOMENTUM_ASSIGN_OR_RETURN(PendingAllReduce pending, StartAllReduceMean(flat));
+  at::NoGradGuard no_grad;
+  const std::vector<at::Tensor> bucket(tensors.begin() + begin,
+                                       tensors.begin() + end);
+  MOMENTUM_ASSIGN_OR_RETURN(PendingAllReduce pending,
+                            StartAllReduceMean(PackBucket(bucket)));
   MOMENTUM_RETURN_IF_ERROR(Wait(pending));
-  if (!in_place) {
-    int64_t offset = 0;
-    for (size_t i = begin; i < end; ++i) {
-      const int64_t n = tensors[i].numel();
-      tensors[i].copy_(
-          pending.buffer().narrow(0, offset, n).view(tensors[i].sizes()));
-      offset += n;
-    }
-  }
+  UnpackBucket(pending.buffer(), bucket);
   return absl::OkStatus();
 }
 
@@ -558,6 +540,45 @@ absl::Status ProcessGroup::Wait(PendingAllReduce& pending) {
   MOMENTUM_RETURN_IF_ERROR(WaitCollective("AllReduceMean", pending.work_));
   pending.work_.reset();
   return absl::OkStatus();
+}
+
+namespace {
+
+// `tensor`'s elements in the order they lie in memory, as a 1-d view when
+// its layout allows (contiguous or channels_last, as gradients are), else a
+// copy in logical order. Every rank lays out a tensor alike, so a bucket's
+// elements line up across the ranks.
+at::Tensor FlatInMemoryOrder(const at::Tensor& tensor) {
+  if (tensor.is_non_overlapping_and_dense()) {
+    return tensor.as_strided({tensor.numel()}, {1}, tensor.storage_offset());
+  }
+  return tensor.reshape(-1);
+}
+
+}  // namespace
+
+at::Tensor PackBucket(const std::vector<at::Tensor>& tensors) {
+  if (tensors.size() == 1) return FlatInMemoryOrder(tensors[0]).contiguous();
+  std::vector<at::Tensor> pieces;
+  pieces.reserve(tensors.size());
+  for (const at::Tensor& t : tensors) pieces.push_back(FlatInMemoryOrder(t));
+  return at::cat(pieces);
+}
+
+void UnpackBucket(const at::Tensor& buffer,
+                  const std::vector<at::Tensor>& tensors) {
+  int64_t offset = 0;
+  for (const at::Tensor& t : tensors) {
+    const at::Tensor part = buffer.narrow(0, offset, t.numel());
+    offset += t.numel();
+    if (!t.is_non_overlapping_and_dense()) {
+      t.copy_(part.view(t.sizes()));  // packed in logical order
+      continue;
+    }
+    at::Tensor target = FlatInMemoryOrder(t);
+    // A lone tensor summed in place is its own buffer.
+    if (target.data_ptr() != part.data_ptr()) target.copy_(part);
+  }
 }
 
 at::Tensor ProcessGroup::OnBackendDevice(const at::Tensor& tensor) const {

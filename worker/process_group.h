@@ -94,6 +94,15 @@ class PendingAllReduce {
   c10::intrusive_ptr<c10d::Work> work_;
 };
 
+// A bucket of tensors (one dtype and device) as one 1-d buffer for
+// StartAllReduceMean, each tensor's elements in the order they lie in memory:
+// a view of a lone dense tensor (contiguous or channels_last), which is then
+// summed in place, else a copy. UnpackBucket writes a buffer of that layout
+// back into the tensors (nothing for a tensor that is its own buffer).
+at::Tensor PackBucket(const std::vector<at::Tensor>& tensors);
+void UnpackBucket(const at::Tensor& buffer,
+                  const std::vector<at::Tensor>& tensors);
+
 // One rank's handle on the process group of a job. Thread-compatible: one
 // thread calls it. Lifecycle: Create() joins the group (blocking until every
 // rank has joined or the timeout passes); the c10d backend it owns runs the
