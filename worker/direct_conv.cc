@@ -15,6 +15,7 @@
 #include <variant>
 #include <vector>
 
+#include "worker/conv_weights.h"
 #include "worker/winograd.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -260,7 +261,7 @@ at::Tensor WeightGrad(const at::Tensor& x, const at::Tensor& g) {
       });
   // [ky][kx][C][OC] -> [OC, C, ky, kx] in channels_last, the weights' own
   // layout.
-  return total.permute({3, 2, 0, 1}).contiguous(at::MemoryFormat::ChannelsLast);
+  return WeightsFromTaps(total);
 }
 
 bool CpuHasAvx512() {
@@ -329,8 +330,7 @@ class DirectConvFunction
     }
     // [OC, C, ky, kx] -> [ky][kx][C][OC]: a tap's weights for one input
     // channel are one row of output channels.
-    return Convolve(x, weight.permute({2, 3, 1, 0}).contiguous(),
-                    weight.size(0));
+    return Convolve(x, TapsByInput(weight), weight.size(0));
   }
 
   static variable_list backward(AutogradContext* ctx,
@@ -355,9 +355,7 @@ class DirectConvFunction
           // The input's gradient is the convolution of the output's
           // gradient with the weights turned 180 degrees, input and output
           // channels swapped: [ky][kx][OC][C] of w[oc][c][2-ky][2-kx].
-          grad_x = Convolve(
-              grad, weight.flip({2, 3}).permute({2, 3, 0, 1}).contiguous(),
-              x.size(1));
+          grad_x = Convolve(grad, TapsByOutputFlipped(weight), x.size(1));
           break;
       }
     }

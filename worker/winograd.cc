@@ -9,6 +9,8 @@
 #include <algorithm>
 #include <vector>
 
+#include "worker/conv_weights.h"
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define MOMENTUM_WINOGRAD 1
@@ -245,12 +247,11 @@ MOMENTUM_AVX512 void WeightsGradKernel(const float* __restrict__ du,
   }
 }
 
-// U [16][C][K] of weights [K, C, 3, 3].
-at::Tensor TransformWeights(const at::Tensor& weight) {
-  const int64_t K = weight.size(0), C = weight.size(1);
-  const at::Tensor w = weight.permute({2, 3, 1, 0}).contiguous();
-  at::Tensor u = at::empty({16, C, K}, weight.options());
-  TransformWeightsKernel(w.data_ptr<float>(), u.data_ptr<float>(), C, K);
+// U [16][C][K] of the taps [3][3][C][K] (conv_weights.h).
+at::Tensor TransformTaps(const at::Tensor& taps) {
+  const int64_t C = taps.size(2), K = taps.size(3);
+  at::Tensor u = at::empty({16, C, K}, taps.options());
+  TransformWeightsKernel(taps.data_ptr<float>(), u.data_ptr<float>(), C, K);
   return u;
 }
 
@@ -312,7 +313,7 @@ at::Tensor WinogradForward(const at::Tensor& x, const at::Tensor& weight) {
   TORCH_CHECK(weight.size(0) % 16 == 0,
               "Winograd convolution: ", weight.size(0),
               " output channels, not a multiple of 16");
-  return Convolve(x, TransformWeights(weight));
+  return Convolve(x, TransformTaps(TapsByInput(weight)));
 }
 
 at::Tensor WinogradInputGrad(const at::Tensor& grad, const at::Tensor& weight) {
@@ -323,7 +324,7 @@ at::Tensor WinogradInputGrad(const at::Tensor& grad, const at::Tensor& weight) {
               " input channels, not a multiple of 16");
   // The convolution of the output's gradient with the weights turned 180
   // degrees, input and output channels swapped.
-  return Convolve(grad, TransformWeights(weight.flip({2, 3}).transpose(0, 1)));
+  return Convolve(grad, TransformTaps(TapsByOutputFlipped(weight)));
 }
 
 at::Tensor WinogradWeightGrad(const at::Tensor& x, const at::Tensor& grad) {
@@ -354,7 +355,7 @@ at::Tensor WinogradWeightGrad(const at::Tensor& x, const at::Tensor& grad) {
   at::Tensor dw = at::empty({3, 3, C, K}, x.options());
   WeightsGradKernel(dU.data_ptr<float>(), dw.data_ptr<float>(), C, K);
   // [ky][kx][C][K] -> [K, C, ky, kx] in channels_last, the weights' layout.
-  return dw.permute({3, 2, 0, 1}).contiguous(at::MemoryFormat::ChannelsLast);
+  return WeightsFromTaps(dw);
 }
 
 #else
