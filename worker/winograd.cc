@@ -1,8 +1,6 @@
 #include "worker/winograd.h"
 
 #include <ATen/Parallel.h>
-#include <ATen/ops/baddbmm.h>
-#include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 
@@ -10,6 +8,7 @@
 #include <vector>
 
 #include "worker/conv_weights.h"
+#include "worker/gemm.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -274,8 +273,13 @@ at::Tensor Convolve(const at::Tensor& x, const at::Tensor& U) {
     });
     // M[p] = V[p] U[p], 16 GEMMs [count x C] x [C x K] (the last chunk's
     // rows are a view of M's first).
-    at::Tensor m = M.narrow(1, 0, count);
-    at::bmm_out(m, V.narrow(1, 0, count), U);
+    at::parallel_for(0, 16, 1, [&](int64_t b, int64_t e) {
+      for (int64_t p = b; p < e; ++p) {
+        Gemm(count, K, C, V.data_ptr<float>() + p * tb * C, C, 1,
+             U.data_ptr<float>() + p * C * K, K,
+             M.data_ptr<float>() + p * tb * K, K, /*accumulate=*/false);
+      }
+    });
     at::parallel_for(0, count, 8, [&](int64_t b, int64_t e) {
       OutputTransform(M.data_ptr<float>(), yd, g, K, t0, tb, b, e);
     });
@@ -350,7 +354,13 @@ at::Tensor WinogradWeightGrad(const at::Tensor& x, const at::Tensor& grad) {
       GradTransform(gd, D.data_ptr<float>(), g, K, t0, tb, b, e);
     });
     // dU[p] += V[p]^T dM[p].
-    dU.baddbmm_(V.narrow(1, 0, count).transpose(1, 2), D.narrow(1, 0, count));
+    at::parallel_for(0, 16, 1, [&](int64_t b, int64_t e) {
+      for (int64_t p = b; p < e; ++p) {
+        Gemm(C, K, count, V.data_ptr<float>() + p * tb * C, 1, C,
+             D.data_ptr<float>() + p * tb * K, K,
+             dU.data_ptr<float>() + p * C * K, K, /*accumulate=*/true);
+      }
+    });
   }
   at::Tensor dw = at::empty({3, 3, C, K}, x.options());
   WeightsGradKernel(dU.data_ptr<float>(), dw.data_ptr<float>(), C, K);
