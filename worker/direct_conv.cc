@@ -407,9 +407,13 @@ std::optional<Path> PickPath(const torch::nn::Conv2dImpl& conv,
   if (!Eligible(conv, x)) return std::nullopt;
   const int64_t channels = x.size(1), out = conv.weight.size(0);
   // Winograd: 64 channels or more in and out (where the GEMMs run near the
-  // core's peak), even sizes (an odd size's last tiles are half outside).
+  // core's peak); at odd sizes, whose last tiles are half outside, 128 or
+  // more (7x7, one core of an AMD EPYC, forward + both gradients, oneDNN ->
+  // Winograd, ms: 128 channels 44.4 -> 38.5, 256 181.6 -> 164.9, 512 800.6
+  // -> 595.9; 64 channels 11.2 -> 10.8, where the direct kernel is faster).
+  const bool even = x.size(2) % 2 == 0 && x.size(3) % 2 == 0;
   if (channels >= 64 && channels % 16 == 0 && out >= 64 && out % 16 == 0 &&
-      x.size(2) % 2 == 0 && x.size(3) % 2 == 0) {
+      (even || (channels >= 128 && out >= 128))) {
     return Path::kWinograd;
   }
   // The direct kernel where it is the faster of the two on the cores

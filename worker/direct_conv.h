@@ -44,9 +44,10 @@
 // 4.0, 128 at 4x4 6.4-7.7 -> 5.0-7.1, 128 at 7x7 17.7-19.0 -> 13.9-15.7, 64
 // at 28x28 71.2-74.5 -> 65.3-68.1.
 //
-// Layers of 64 channels or more in and out at even sizes take Winograd's
-// F(2x2, 3x3) instead, for all three passes (winograd.h): 4/9 of the
-// multiply-adds, which no direct kernel can match there.
+// Layers of 64 channels or more in and out at even sizes, and of 128 or
+// more at odd sizes, take Winograd's F(2x2, 3x3) instead, for all three passes
+// (winograd.h): 4/9 of the multiply-adds, which no direct kernel can match
+// there.
 //
 // Elsewhere (a GPU, NCHW, bfloat16 or autocast, other strides, paddings,
 // channel counts or sizes, groups, a bias, a CPU without AVX-512) it runs

@@ -8,7 +8,7 @@
 //   V = B^T d B        the input patch d, 4x4 per channel (additions only)
 //   U = G w G^T        the weights w, 3x3 -> 4x4 per channel pair
 //   M[p] = V[p] U[p]   for each of the 16 positions p: a GEMM over channels,
-//                      [tiles x C] x [C x K] (MKL, through at::bmm)
+//                      [tiles x C] x [C x K] (gemm.h)
 //   y = A^T M A        the 2x2 output tile (additions only)
 //
 // Tiles go in chunks of 128 (more for wide layers), transformed into buffers
@@ -21,7 +21,9 @@
 // closer of the two to float64 (a third of oneDNN's largest error or less,
 // relative to the largest element: 64 channels at 28x28, forward 3.9e-7
 // against 1.2e-6, input gradient 3.7e-7 against 1.2e-6, weight gradient
-// 6.3e-7 against 1.8e-6; 512 at 4x4, forward 5.0e-7 against 2.8e-6).
+// 6.3e-7 against 1.8e-6; 512 at 4x4, forward 5.0e-7 against 2.8e-6;
+// measured with MKL's GEMMs, whose products at 64 and 128 channels equal
+// gemm.h's bit for bit, and at 256 and 512 differ by 1e-6 of the largest).
 // F(2x2, 3x3) only: the larger tiles, F(4x4, 3x3), save more multiplications
 // but their transforms carry constants from 5 down to 1/24, which round worse
 // (not tried here).
@@ -29,13 +31,15 @@
 // x and the output's gradient: [N, C, H, W], channels_last (NHWC), float32;
 // weight [K, C, 3, 3]; C and K multiples of 16. Odd sizes work (the last
 // tile row and column hang over the edge and are partly thrown away) but
-// waste up to a quarter of the work: direct_conv.cc takes this path for even
-// sizes and 64 or more channels, where it is the fastest. One core of an AMD
-// EPYC (AVX-512), batch 128, in one process, oneDNN -> ours, ms: 64
-// channels at 28x28 forward 63 -> 51, input gradient 64 -> 52, weight
-// gradient 73 -> 65; 128 at 14x14 62 -> 44, 62 -> 44, 66 -> 44; 512 at 4x4
-// 76 -> 56, 71 -> 54, 103 -> 62. At 7x7 (256 channels) it was no faster:
-// 56 -> 59 forward.
+// waste up to a quarter of the work: direct_conv.cc takes this path for 64
+// or more channels in and out at even sizes, and 128 or more at odd ones,
+// where it is the fastest. One core of an AMD EPYC (AVX-512), batch 128, in
+// one process, forward, input gradient, weight gradient, ms, oneDNN ->
+// ours: 64 channels at 28x28 64 -> 47, 63 -> 43, 80 -> 45; 128 at 14x14
+// 60 -> 38, 60 -> 37, 67 -> 40; 256 at 7x7 56 -> 49, 56 -> 48, 60 -> 53;
+// 512 at 4x4 65 -> 54, 66 -> 51, 96 -> 57; 512 at 7x7 240 -> 197, 245 ->
+// 193, 315 -> 206. At 7x7 with 64 channels it is no faster (11.2 -> 10.8
+// ms for the three, where the direct kernel takes 3.4 for the forward).
 #ifndef MOMENTUM_WORKER_WINOGRAD_H_
 #define MOMENTUM_WORKER_WINOGRAD_H_
 

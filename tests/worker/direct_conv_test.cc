@@ -213,8 +213,9 @@ TEST(DirectWeightGradTest, AtenDataDirectWeights) {
   const int threads = at::get_num_threads();
   for (const int t : {1, 2}) {
     at::set_num_threads(t);
-    // Odd sizes: even ones of 64 channels or more take Winograd's.
-    for (const Shape& s : {Shape{4, 128, 128, 5, 5}, Shape{2, 64, 64, 27, 28},
+    // Odd sizes under 128 channels in or out: even ones of 64 channels or
+    // more, and odd ones of 128 or more, take Winograd's.
+    for (const Shape& s : {Shape{4, 128, 64, 5, 5}, Shape{2, 64, 64, 27, 28},
                            Shape{3, 64, 128, 5, 7}, Shape{2, 128, 16, 3, 2}}) {
       torch::manual_seed(14);
       const at::Tensor x = RandomNhwc(s.n, s.in, s.h, s.w);

@@ -103,10 +103,12 @@ INSTANTIATE_TEST_SUITE_P(
 
 // Through Conv3x3 and autograd, as the model runs it: the module's output
 // and both gradients against float64, where WinogradApplies.
-TEST(WinogradConvTest, Conv3x3TakesItForWideEvenLayers) {
+// Even sizes from 64 channels in and out, odd ones from 128.
+TEST(WinogradConvTest, Conv3x3TakesItForWideLayers) {
   if (!CpuHasAvx512()) GTEST_SKIP() << "no AVX-512 on this CPU";
   for (const Shape& s : {Shape{3, 64, 64, 28, 28}, Shape{2, 128, 128, 4, 4},
-                         Shape{2, 64, 128, 14, 14}}) {
+                         Shape{2, 64, 128, 14, 14}, Shape{3, 128, 128, 7, 7},
+                         Shape{2, 256, 128, 7, 5}}) {
     torch::manual_seed(4);
     nn::Conv2d conv(
         nn::Conv2dOptions(s.in, s.out, 3).stride(1).padding(1).bias(false));
@@ -175,11 +177,13 @@ TEST(WinogradConvTest, NotForNarrowOddOrUnevenChannels) {
     c->weight.set_data(c->weight.contiguous(at::MemoryFormat::ChannelsLast));
     return c;
   };
-  // 32 channels (the direct kernel's), an odd size, 72 channels (not a
-  // multiple of 16), NCHW input, bfloat16.
+  // 32 channels (the direct kernel's), an odd size under 128 channels in
+  // or out, 72 channels (not a multiple of 16), NCHW input, bfloat16.
   EXPECT_FALSE(WinogradApplies(*conv(32, 64), RandomNhwc(2, 32, 8, 8)));
   EXPECT_FALSE(WinogradApplies(*conv(64, 32), RandomNhwc(2, 64, 8, 8)));
   EXPECT_FALSE(WinogradApplies(*conv(64, 64), RandomNhwc(2, 64, 7, 8)));
+  EXPECT_FALSE(WinogradApplies(*conv(128, 64), RandomNhwc(2, 128, 7, 7)));
+  EXPECT_FALSE(WinogradApplies(*conv(64, 128), RandomNhwc(2, 64, 7, 7)));
   EXPECT_FALSE(WinogradApplies(*conv(72, 64), RandomNhwc(2, 72, 8, 8)));
   EXPECT_FALSE(WinogradApplies(*conv(64, 64), at::randn({2, 64, 8, 8})));
   EXPECT_FALSE(WinogradApplies(*conv(64, 64),
