@@ -330,12 +330,15 @@ print(json.dumps({"mode": mode, "repeats": len(repeats),
 json.dump({"ours": ours_ips, "official": off_ips}, open(os.path.join(out, "rates.json"), "w"))
 PY
 # How near each side is to what these cores can compute (bench/roofline.py).
+# Its first line only; sed reads the rest, where head would close the pipe
+# under roofline.py's second print (BrokenPipeError, and pipefail ended the
+# bench before the official side's line).
 if [ -z "$target" ]; then
   [ "$mode" = synthetic ] && cores=$threads || cores=$((nproc * threads))
   rate() { "$python" -c 'import json, sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' \
     "$out/rates.json" "$1"; }
   "$python" bench/roofline.py --spec-json "$out/official-spec.json" --cores "$cores" \
-    --images-per-s "$(rate ours)" --precision "$precision" --label ours | head -1
+    --images-per-s "$(rate ours)" --precision "$precision" --label ours | sed -n 1p
   "$python" bench/roofline.py --spec-json "$out/official-spec.json" --cores "$cores" \
-    --images-per-s "$(rate official)" --precision fp32 --label official | head -1
+    --images-per-s "$(rate official)" --precision fp32 --label official | sed -n 1p
 fi
