@@ -11,6 +11,8 @@
 #include <immintrin.h>
 #endif
 
+#include "worker/cpu_features.h"
+
 namespace momentum::worker {
 namespace {
 
@@ -59,11 +61,6 @@ using BlockFn = void (*)(const float*, int64_t, int64_t, float*, int64_t,
 
 #if defined(__x86_64__) && defined(__GNUC__)
 
-bool HasAvx512() {
-  static const bool has = __builtin_cpu_supports("avx512f");
-  return has;
-}
-
 // The 16 x 16 transpose in registers: vector a of the source (16 floats
 // from s + a * s_stride) becomes lane a of every vector of the destination
 // (16 floats to d + b * d_stride, b = 0..15). Four rounds of shuffles, each
@@ -100,7 +97,6 @@ __attribute__((target("avx512f"))) void Transpose16(const float* s,
 
 #else
 
-bool HasAvx512() { return false; }
 void Transpose16(const float*, int64_t, float*, int64_t) {}
 
 #endif
@@ -125,7 +121,7 @@ void CopyTaps(const float* src, const TapOffsets& src_tap, int64_t src_row,
   // Vectors along the source's unit stride, stored along the destination's.
   const bool by_columns = src_rows_unit && dst_col == 1;  // load columns
   const bool by_rows = src_col == 1 && dst_rows_unit;     // load rows
-  const bool transpose = HasAvx512() && (by_columns || by_rows);
+  const bool transpose = CpuHasAvx512() && (by_columns || by_rows);
   const int64_t row_blocks = (rows + kBlock - 1) / kBlock;
   at::parallel_for(0, 9 * row_blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "worker/conv_weights.h"
+#include "worker/cpu_features.h"
 #include "worker/winograd.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -264,12 +265,6 @@ at::Tensor WeightGrad(const at::Tensor& x, const at::Tensor& g) {
   return WeightsFromTaps(total);
 }
 
-bool CpuHasAvx512() {
-  static const bool has =
-      __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
-  return has;
-}
-
 #else
 
 at::Tensor Convolve(const at::Tensor&, const at::Tensor&, int64_t) {
@@ -278,8 +273,6 @@ at::Tensor Convolve(const at::Tensor&, const at::Tensor&, int64_t) {
 at::Tensor WeightGrad(const at::Tensor&, const at::Tensor&) {
   TORCH_CHECK(false, "the direct convolution needs an x86-64 build");
 }
-bool CpuHasAvx512() { return false; }
-
 #endif  // MOMENTUM_DIRECT_CONV
 
 bool DirectChannels(int64_t c) { return c == 16 || c == 32 || c == 64; }

@@ -82,12 +82,6 @@ constexpr std::array<BlockFn, kRows> kBlocks =
 
 }  // namespace
 
-bool GemmAvailable() {
-  static const bool has =
-      __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
-  return has;
-}
-
 void Gemm(int64_t rows, int64_t cols, int64_t depth, const float* a,
           int64_t a_row, int64_t a_depth, const float* b, int64_t ldb,
           float* out, int64_t ldo, bool accumulate) {
@@ -109,8 +103,6 @@ void Gemm(int64_t rows, int64_t cols, int64_t depth, const float* a,
 }
 
 #else
-
-bool GemmAvailable() { return false; }
 
 void Gemm(int64_t, int64_t, int64_t, const float*, int64_t, int64_t,
           const float*, int64_t, float*, int64_t, bool) {}

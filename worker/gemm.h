@@ -36,11 +36,9 @@
 
 namespace momentum::worker {
 
-// Whether Gemm can run here (x86-64 with AVX-512F).
-bool GemmAvailable();
-
-// As above. cols must be a multiple of 16; nothing is checked beyond that
-// (the callers' tensors are checked where they are made). One thread.
+// As above, on a CPU with AVX-512 (CpuHasAvx512, cpu_features.h). cols must
+// be a multiple of 16; nothing is checked beyond that (the callers' tensors
+// are checked where they are made). One thread.
 void Gemm(int64_t rows, int64_t cols, int64_t depth, const float* a,
           int64_t a_row, int64_t a_depth, const float* b, int64_t ldb,
           float* out, int64_t ldo, bool accumulate);

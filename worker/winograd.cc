@@ -246,6 +246,15 @@ MOMENTUM_AVX512 void WeightsGradKernel(const float* __restrict__ du,
   }
 }
 
+// fn(p) for the 16 positions of the 4x4 transforms, split over threads
+// (each position's GEMM is one thread's: gemm.h).
+template <typename Fn>
+void EachPosition(const Fn& fn) {
+  at::parallel_for(0, 16, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) fn(p);
+  });
+}
+
 // U [16][C][K] of the taps [3][3][C][K] (conv_weights.h).
 at::Tensor TransformTaps(const at::Tensor& taps) {
   const int64_t C = taps.size(2), K = taps.size(3);
@@ -271,14 +280,12 @@ at::Tensor Convolve(const at::Tensor& x, const at::Tensor& U) {
     at::parallel_for(0, count, 8, [&](int64_t b, int64_t e) {
       InputTransform(xd, V.data_ptr<float>(), g, C, t0, tb, b, e);
     });
-    // M[p] = V[p] U[p], 16 GEMMs [count x C] x [C x K] (the last chunk's
-    // rows are a view of M's first).
-    at::parallel_for(0, 16, 1, [&](int64_t b, int64_t e) {
-      for (int64_t p = b; p < e; ++p) {
-        Gemm(count, K, C, V.data_ptr<float>() + p * tb * C, C, 1,
-             U.data_ptr<float>() + p * C * K, K,
-             M.data_ptr<float>() + p * tb * K, K, /*accumulate=*/false);
-      }
+    // M[p] = V[p] U[p], 16 GEMMs [count x C] x [C x K] (the last chunk
+    // fills the first `count` rows of each position).
+    EachPosition([&](int64_t p) {
+      Gemm(count, K, C, V.data_ptr<float>() + p * tb * C, C, 1,
+           U.data_ptr<float>() + p * C * K, K, M.data_ptr<float>() + p * tb * K,
+           K, /*accumulate=*/false);
     });
     at::parallel_for(0, count, 8, [&](int64_t b, int64_t e) {
       OutputTransform(M.data_ptr<float>(), yd, g, K, t0, tb, b, e);
@@ -354,12 +361,10 @@ at::Tensor WinogradWeightGrad(const at::Tensor& x, const at::Tensor& grad) {
       GradTransform(gd, D.data_ptr<float>(), g, K, t0, tb, b, e);
     });
     // dU[p] += V[p]^T dM[p].
-    at::parallel_for(0, 16, 1, [&](int64_t b, int64_t e) {
-      for (int64_t p = b; p < e; ++p) {
-        Gemm(C, K, count, V.data_ptr<float>() + p * tb * C, 1, C,
-             D.data_ptr<float>() + p * tb * K, K,
-             dU.data_ptr<float>() + p * C * K, K, /*accumulate=*/true);
-      }
+    EachPosition([&](int64_t p) {
+      Gemm(C, K, count, V.data_ptr<float>() + p * tb * C, 1, C,
+           D.data_ptr<float>() + p * tb * K, K,
+           dU.data_ptr<float>() + p * C * K, K, /*accumulate=*/true);
     });
   }
   at::Tensor dw = at::empty({3, 3, C, K}, x.options());

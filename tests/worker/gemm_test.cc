@@ -5,6 +5,8 @@
 
 #include <string>
 
+#include "worker/cpu_features.h"
+
 namespace momentum::worker {
 namespace {
 
@@ -30,7 +32,7 @@ const Case kCases[] = {{1, 16, 1},     {14, 32, 7},   {15, 48, 33},
                        {13, 128, 256}, {64, 512, 100}};
 
 TEST(GemmTest, EqualsTheFloat64Product) {
-  if (!GemmAvailable()) GTEST_SKIP() << "no AVX-512 on this CPU";
+  if (!CpuHasAvx512()) GTEST_SKIP() << "no AVX-512 on this CPU";
   torch::manual_seed(3);
   for (const Case& c : kCases) {
     for (const bool transposed : {false, true}) {
@@ -73,7 +75,7 @@ TEST(GemmTest, EqualsTheFloat64Product) {
 // Leading dimensions larger than the columns: blocks of a bigger matrix,
 // as the Winograd buffers' chunks are; what lies between stays untouched.
 TEST(GemmTest, WritesOnlyItsBlock) {
-  if (!GemmAvailable()) GTEST_SKIP() << "no AVX-512 on this CPU";
+  if (!CpuHasAvx512()) GTEST_SKIP() << "no AVX-512 on this CPU";
   torch::manual_seed(4);
   const at::Tensor a = torch::randn({20, 40});  // uses [:, :24] as A
   const at::Tensor b = torch::randn({24, 80});  // uses [:, :32]
